@@ -1,0 +1,193 @@
+"""Streaming input covariances of linear layers: ``C = (1/N) sum_t x_t x_t^T`` over non-padding tokens.
+
+Forward pre-hooks add ``X^T X`` of each batch to an accumulator (float32 by default) and never
+store activations. Layers that read the very same input tensor (q/k/v, gate/up) are detected on
+the fly and share one accumulator. Plain torch: no Lightning import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Covariances:
+    """Uncentered second-moment sums per distinct layer input.
+
+    ``sums[o]`` is ``sum_t x_t x_t^T`` and ``counts[o]`` the token count for owner ``o``;
+    ``owner[name]`` names the layer whose accumulator ``name`` reads (itself unless shared).
+    """
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)
+
+    def covariance(self, name: str) -> Tensor:
+        """``C = sum / N`` for layer ``name`` (through its owner)."""
+        o = self.owner[name]
+        return self.sums[o] / max(self.counts[o], 1)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Owner -> the layers that share its covariance, in model order."""
+        out: dict[str, list[str]] = {}
+        for name, o in self.owner.items():
+            out.setdefault(o, []).append(name)
+        return out
+
+    def all_reduce_(self, group: Any = None) -> Covariances:
+        """Sum ``sums`` and ``counts`` over the ranks of ``group`` (no-op without torch.distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self
+        owners = sorted(self.sums)
+        for o in owners:
+            torch.distributed.all_reduce(self.sums[o], group=group)
+        device = self.sums[owners[0]].device if owners else "cpu"
+        counts = torch.tensor([self.counts[o] for o in owners], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts, group=group)
+        self.counts = {o: int(c) for o, c in zip(owners, counts.tolist())}
+        return self
+
+
+def _input_key(x: Tensor) -> tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+class CovarianceCollector:
+    """Forward pre-hooks that accumulate ``X^T X`` per distinct input of the given linear layers.
+
+    Use as a context manager (hooks are removed on exit) and wrap each forward pass in
+    :meth:`batch`, passing the batch's ``attention_mask`` so padding positions are skipped.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Linear], dtype: torch.dtype = torch.float32) -> None:
+        self.modules = dict(modules)
+        self.dtype = dtype
+        self.result = Covariances()
+        self._mask: Tensor | None = None
+        self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._unmasked: set[str] = set()
+
+    def __enter__(self) -> CovarianceCollector:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    @contextlib.contextmanager
+    def batch(self, attention_mask: Tensor | None = None) -> Iterator[None]:
+        """Scope one forward pass: tokens where ``attention_mask == 0`` are excluded."""
+        self._mask = attention_mask
+        self._seen.clear()
+        try:
+            yield
+        finally:
+            self._mask = None
+            self._seen.clear()
+
+    def _tokens(self, name: str, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        mask = self._mask
+        if mask is None:
+            return rows
+        if mask.numel() == rows.shape[0] and tuple(mask.shape) == tuple(x.shape[: mask.dim()]):
+            return rows[mask.reshape(-1).to(device=x.device) != 0]
+        if name not in self._unmasked:
+            self._unmasked.add(name)
+            warnings.warn(
+                f"FORA calibration: input of '{name}' has shape {tuple(x.shape)}, which does not align with "
+                f"attention_mask {tuple(mask.shape)}; all its positions are counted",
+                stacklevel=2,
+            )
+        return rows
+
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = _input_key(x)
+            seen = self._seen.get(key)
+            if seen is not None and seen[0]() is x:
+                self.result.owner.setdefault(name, seen[1])
+                return
+            self._seen[key] = (weakref.ref(x), name)
+            owner = self.result.owner.setdefault(name, name)
+            tokens = self._tokens(name, x.detach()).to(self.dtype)
+            acc = self.result.sums.get(owner)
+            if acc is None:
+                acc = self.result.sums[owner] = torch.zeros(
+                    tokens.shape[1], tokens.shape[1], dtype=self.dtype, device=tokens.device
+                )
+                self.result.counts[owner] = 0
+            acc.addmm_(tokens.T, tokens)
+            self.result.counts[owner] += tokens.shape[0]
+
+        return hook
+
+
+def attention_mask_of(batch: Any) -> Tensor | None:
+    """The ``attention_mask`` of a mapping batch, else ``None``."""
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside the block; afterwards each submodule gets back its own training flag."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def collect_covariances(
+    model: nn.Module,
+    modules: Mapping[str, nn.Linear],
+    batches: Iterable[Any],
+    forward: Callable[[Any], Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    description: str = "FORA calibration",
+) -> Covariances:
+    """Run ``forward(batch)`` for every batch under ``no_grad`` and ``eval`` and return the sums.
+
+    ``forward`` receives the batch as given (move it to the device there). Raises ``ValueError``
+    for an empty ``batches`` and for non-finite inputs (naming the layers).
+    """
+    try:
+        total: int | None = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    with CovarianceCollector(modules, dtype) as collector, eval_mode(model), torch.no_grad():
+        for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
+            with collector.batch(attention_mask_of(batch)):
+                forward(batch)
+    cov = collector.result
+    if not cov.sums or sum(cov.counts.values()) == 0:
+        raise ValueError(
+            "FORA calibration saw no tokens: the calibration loader is empty (or every position is padding). "
+            "Give FORA(calibration=...) a DataLoader with at least one batch of the capability to keep"
+        )
+    missing = [n for n in modules if n not in cov.owner]
+    if missing:
+        raise ValueError(f"FORA calibration: the forward pass never reached {missing[:5]}; are they used by the model?")
+    bad = [n for n, o in cov.owner.items() if not torch.isfinite(cov.sums[o]).all()]
+    if bad:
+        raise ValueError(f"FORA calibration: non-finite (NaN/inf) inputs reached layer(s) {bad[:5]}")
+    return cov

@@ -1,0 +1,272 @@
+"""Per-layer protected subspaces: the function basis Q, the weight's top singular triplets, anchors.
+
+    Q   = top-k eigenvectors of the input covariance C (``source="activations"``), or the top-k
+          right singular vectors of W0 (``source="weights"``, the weight-space baseline), or a
+          random orthonormal k-frame (``source="random"``, the control);
+    U_r, S_r, V_r = top-r singular triplets of W0 (left projector and spectral channel);
+    A0  = W0 Q  and  B0 = U_r^T W0  (anchors for the post-step re-projection).
+
+Plain torch: no Lightning import.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fora_lightning.core.covariance import Covariances
+
+Source = Literal["activations", "weights", "random"]
+RankSpec = int | Mapping[str, int] | None
+
+
+@dataclass
+class SubspaceConfig:
+    """How the bases are chosen (FORA.md, steps 2-3).
+
+    energy: keep the smallest k whose eigenvalues hold this fraction of the trace (GPM's rule).
+    rank: a fixed k instead (int, or per-layer mapping); overrides ``energy``.
+    max_rank: cap on k. weight_rank: r, the number of top singular triplets of W0 (0 disables
+    the left projector and the spectral channel). source: where Q comes from.
+    seed: for ``source="random"``.
+    """
+
+    energy: float = 0.99
+    rank: RankSpec = None
+    max_rank: int | None = None
+    weight_rank: int = 8
+    source: Source = "activations"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must lie in (0, 1], got {self.energy}")
+        if self.source not in ("activations", "weights", "random"):
+            raise ValueError(f"source must be 'activations', 'weights' or 'random', got {self.source!r}")
+        if self.weight_rank < 0:
+            raise ValueError(f"weight_rank must be >= 0, got {self.weight_rank}")
+        if self.max_rank is not None and self.max_rank < 0:
+            raise ValueError(f"max_rank must be >= 0, got {self.max_rank}")
+
+    def rank_for(self, name: str) -> int | None:
+        if isinstance(self.rank, Mapping):
+            if name not in self.rank:
+                raise ValueError(f"rank is a per-layer mapping but has no entry for layer '{name}'")
+            return int(self.rank[name])
+        return self.rank
+
+
+@dataclass
+class LayerSubspace:
+    """The protected subspaces of one linear layer (``d_out x d_in``).
+
+    ``basis`` is Q (``d_in x k``) or, when ``complement``, an orthonormal basis of span(Q)'s
+    complement (``d_in x (d_in - k)``; cheaper when k > d_in/2, gradient mode only).
+    ``u, s, v`` are ``d_out x r``, ``r``, ``d_in x r``; ``anchor_q = W0 Q``, ``anchor_u = U^T W0``.
+    ``energy`` is the fraction of the covariance trace span(Q) holds; ``spectrum`` the eigenvalues
+    (descending, for inspection).
+    """
+
+    d_out: int
+    d_in: int
+    k: int
+    basis: Tensor
+    complement: bool
+    u: Tensor
+    s: Tensor
+    v: Tensor
+    energy: float = float("nan")
+    spectrum: Tensor | None = None
+    anchor_q: Tensor | None = None
+    anchor_u: Tensor | None = None
+
+    @property
+    def r(self) -> int:
+        return self.u.shape[1]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensor fields that are set, by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+
+    def nbytes(self) -> int:
+        """Persistent bytes held (bases and anchors; the spectrum excluded)."""
+        return sum(t.numel() * t.element_size() for n, t in self.tensors().items() if n != "spectrum")
+
+    def to(self, device: torch.device | str) -> LayerSubspace:
+        for n, t in self.tensors().items():
+            setattr(self, n, t.to(device))
+        return self
+
+    def attach_anchors(self, weight: Tensor) -> None:
+        """Store ``A0 = W0 Q`` and ``B0 = U^T W0`` from the weight at fit start (float32)."""
+        if self.complement:
+            raise ValueError("anchors need Q itself, not its complement (use mode='update' bases)")
+        w = weight.detach().float()
+        self.anchor_q = w @ self.basis
+        self.anchor_u = self.u.T @ w
+
+
+def select_rank(
+    eigenvalues: Tensor, energy: float = 0.99, rank: int | None = None, max_rank: int | None = None, name: str = ""
+) -> int:
+    """k from a descending spectrum: fixed ``rank`` (clamped to d with a warning), else the smallest k
+    with ``sum_{i<k} lambda_i >= energy * sum_i lambda_i``; then capped by ``max_rank``."""
+    d = eigenvalues.numel()
+    if rank is not None:
+        if rank > d:
+            warnings.warn(f"FORA: rank={rank} exceeds d_in={d} for layer '{name}'; clamped to {d}", stacklevel=2)
+        k = max(0, min(int(rank), d))
+    else:
+        lam = eigenvalues.double().clamp_min(0)
+        total = float(lam.sum())
+        if total <= 0:
+            k = 0
+        else:
+            cum = torch.cumsum(lam, 0) / total
+            k = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1
+            k = min(k, d)
+    if max_rank is not None:
+        k = min(k, max_rank)
+    return k
+
+
+def spectrum(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of a symmetric matrix, in float64."""
+    evals, evecs = torch.linalg.eigh(cov.double())
+    return evals.flip(0), evecs.flip(1)
+
+
+def weight_triplets(weight: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-r singular triplets ``(U_r, S_r, V_r)`` of ``weight`` (float64 SVD, float32 result)."""
+    r = min(r, *weight.shape)
+    if r == 0:
+        d_out, d_in = weight.shape
+        z = weight.new_zeros
+        return z(d_out, 0, dtype=torch.float32), z(0, dtype=torch.float32), z(d_in, 0, dtype=torch.float32)
+    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    return u[:, :r].float().contiguous(), s[:r].float().contiguous(), vh[:r].T.float().contiguous()
+
+
+def complement_basis(q: Tensor, evecs: Tensor | None = None) -> Tensor:
+    """An orthonormal basis of span(q)'s complement: the trailing eigenvectors when given, else via QR."""
+    d, k = q.shape
+    if evecs is not None:
+        return evecs[:, k:].contiguous()
+    full, _ = torch.linalg.qr(torch.cat([q.double(), torch.eye(d, dtype=torch.float64, device=q.device)], 1))
+    return full[:, k:d].to(q.dtype).contiguous()
+
+
+def _random_frame(d: int, k: int, seed: int, device: torch.device) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen, dtype=torch.float64))
+    return q[:, :k].to(device)
+
+
+def build_subspace(
+    name: str,
+    weight: Tensor,
+    config: SubspaceConfig,
+    spectrum_: tuple[Tensor, Tensor] | None = None,
+    allow_complement: bool = False,
+    seed_offset: int = 0,
+) -> LayerSubspace:
+    """One layer's subspaces from its weight and (for ``source="activations"``) its covariance spectrum."""
+    d_out, d_in = weight.shape
+    need_svd = config.weight_rank > 0 or config.source == "weights"
+    if need_svd:
+        r_svd = max(config.weight_rank, d_in if config.source == "weights" else 0)
+        u_all, s_all, v_all = weight_triplets(weight, min(r_svd, d_out, d_in))
+    evals = evecs = None
+    if config.source == "activations":
+        if spectrum_ is None:
+            raise ValueError(f"layer '{name}': source='activations' needs its covariance spectrum")
+        evals, evecs = spectrum_
+        k = select_rank(evals, config.energy, config.rank_for(name), config.max_rank, name)
+        q = evecs[:, :k]
+    elif config.source == "weights":
+        evals = torch.zeros(d_in, dtype=torch.float64)
+        evals[: s_all.numel()] = s_all.double() ** 2  # right singular vectors = eigvecs of W0^T W0
+        k = select_rank(evals, config.energy, config.rank_for(name), config.max_rank, name)
+        q = v_all[:, :k].double()
+        if k > v_all.shape[1]:
+            q = torch.cat([q, complement_basis(v_all.double())[:, : k - v_all.shape[1]]], 1)
+    else:
+        k_req = config.rank_for(name)
+        if k_req is None:
+            raise ValueError("source='random' needs an explicit rank (int or per-layer mapping)")
+        k = select_rank(torch.ones(d_in), 1.0, k_req, config.max_rank, name)
+        q = _random_frame(d_in, k, config.seed + seed_offset, weight.device)
+    energy = float(evals[:k].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)) if evals is not None else float("nan")
+    complement = allow_complement and k > d_in / 2
+    basis = complement_basis(q, evecs if config.source == "activations" else None) if complement else q
+    r = min(config.weight_rank, d_out, d_in)
+    if need_svd:
+        u, s, v = u_all[:, :r].contiguous(), s_all[:r].contiguous(), v_all[:, :r].contiguous()
+    else:
+        u, s, v = weight_triplets(weight, 0)
+    return LayerSubspace(
+        d_out=d_out,
+        d_in=d_in,
+        k=k,
+        basis=basis.float().contiguous(),
+        complement=complement,
+        u=u.to(weight.device),
+        s=s.to(weight.device),
+        v=v.to(weight.device),
+        energy=energy,
+        spectrum=evals.float() if evals is not None else None,
+    )
+
+
+def estimate_subspaces(
+    weights: Mapping[str, Tensor],
+    config: SubspaceConfig,
+    covariances: Covariances | None = None,
+    spectra: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    allow_complement: bool = False,
+) -> dict[str, LayerSubspace]:
+    """Subspaces for every layer in ``weights`` (name -> W0, full ``d_out x d_in``).
+
+    With ``source="activations"`` the covariance spectra are computed once per shared input
+    (``spectra`` may be given precomputed, keyed by covariance owner, e.g. by a distributed eigh).
+    """
+    if config.source == "activations":
+        if covariances is None:
+            raise ValueError("source='activations' needs calibration covariances")
+        if spectra is None:
+            spectra = {o: spectrum(covariances.covariance(o)) for o in covariances.groups()}
+    out: dict[str, LayerSubspace] = {}
+    shared: dict[tuple[str, int, bool], Tensor] = {}
+    for i, (name, w) in enumerate(weights.items()):
+        owner = covariances.owner[name] if config.source == "activations" else None
+        sub = build_subspace(name, w, config, spectra[owner] if owner else None, allow_complement, seed_offset=i)
+        if owner is not None:  # q/k/v (gate/up) with the same k hold one basis tensor
+            sub.basis = shared.setdefault((owner, sub.k, sub.complement), sub.basis)
+        out[name] = sub
+    return out
+
+
+def nbytes_summary(subspaces: Mapping[str, LayerSubspace]) -> int:
+    """Total persistent bytes of all layers' bases and anchors."""
+    return sum(s.nbytes() for s in subspaces.values())
+
+
+def format_summary(subspaces: Mapping[str, LayerSubspace], model_param_bytes: int | None = None) -> str:
+    """A one-screen table: layer, d_out x d_in, k (or complement), r, energy kept, bytes."""
+    rows = [f"{'layer':<48} {'d_out x d_in':>13} {'k':>6} {'r':>4} {'energy':>8} {'MiB':>8}"]
+    for name, s in subspaces.items():
+        k = f"{s.k}{'c' if s.complement else ''}"
+        e = "-" if math.isnan(s.energy) else f"{s.energy:.4f}"
+        rows.append(f"{name[-48:]:<48} {f'{s.d_out}x{s.d_in}':>13} {k:>6} {s.r:>4} {e:>8} {s.nbytes() / 2**20:>8.3f}")
+    total = nbytes_summary(subspaces)
+    tail = f"{len(subspaces)} layers protected, {total / 2**20:.2f} MiB of bases and anchors"
+    if model_param_bytes:
+        tail += f" ({100 * total / model_param_bytes:.2f}% of the model's parameter bytes)"
+    rows.append(tail)
+    return "\n".join(rows)
