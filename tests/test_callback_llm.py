@@ -1,0 +1,91 @@
+"""The guarantee on a tiny transformers causal LM (Llama architecture, built from a config)."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import torch
+from conftest import tiny_trainer
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fora_lightning import FORA
+from fora_lightning.core.projection import relative_leakage, right_project
+
+VOCAB = 64
+
+
+class TinyLM(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )
+        self.model = LlamaForCausalLM(config)
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _batches(n: int, seed: int, low: int, high: int, pad: bool = False) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(low, high, (4, 12), generator=gen)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[0, 8:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _layer_inputs(model: TinyLM, batches, names) -> dict[str, torch.Tensor]:
+    """Each target layer's real inputs on held-out batches (non-padding rows)."""
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: store[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def test_tiny_llama_update_mode_confines_change_to_spectral_channel():
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    base = TinyLM()
+    model = copy.deepcopy(base)
+    calibration = _batches(6, seed=1, low=0, high=VOCAB // 2, pad=True)  # the capability: the first half of the vocabulary
+    train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]  # the new task
+    cb = FORA(calibration=calibration, target_modules=targets, energy=0.99, weight_rank=4, progress=False)
+    tiny_trainer(max_steps=120, callbacks=[cb]).fit(model, DataLoader(train, batch_size=None))
+    plain = copy.deepcopy(base)
+    tiny_trainer(max_steps=120).fit(plain, DataLoader(train, batch_size=None))
+
+    groups = {n: m for n, m in cb._targets.items()}
+    assert {n.rsplit(".", 1)[-1] for n in groups} == set(targets)
+    held_out = _layer_inputs(base, _batches(3, seed=7, low=0, high=VOCAB // 2), list(groups))
+    base_mods, plain_mods = dict(base.named_modules()), dict(plain.named_modules())
+    for name, module in groups.items():
+        sub = cb.subspaces[name]
+        x = held_out[name].double()
+        x_span = x - right_project(x, sub.basis.double())  # the held-out inputs' component in span(Q)
+        w0 = base_mods[name].weight.detach()
+        d = (module.weight.detach() - w0).double()
+        u, v = sub.u.double(), sub.v.double()
+        channel = u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T
+        assert float(d.norm() / w0.norm()) > 0.05, name  # the weights really moved
+        leak = relative_leakage(d - channel, w0, x_span)
+        assert leak < 1e-5, name
+        plain_leak = relative_leakage(plain_mods[name].weight - w0, w0, x_span)
+        assert plain_leak > 0.1 and plain_leak > 1e3 * leak, name
