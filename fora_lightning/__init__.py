@@ -1,6 +1,7 @@
 """fora-lightning: fine-tune without eroding a capability the model already has (FORA, arXiv 2606.31092)."""
 
 from fora_lightning.callback import FORA
+from fora_lightning.lora import ForaLoRA, export_lora_adapter, merge_lora
 
-__all__ = ["FORA"]
+__all__ = ["FORA", "ForaLoRA", "export_lora_adapter", "merge_lora"]
 __version__ = "0.1.0"

@@ -1,0 +1,118 @@
+r"""Export FORA-LoRA as a plain LoRA adapter in the Hugging Face PEFT layout.
+
+Each layer's whole update is one LoRA of rank ``r_lora + r``:
+
+.. math::
+
+    A' = \begin{bmatrix} A P_Q \\ V_r^T \end{bmatrix},\qquad
+    B' = \begin{bmatrix} \tfrac{\alpha}{r_{lora}} P_U B & U_r \operatorname{diag}(\delta) \end{bmatrix},\qquad
+    B' A' = W - W_0 .
+
+The scaling is folded into ``B'``, so the adapter is written with ``lora_alpha = r`` (PEFT's scaling
+``lora_alpha / r = 1``). Layers whose ``r_lora + r`` is below the largest one are zero-padded to it
+(zero rows of ``A'``, zero columns of ``B'``: the product is unchanged), so one ``r`` fits all layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fora_lightning.core.targets import name_matches
+from fora_lightning.lora.model import fora_lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@torch.no_grad()
+def export_lora_adapter(
+    module: nn.Module,
+    directory: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT LoRA layout) to ``directory``.
+
+    ``module`` is the trained model holding FORA-LoRA layers: a Hugging Face ``PreTrainedModel`` or any
+    module containing one (e.g. a LightningModule); layer names are written relative to that model, with
+    PEFT's keys ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``. Without a Hugging Face
+    model inside, names are relative to ``module``. ``base_model_name_or_path`` and ``task_type`` default
+    to the model's ``config._name_or_path`` and, for ``*ForCausalLM`` classes, ``"CAUSAL_LM"``.
+    Load with ``PeftModel.from_pretrained(base_model, directory)``. Returns ``directory``.
+    """
+    layers = fora_lora_layers(module)
+    if not layers:
+        raise ValueError(f"{type(module).__name__} holds no FORA-LoRA layers: nothing to export")
+    root, prefix = _hf_root(module, list(layers))
+    factors = {}
+    for name, layer in layers.items():
+        b, a = layer.factors()
+        factors[name[len(prefix):]] = (b.detach().float().cpu(), a.detach().float().cpu())
+    rank = max(a.shape[0] for _, a in factors.values())
+    tensors = {}
+    for name, (b, a) in factors.items():
+        pad = rank - a.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])], 0).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    dropouts = {float(getattr(layer.lora_dropout, "p", 0.0)) for layer in layers.values()}
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type if task_type is not None else _task_type(root),
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(root, "config", None), "_name_or_path", None) or None,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": dropouts.pop() if len(dropouts) == 1 else 0.0,
+        "target_modules": _target_modules(root, list(factors)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "fora": json.dumps({name: {"lora_rank": l.lora_rank, "weight_rank": l.weight_rank, "k": l.k} for name, l in layers.items()})}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata=meta)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _hf_root(module: nn.Module, names: list[str]) -> tuple[nn.Module, str]:
+    """The Hugging Face ``PreTrainedModel`` (``module`` itself or its shallowest submodule) holding every
+    layer, and its name prefix (``""`` or ``"path."``); ``(module, "")`` when there is none."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return module, ""
+    for path, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel):
+            prefix = f"{path}." if path else ""
+            outside = [n for n in names if not n.startswith(prefix)]
+            if outside:
+                raise ValueError(f"FORA-LoRA layers {outside[:5]} lie outside the Hugging Face model '{path}': export one model at a time")
+            return sub, prefix
+    return module, ""
+
+
+def _task_type(root: nn.Module) -> str | None:
+    return "CAUSAL_LM" if type(root).__name__.endswith("ForCausalLM") else None
+
+
+def _target_modules(root: nn.Module, names: list[str]) -> list[str]:
+    """The last name components (e.g. ``["q_proj", "v_proj"]``) when, matched as PEFT does, they select
+    exactly ``names`` in ``root``; otherwise the full names."""
+    suffixes = sorted({n.rpartition(".")[2] for n in names})
+    inside = tuple(n + "." for n in names)
+    selected = {n for n, _ in root.named_modules() if n and not n.startswith(inside) and name_matches(n, suffixes)}
+    return suffixes if selected == set(names) else sorted(names)
