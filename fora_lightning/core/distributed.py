@@ -1,0 +1,228 @@
+"""Distributed helpers for FORA, in plain torch (no Lightning import).
+
+* :func:`spread_spectra` spreads the covariance eigendecompositions over ranks: each covariance
+  owner is assigned to one rank (greedy on the ``d^3`` cost), that rank runs ``eigh`` and
+  broadcasts ``(eigenvalues, eigenvectors)``; every rank ends with all spectra.
+* :class:`RowShard` describes the rows of a ``d_out x d_in`` weight held by this rank under FSDP2
+  (DTensor ``Shard(0)``, rows split as ``torch.chunk`` does, uneven sizes included). The right
+  projection ``G Q`` is row-local; ``U^T G`` is the one cross-row quantity, summed by
+  :meth:`RowShard.all_reduce` (an ``r x d_in`` tensor).
+* :class:`FlatUnit` gathers one FSDP1 ``FlatParameter`` (one wrapped unit) at a time: the local
+  1-D shard of the data or the gradient is all-gathered into the unit's full flat buffer, the
+  original parameters are viewed 2-D, edited in place, and the local shard is written back.
+  Peak extra memory: one unit's full flat buffer (``numel x element size``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fora_lightning.core.covariance import Covariances
+from fora_lightning.core.subspace import spectrum
+
+Spectrum = tuple[Tensor, Tensor]
+
+
+def is_distributed() -> bool:
+    """``torch.distributed`` is available and initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ---------------------------------------------------------------------------- eigendecompositions
+def assign_owners(dims: Mapping[str, int], world_size: int) -> dict[str, int]:
+    """Owner name -> rank, balancing the ``d^3`` eigh cost greedily (largest first, ties by name)."""
+    load = [0.0] * world_size
+    out: dict[str, int] = {}
+    for name in sorted(dims, key=lambda n: (-dims[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        out[name] = rank
+        load[rank] += float(dims[name]) ** 3
+    return out
+
+
+def spread_spectra(covariances: Covariances, group: Any = None) -> dict[str, Spectrum]:
+    """Spectra ``(eigenvalues desc, eigenvectors)`` of every covariance owner, each computed on one rank.
+
+    Every rank must hold the same (all-reduced) covariances. Without an initialised process
+    group (or with one rank) all spectra are computed locally. The result equals
+    ``{o: spectrum(covariances.covariance(o))}`` exactly: only the rank that computes differs.
+    """
+    owners = sorted(covariances.groups())
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return {o: spectrum(covariances.covariance(o)) for o in owners}
+    me, world = dist.get_rank(group), dist.get_world_size(group)
+    plan = assign_owners({o: covariances.sums[o].shape[0] for o in owners}, world)
+    out: dict[str, Spectrum] = {}
+    for o in owners:  # same order on every rank: the broadcasts pair up
+        cov = covariances.covariance(o)
+        if plan[o] == me:
+            evals, evecs = spectrum(cov)
+            evals, evecs = evals.contiguous(), evecs.contiguous()
+        else:
+            d = cov.shape[0]
+            evals = torch.empty(d, dtype=torch.float64, device=cov.device)
+            evecs = torch.empty(d, d, dtype=torch.float64, device=cov.device)
+        src = plan[o] if group is None else dist.get_global_rank(group, plan[o])
+        dist.broadcast(evals, src=src, group=group)
+        dist.broadcast(evecs, src=src, group=group)
+        out[o] = (evals, evecs)
+    return out
+
+
+# ---------------------------------------------------------------------------- FSDP2 rows
+def chunk_range(n: int, index: int, parts: int) -> tuple[int, int]:
+    """``[start, stop)`` of chunk ``index`` when ``n`` rows are split as ``torch.chunk(_, parts)`` does.
+
+    Chunks hold ``ceil(n / parts)`` rows; trailing chunks may be shorter or empty (5 over 2: 3 + 2).
+    """
+    size = -(-n // parts) if n else 0
+    start = min(index * size, n)
+    return start, min(start + size, n)
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """This rank's rows ``[start, stop)`` of a row-sharded tensor and the groups its rows are split over."""
+
+    start: int
+    stop: int
+    n_rows: int
+    groups: tuple[Any, ...] = ()
+
+    def rows(self, t: Tensor) -> Tensor:
+        """The local rows of a full tensor (``t[start:stop]``)."""
+        if t.shape[0] != self.n_rows:
+            raise ValueError(f"RowShard: tensor has {t.shape[0]} rows, the sharded weight has {self.n_rows}")
+        return t[self.start : self.stop]
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` in place over the row-shard groups (``U_local^T X_local`` -> ``U^T X``); returns ``t``."""
+        for g in self.groups:
+            dist.all_reduce(t, group=g)
+        return t
+
+    def gather(self, local: Tensor) -> Tensor:
+        """The full tensor from every rank's rows (zeros elsewhere, then summed): a collective."""
+        full = local.new_zeros((self.n_rows, *local.shape[1:]))
+        full[self.start : self.stop] = local
+        return self.all_reduce(full)
+
+
+def row_shard(param: Tensor) -> RowShard | None:
+    """The :class:`RowShard` of a DTensor parameter (``Shard(0)``/``Replicate`` placements), ``None`` for a plain tensor.
+
+    Raises ``ValueError`` for other placements (e.g. tensor parallel ``Shard(1)``, ``Partial``).
+    """
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    if not isinstance(param, DTensor):
+        return None
+    mesh = param.device_mesh
+    n = param.shape[0]
+    start, length, groups = 0, n, []
+    for dim, placement in enumerate(param.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard or placement.dim != 0:
+            raise ValueError(
+                f"FORA supports row-sharded (Shard(0)) or replicated weights; got placements {param.placements} "
+                f"on mesh {mesh.mesh_dim_names or tuple(mesh.shape)} (tensor parallelism is not supported)"
+            )
+        lo, hi = chunk_range(length, mesh.get_local_rank(dim), mesh.size(dim))
+        start, length = start + lo, hi - lo
+        groups.append(mesh.get_group(dim))
+    return RowShard(start, start + length, n, tuple(groups))
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (the storage itself, edits persist), else ``t``."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+# ---------------------------------------------------------------------------- FSDP1 flat parameters
+class FlatUnit:
+    """One FSDP1 ``FlatParameter``: gather it (or its gradient) whole, edit the 2-D views, write back the shard.
+
+    Works for ``use_orig_params`` true and false: it reads the handle's local shard and the
+    flat-parameter metadata (private FSDP1 attributes of torch 2.x), not the original parameters.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.flat = handle.flat_param
+
+    @property
+    def members(self) -> list[tuple[nn.Module, str]]:
+        """``(module, parameter name)`` of every original parameter, in flat order."""
+        return [(info.module, info.param_name) for info in self.flat._param_infos]
+
+    def _local(self, which: Literal["data", "grad"]) -> Tensor | None:
+        if which == "grad":
+            return self.flat.grad
+        return getattr(self.flat, "_local_shard", self.flat.data) if self.handle.uses_sharded_strategy else self.flat.data
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def gathered(self, which: Literal["data", "grad"], writeback: bool = False) -> Iterator[list[Tensor] | None]:
+        """Yield full 2-D views of every original parameter (or gradient); ``None`` if no rank has a gradient.
+
+        A collective over the unit's process group: call it on every rank in the same order.
+        With ``writeback``, this rank's slice of the edited buffer is copied back into its shard.
+        """
+        local = self._local(which)
+        sharded = self.handle.uses_sharded_strategy
+        if sharded:
+            group = self.handle.process_group
+            missing = torch.tensor([local is None], dtype=torch.int32, device=self.flat.device)
+            dist.all_reduce(missing, group=group)
+            if int(missing) == dist.get_world_size(group):
+                yield None
+                return
+            if local is None:
+                raise RuntimeError("FORA (FSDP1): some ranks have a gradient for a flat parameter and others none")
+            full = local.new_empty(self.flat._padded_unsharded_size)
+            dist.all_gather_into_tensor(full, local.contiguous(), group=group)
+        elif local is None:
+            yield None
+            return
+        else:
+            full = local
+        unpadded = full[: self.flat._unpadded_unsharded_size.numel()]
+        yield list(self.handle._get_unflat_views(unpadded))
+        if writeback and sharded:
+            n = local.numel()
+            local.copy_(full[dist.get_rank(group) * n : (dist.get_rank(group) + 1) * n])
+
+
+def flat_units(root: nn.Module, modules: Mapping[str, nn.Module], param: str = "weight") -> list[tuple[FlatUnit, dict[int, str]]]:
+    """The FSDP1 units holding ``modules[name].<param>``: ``(unit, {view index: name})``, in model order.
+
+    Empty when ``root`` contains no FSDP1 module. Raises ``ValueError`` naming targets found in no unit.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    by_id = {id(m): n for n, m in modules.items()}
+    out: list[tuple[FlatUnit, dict[int, str]]] = []
+    seen: set[str] = set()
+    for fsdp in FSDP.fsdp_modules(root):
+        handle = getattr(fsdp, "_handle", None)
+        if handle is None:
+            continue
+        unit = FlatUnit(handle)
+        members = {i: by_id[id(m)] for i, (m, p) in enumerate(unit.members) if p == param and id(m) in by_id}
+        if members:
+            out.append((unit, members))
+            seen.update(members.values())
+    if out and len(seen) != len(modules):
+        missing = sorted(set(modules) - seen)
+        raise ValueError(f"FORA (FSDP1): target weights {missing[:5]} are in no FSDP flat parameter")
+    return out
