@@ -1,0 +1,1 @@
+"""Evaluation: exact-match generation metrics and report callbacks."""
