@@ -134,9 +134,12 @@ class ForaLoraLinear(nn.Module):
         (``d_out x (r_lora + r)``), in the LoRA parameters' dtype, differentiable.
         """
         self._require_ready("build its update")
-        a_proj, b_proj = self._projected()
-        a = torch.cat([a_proj, self.fora_v.T.to(a_proj.dtype)], 0)
-        b = torch.cat([self.scaling * b_proj, self.fora_u.to(b_proj.dtype) * self.lora_delta], 1)
+        dt = self.lora_A.dtype
+        u = self.fora_u.to(dt)
+        a_proj = right_project(self.lora_A, self.fora_basis.to(dt), self._complement)  # A P_Q
+        b_proj = right_project(self.lora_B.T, u).T  # P_U B = (B^T P_U)^T
+        a = torch.cat([a_proj, self.fora_v.T.to(dt)], 0)
+        b = torch.cat([self.scaling * b_proj, u * self.lora_delta], 1)
         return b, a
 
     def delta_weight(self) -> Tensor:
@@ -144,26 +147,15 @@ class ForaLoraLinear(nn.Module):
         b, a = self.factors()
         return b.double() @ a.double()
 
-    def _projected(self) -> tuple[Tensor, Tensor]:
-        """``A P_Q`` and ``P_U B`` (``P_U B = (B^T P_U)^T``), through ``right_project``."""
-        dt = self.lora_A.dtype
-        a_proj = right_project(self.lora_A, self.fora_basis.to(dt), self._complement)
-        b_proj = right_project(self.lora_B.T, self.fora_u.to(dt)).T
-        return a_proj, b_proj
-
     def forward(self, x: Tensor) -> Tensor:
-        """``W0 x + b + (alpha/r_lora) P_U B A P_Q drop(x) + U_r (delta * V_r^T drop(x))``."""
+        """``W0 x + b + B' A' drop(x)`` = ``W0 x + b + (alpha/r_lora) P_U B A P_Q drop(x) + U_r (delta * V_r^T drop(x))``."""
         result = self.base_layer(x)
         if not self._ready:
             self._check_unready_forward()
             return result
-        a_proj, b_proj = self._projected()
-        dt = a_proj.dtype
-        h = self.lora_dropout(x.to(dt))
-        update = (h @ a_proj.T) @ (self.scaling * b_proj).T
-        if self.weight_rank > 0:
-            update = update + ((h @ self.fora_v.to(dt)) * self.lora_delta) @ self.fora_u.to(dt).T
-        return result + update.to(result.dtype)
+        b, a = self.factors()  # the LoRA branch and the channel as one rank-(r_lora + r) product
+        h = self.lora_dropout(x.to(a.dtype))
+        return result + ((h @ a.T) @ b.T).to(result.dtype)
 
     def _check_unready_forward(self) -> None:
         """Before the bases are set only a no-grad forward with ``B = 0``, ``delta = 0`` (== base) is allowed."""
