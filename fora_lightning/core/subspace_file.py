@@ -1,47 +1,171 @@
 """The subspace file: tensors in ``safetensors``, metadata as JSON in its header.
 
-Keys are ``"<layer>::<field>"``; the header's ``fora`` entry holds the format version, the
-layers' shapes, k, r and energy, and whatever the caller adds (model, capabilities, ...).
+Tensor keys are ``"<layer>::<field>"`` (basis, u, s, v, spectrum). The header's ``fora`` entry
+(format version 2) holds::
+
+    format, version, created (UTC date), writer (fora-lightning version)
+    model        {name, config (HF config without run-time keys) or null, architecture_sha256, n_parameters}
+    layers       {name: {d_out, d_in, k, r, complement, energy, nbytes, capability_energy {cap: fraction}}}
+    capabilities {name: {tokens, weight, fingerprint, step}}   (token counts, sha256 of the calibration batches)
+    chain        [{step, capabilities, method, created}]         (one entry per estimate / extend)
+    config, combine, ...                                         (whatever the caller adds)
+
+Version 1 files (layers and config only) are read; the model check is then skipped with a warning.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
-from collections.abc import Mapping
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file, safe_open
-from torch import nn
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
 
 from fora_lightning.core.subspace import LayerSubspace
 
 FORMAT = "fora-subspaces"
-VERSION = 1
+VERSION = 2
+MIN_VERSION = 1
 _SEP = "::"
 _TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {"d_out", "d_in", "k", "complement", "energy"}
+_SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u"}
+# HF config entries that describe a run, not the function the model computes.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+    "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "architectures", "auto_map",
+}
 
 
-def save_subspaces(path: str | Path, subspaces: Mapping[str, LayerSubspace], metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``subspaces`` (anchors excluded: they belong to a fit, not to the capability)."""
+def _writer_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fora-lightning")
+    except Exception:  # not installed (a source checkout)
+        return "unknown"
+
+
+def now() -> str:
+    """The UTC time as ISO 8601 seconds, as the file records dates."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------- identity
+def _hf_config(model: nn.Module) -> Any:
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and callable(getattr(cfg, "to_dict", None)) and hasattr(cfg, "model_type"):
+            return cfg
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """What the file records about the model: name, structural HF config, and a hash of its parameter shapes.
+
+    ``architecture_sha256`` is sha256 over ``"name:shape"`` of every parameter in order (weights
+    themselves are not hashed: a tuned checkpoint of the same architecture matches).
+    """
+    cfg = _hf_config(model)
+    config = None
+    name = type(model).__name__
+    if cfg is not None:
+        raw = cfg.to_dict()
+        name = str(raw.get("_name_or_path") or raw.get("name_or_path") or raw.get("model_type") or name)
+        config = _jsonable({k: v for k, v in raw.items() if k not in _VOLATILE_CONFIG_KEYS and "dropout" not in k})
+    h = hashlib.sha256()
+    n = 0
+    for pname, p in model.named_parameters():
+        h.update(f"{pname}:{tuple(p.shape)};".encode())
+        n += 1
+    return {"name": name, "config": config, "architecture_sha256": h.hexdigest(), "n_parameters": n}
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+def _hash_into(h: Any, obj: Any) -> None:
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=str):
+            h.update(f"K{key}".encode())
+            _hash_into(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            _hash_into(h, item)
+    else:
+        h.update(f"O{obj!r}".encode())
+
+
+class FingerprintedBatches:
+    """Yields ``batches`` unchanged while hashing them; ``digest`` is sha256 over the sorted per-batch sha256s.
+
+    Independent of batch order (not of how samples are grouped into batches). Tensors are hashed
+    by dtype, shape and bytes; mappings by sorted key.
+    """
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = batches
+        self._digests: list[str] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        self._digests.clear()
+        for batch in self.batches:
+            h = hashlib.sha256()
+            _hash_into(h, batch)
+            self._digests.append(h.hexdigest())
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256("".join(sorted(self._digests)).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- write / read
+def save_subspaces(
+    path: str | Path,
+    subspaces: Mapping[str, LayerSubspace],
+    metadata: Mapping[str, Any] | None = None,
+    layer_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
+    """Write ``subspaces`` (anchors excluded: they belong to a fit, not to the capability), atomically.
+
+    ``metadata`` entries (model, capabilities, chain, config, ...) go to the header's top level;
+    ``layer_metadata[name]`` is merged into that layer's entry (e.g. ``capability_energy``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     layers = {}
     for name, sub in subspaces.items():
         for field, t in sub.tensors().items():
-            if field not in ("anchor_q", "anchor_u"):
+            if field in _SAVED_FIELDS:
                 tensors[f"{name}{_SEP}{field}"] = t.detach().cpu().contiguous().clone()
-        layers[name] = {"d_out": sub.d_out, "d_in": sub.d_in, "k": sub.k, "r": sub.r, "complement": sub.complement, "energy": sub.energy}
+        layers[name] = {
+            "d_out": sub.d_out, "d_in": sub.d_in, "k": sub.k, "r": sub.r, "complement": sub.complement,
+            "energy": None if math.isnan(sub.energy) else sub.energy, "nbytes": sub.nbytes(),
+            **_jsonable(dict((layer_metadata or {}).get(name, {}))),
+        }
     header = {
-        "format": FORMAT,
-        "version": VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "layers": layers,
-        **dict(metadata or {}),
+        "format": FORMAT, "version": VERSION, "created": now(), "writer": _writer_version(), "layers": layers,
+        **_jsonable(dict(metadata or {})),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"fora": json.dumps(header)})
@@ -49,54 +173,149 @@ def save_subspaces(path: str | Path, subspaces: Mapping[str, LayerSubspace], met
     return path
 
 
+def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
+    """Fill what a version-1 header lacks (``model``/``capabilities``/``chain``), recording ``upgraded_from``."""
+    version = int(meta["version"])
+    if version < VERSION:
+        meta.setdefault("model", None)
+        meta.setdefault("capabilities", {})
+        meta.setdefault("chain", [])
+        meta["upgraded_from"] = version
+    return meta
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a subspace file; refuses files of another format or a newer version."""
+    """The JSON header of a subspace file (version 1 upgraded in memory).
+
+    Refuses a file that is not a FORA subspace file, and a format version this code cannot read,
+    saying which version it would need.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subspace file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("fora")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("fora")
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     if raw is None:
         raise ValueError(f"{path} is a safetensors file but not a FORA subspace file (no 'fora' metadata)")
     meta = json.loads(raw)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if int(meta.get("version", 0)) > VERSION:
+    version = meta.get("version")
+    if not isinstance(version, int):
+        raise ValueError(f"{path}: format version {version!r} is not an integer; this fora-lightning reads versions {MIN_VERSION}-{VERSION}")
+    if version > VERSION:
         raise ValueError(
-            f"{path} was written by format version {meta['version']}; this fora-lightning reads up to version "
-            f"{VERSION}: upgrade fora-lightning"
+            f"{path} was written in subspace-file format version {version}; this fora-lightning ({_writer_version()}) "
+            f"reads versions {MIN_VERSION}-{VERSION}: reading it needs a fora-lightning that supports format version "
+            f"{version} (upgrade fora-lightning)"
         )
-    return meta
+    if version < MIN_VERSION:
+        raise ValueError(
+            f"{path} was written in subspace-file format version {version}, which this fora-lightning no longer "
+            f"reads (it needs format version {MIN_VERSION}-{VERSION}): re-estimate the subspaces (delete the file and refit)"
+        )
+    return _upgrade(meta)
+
+
+def _expected_shapes(name: str, info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    d_out, d_in, k, r = (int(info[key]) for key in ("d_out", "d_in", "k", "r"))
+    return {"basis": (d_in, d_in - k if info["complement"] else k), "u": (d_out, r), "s": (r,), "v": (d_in, r)}
 
 
 def load_subspaces(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, LayerSubspace], dict[str, Any]]:
-    """Read a subspace file: (layer -> LayerSubspace, metadata)."""
+    """Read a subspace file: ``(layer -> LayerSubspace, metadata)``.
+
+    Checks the file against itself: every layer's header entry has its tensors, with the shapes
+    its ``d_out, d_in, k, r, complement`` imply, and k, r within the weight's shape (``ValueError``
+    naming the file, layer and values).
+    """
     meta = read_metadata(path)
     flat = load_file(str(path), device=str(device))
     subspaces = {}
+    problems = []
     for name, info in meta["layers"].items():
-        t = {f: flat[f"{name}{_SEP}{f}"] for f in _TENSOR_FIELDS if f"{name}{_SEP}{f}" in flat}
+        d_out, d_in, k, r = (int(info[key]) for key in ("d_out", "d_in", "k", "r"))
+        if not (0 <= k <= d_in and 0 <= r <= min(d_out, d_in)):
+            problems.append(f"layer '{name}': k={k}, r={r} do not fit a {d_out}x{d_in} weight")
+            continue
+        t = {f: flat.pop(f"{name}{_SEP}{f}") for f in _SAVED_FIELDS if f"{name}{_SEP}{f}" in flat}
+        for field, shape in _expected_shapes(name, info).items():
+            if field not in t:
+                problems.append(f"layer '{name}': tensor '{name}{_SEP}{field}' is missing")
+            elif tuple(t[field].shape) != shape:
+                problems.append(f"layer '{name}': '{field}' is {tuple(t[field].shape)}, the header implies {shape}")
+        if problems:
+            continue
+        energy = info.get("energy")
         subspaces[name] = LayerSubspace(
-            d_out=int(info["d_out"]), d_in=int(info["d_in"]), k=int(info["k"]), complement=bool(info["complement"]),
-            energy=float(info["energy"]), **t,
+            d_out=d_out, d_in=d_in, k=k, complement=bool(info["complement"]),
+            energy=float("nan") if energy is None else float(energy), **t,
         )
+    if flat:
+        problems.append(f"tensors for no layer in the header: {sorted(flat)[:5]}")
+    if problems:
+        raise ValueError(f"{path} is inconsistent: " + "; ".join(problems))
     return subspaces, meta
 
 
-def validate_against(subspaces: Mapping[str, LayerSubspace], targets: Mapping[str, nn.Linear], source: str) -> None:
-    """Raise ``ValueError`` naming every layer whose name or shape does not match the model's targets."""
-    missing = sorted(set(targets) - set(subspaces))
-    extra = sorted(set(subspaces) - set(targets))
+# ---------------------------------------------------------------------------------------------- validation
+def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    return [f"{k}={saved[k]!r} in the file, {current[k]!r} here" for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+
+
+def validate_against(
+    subspaces: Mapping[str, LayerSubspace],
+    targets: Mapping[str, nn.Linear],
+    source: str,
+    metadata: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | None = None,
+    capabilities: Sequence[str] | None = None,
+) -> None:
+    """Raise ``ValueError`` listing every mismatch between the subspaces and the model.
+
+    Always: layer names (missing / extra) and weight shapes. With ``metadata`` and ``model``
+    (:func:`model_identity` of the model now): the HF config entries both record, else the
+    architecture hash. With ``capabilities`` (names the caller was configured with): each must be
+    among those the file protects. A version-1 file has no model record: that check is skipped
+    with a warning.
+    """
+    missing = [n for n in targets if n not in subspaces]
+    extra = [n for n in subspaces if n not in targets]
     problems = []
     if missing:
         problems.append(f"no subspace for target layer(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra:
         problems.append(f"subspaces for layer(s) the model's targets do not include {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    for name in sorted(set(targets) & set(subspaces)):
+    for name in [n for n in targets if n in subspaces]:
         w = targets[name].weight
         shape = (subspaces[name].d_out, subspaces[name].d_in)
         full = tuple(getattr(w, "shape", ()))
         if full != shape:
-            problems.append(f"layer '{name}': subspace is for a {shape[0]}x{shape[1]} weight, the model's is {full[0]}x{full[1]}")
+            problems.append(f"layer '{name}': subspace is for a {shape[0]}x{shape[1]} weight, the model's is {'x'.join(map(str, full))}")
+    if metadata is not None and model is not None:
+        saved = metadata.get("model")
+        if saved is None:
+            warnings.warn(
+                f"{source} was written in format version {metadata.get('upgraded_from', metadata.get('version'))}, which "
+                "records no model: only layer names and shapes were checked", stacklevel=2,
+            )
+        elif saved.get("config") is not None and model.get("config") is not None:
+            diff = _config_differences(saved["config"], model["config"])
+            if diff:
+                problems.append(f"model config differs from '{saved.get('name')}' the file was computed on: " + ", ".join(diff[:8]))
+        elif saved.get("architecture_sha256") != model.get("architecture_sha256"):
+            problems.append(
+                f"model architecture differs: the file was computed on '{saved.get('name')}' "
+                f"({saved.get('n_parameters')} parameter tensors, sha256 {str(saved.get('architecture_sha256'))[:12]}), "
+                f"this is '{model.get('name')}' ({model.get('n_parameters')}, sha256 {str(model.get('architecture_sha256'))[:12]})"
+            )
+    if metadata is not None and capabilities is not None:
+        saved_caps = list(metadata.get("capabilities") or {})
+        absent = [c for c in capabilities if c not in saved_caps]
+        if saved_caps and absent:
+            problems.append(f"FORA was configured to keep capabilities {list(capabilities)}, the file protects {saved_caps} (not {absent})")
     if problems:
         raise ValueError(f"subspaces from {source} do not match the model: " + "; ".join(problems))
