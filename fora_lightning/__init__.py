@@ -3,6 +3,7 @@
 from fora_lightning.callback import FORA
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 from fora_lightning.lora import ForaLoRA, export_lora_adapter, merge_lora
+from fora_lightning.module import ForaModule
 
-__all__ = ["FORA", "CausalLMModule", "TextDataModule", "TextSource", "ForaLoRA", "export_lora_adapter", "merge_lora"]
+__all__ = ["FORA", "ForaModule", "CausalLMModule", "TextDataModule", "TextSource", "ForaLoRA", "export_lora_adapter", "merge_lora"]
 __version__ = "0.1.0"

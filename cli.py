@@ -1,0 +1,36 @@
+"""Command line: ``python cli.py fit --config configs/X.yaml`` (LightningCLI), plus ``inspect`` and ``compare``.
+
+* ``fit`` / ``validate`` / ``test`` / ``predict``: LightningCLI in subclass mode (``model`` and ``data`` are
+  ``class_path`` + ``init_args``, any LightningModule / LightningDataModule), YAML read with OmegaConf so
+  ``${model.init_args.module.init_args.model}``-style interpolation works; command-line overrides such as
+  ``--trainer.max_steps 10`` apply on top. ``config.yaml`` is written to the log dir, overwriting an old one.
+* ``inspect ...``: :func:`fora_lightning.inspect.main` (look at a saved subspace file).
+* ``compare ...``: :func:`fora_lightning.eval.compare.main` (FORA against the baselines).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+SUBCOMMANDS = {"inspect": "fora_lightning.inspect", "compare": "fora_lightning.eval.compare"}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Dispatch ``inspect`` / ``compare`` to their own parsers; anything else goes to LightningCLI (returned)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    return LightningCLI(
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,213 @@
+"""ForaModule: wrap any LightningModule so that fitting it runs FORA; nothing else changes."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.core.hooks import DataHooks, ModelHooks
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from fora_lightning.callback import DEFAULT_TARGETS, FORA
+from fora_lightning.core.targets import TargetModules
+
+# Every hook and step the Trainer may call; the wrapper exposes exactly those the wrapped module overrides.
+_DELEGATED = tuple(n for cls in (ModelHooks, DataHooks) for n in vars(cls) if not n.startswith("_")) + (
+    "training_step", "validation_step", "test_step", "predict_step", "configure_optimizers",
+    "optimizer_step", "optimizer_zero_grad", "lr_scheduler_step", "configure_gradient_clipping", "backward",
+)
+_CALIBRATION = ("calibration_step", "calibration_dataloader")
+CHECKPOINT_KEY = "fora_module"
+
+
+class ForaModule(LightningModule):
+    """Fit ``module`` with FORA: ``ForaModule(module, target_modules=[...], energy=0.95)`` is all a user writes.
+
+    Training, validation, test and predict steps, ``configure_optimizers``, ``configure_model``, the data
+    hooks and every other hook the wrapped module overrides (and ``calibration_step`` /
+    ``calibration_dataloader`` when it defines them) run on the wrapped module, as if it were fitted itself.
+    ``configure_callbacks`` adds :class:`~fora_lightning.FORA` built from this wrapper's arguments (or
+    :class:`~fora_lightning.ForaLoRA` when ``lora_rank`` is set); calibration batches come from the
+    datamodule's ``calibration_dataloader()``, else the wrapped module's.
+
+    Checkpoints hold the wrapped module's own state dict (no ``module.`` prefix) and hyper-parameters, so
+    ``TheUserModule.load_from_checkpoint(path)`` works on them; the FORA settings and the wrapped class sit
+    under ``checkpoint["fora_module"]`` for :meth:`load_from_checkpoint`. From LightningCLI (subclass mode),
+    the wrapped module gets back its own ``hparams`` (its ``init_args`` over its signature's defaults),
+    which LightningCLI overwrites with the outer config.
+
+    The remaining arguments are :class:`~fora_lightning.FORA`'s (see there); ``lora_rank`` / ``lora_alpha`` /
+    ``lora_dropout`` select and configure the parameter-efficient variant.
+    """
+
+    def __init__(
+        self,
+        module: LightningModule,
+        target_modules: TargetModules = DEFAULT_TARGETS,
+        energy: float = 0.99,
+        rank: int | dict[str, int] | None = None,
+        max_rank: int | None = None,
+        weight_rank: int = 8,
+        source: Literal["activations", "weights", "random"] = "activations",
+        mode: Literal["update", "gradient"] = "update",
+        freeze_other: bool = True,
+        subspaces: str | None = None,
+        covariance_dtype: Literal["float32", "float64"] = "float32",
+        seed: int = 0,
+        progress: bool = True,
+        lora_rank: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, LightningModule):
+            raise TypeError(f"ForaModule(module=...) needs a LightningModule, got {type(module).__name__}")
+        _restore_own_hparams(module)
+        self.module = module
+        self.fora_args: dict[str, Any] = {
+            "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
+            "energy": energy, "rank": rank, "max_rank": max_rank, "weight_rank": weight_rank, "source": source,
+            "mode": mode, "freeze_other": freeze_other, "subspaces": subspaces, "covariance_dtype": covariance_dtype,
+            "seed": seed, "progress": progress,
+        }
+        self.lora_args: dict[str, Any] = {"lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+        self.save_hyperparameters({"module": _describe(module), **self.fora_args, **self.lora_args})
+        for name in _DELEGATED:
+            if is_overridden(name, module, LightningModule):
+                self._delegate(name)
+        for name in _CALIBRATION:
+            if callable(getattr(module, name, None)):
+                self._delegate(name)
+
+    def _delegate(self, name: str) -> None:
+        """Expose ``module.<name>`` as ``self.<name>``, keeping the wrapped module's Trainer-managed state in sync."""
+        target: Callable[..., Any] = getattr(self.module, name)
+
+        @functools.wraps(target)
+        def delegated(*args: Any, **kwargs: Any) -> Any:
+            self.module._current_fx_name = self._current_fx_name  # what self.log() checks
+            self.module._device_mesh = self._device_mesh  # set by ModelParallelStrategy before configure_model
+            return target(*args, **kwargs)
+
+        object.__setattr__(self, name, delegated)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return self.module.automatic_optimization
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        self.module.automatic_optimization = value
+
+    # ------------------------------------------------------------------ the callback
+    def configure_callbacks(self) -> list[Callback]:
+        """The wrapped module's own callbacks, then ``FORA(**fora_args)`` or ``ForaLoRA(**fora_args, **lora_args)``."""
+        own = self.module.configure_callbacks()
+        own = [own] if isinstance(own, Callback) else list(own or [])
+        if self.lora_args["lora_rank"] is None:
+            fora: Callback = FORA(**self.fora_args)
+        else:
+            from fora_lightning.lora import ForaLoRA
+
+            fora = ForaLoRA(**self.fora_args, **self.lora_args)
+        return [*own, fora]
+
+    # ------------------------------------------------------------------ checkpoints: the wrapped module's own
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        """The wrapped module's state dict, keys without a ``module.`` prefix."""
+        return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the wrapped module's hparams as the checkpoint's, and this wrapper's settings under ``fora_module``."""
+        self.module.on_save_checkpoint(checkpoint)
+        for key in (self.CHECKPOINT_HYPER_PARAMS_KEY, self.CHECKPOINT_HYPER_PARAMS_NAME, self.CHECKPOINT_HYPER_PARAMS_TYPE):
+            checkpoint.pop(key, None)
+        if self.module.hparams:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = dict(self.module.hparams)
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_NAME] = getattr(self.module, "_hparams_name", "kwargs")
+        checkpoint[CHECKPOINT_KEY] = {"class_path": _class_path(type(self.module)), **self.fora_args, **self.lora_args}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.module.on_load_checkpoint(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        strict: bool | None = None,
+        module_class: type[LightningModule] | None = None,
+        **overrides: Any,
+    ) -> ForaModule:
+        """Rebuild the wrapper: ``module_class.load_from_checkpoint(path)`` wrapped with the saved FORA settings.
+
+        ``module_class`` defaults to the class recorded in the checkpoint, which must already be imported
+        (as Lightning requires for classes named by checkpoints). ``overrides`` replace saved FORA settings.
+        """
+        meta = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True).get(CHECKPOINT_KEY)
+        if meta is None:
+            raise ValueError(f"{checkpoint_path}: no '{CHECKPOINT_KEY}' entry; it was not written by a ForaModule fit")
+        meta = dict(meta)
+        class_path = meta.pop("class_path")
+        module_class = module_class or _imported_class(class_path, checkpoint_path)
+        inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict)
+        return cls(inner, **{**meta, **overrides})
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(module: LightningModule) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": hparams}``: how the wrapped module appears in this wrapper's hparams."""
+    return {"class_path": _class_path(type(module)), "init_args": dict(module.hparams)}
+
+
+def _restore_own_hparams(module: LightningModule) -> None:
+    """Undo LightningCLI's subclass-mode overwrite of a nested module's ``hparams``.
+
+    LightningCLI instantiates the whole model config inside one hparams context, so a nested module's
+    ``save_hyperparameters()`` stores the outer config (``_class_path``: the wrapper, ``module``: its own
+    ``{class_path, init_args}``). Its own hparams are its ``init_args`` over its signature's defaults.
+    """
+    hp = module.hparams
+    nested = hp.get("module") if isinstance(hp.get("module"), Mapping) else None
+    if "_class_path" not in hp or hp["_class_path"] == _class_path(type(module)) or nested is None:
+        return
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(type(module).__init__).parameters.items()
+        if name != "self" and p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    own = {**defaults, **dict(nested.get("init_args") or {})}
+    module._hparams = type(hp)()
+    module._set_hparams(own)
+    module._hparams_initial = type(hp)(own)
+
+
+def _imported_class(class_path: str, checkpoint_path: str | Path) -> type[LightningModule]:
+    module_name, _, name = class_path.rpartition(".")
+    if module_name not in sys.modules:
+        raise ValueError(
+            f"{checkpoint_path}: the wrapped class {class_path!r} is not imported; import {module_name!r} first "
+            "or pass module_class= (a checkpoint may not import code by itself)"
+        )
+    obj: Any = importlib.import_module(module_name)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, LightningModule)):
+        raise TypeError(f"{checkpoint_path}: {class_path!r} is not a LightningModule class")
+    return obj

@@ -1,0 +1,101 @@
+"""ForaModule around a plain user LightningModule (as a Python object): delegation, protection, checkpoints."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
+from fora_lightning import FORA, ForaLoRA, ForaModule
+
+
+class UserMLP(MLP):
+    """A user module with validation logging and its own calibration data (no FORA code in it)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_mse", torch.nn.functional.mse_loss(self(x), y))
+
+    def calibration_dataloader(self):
+        return calibration_loader()
+
+
+def outside_channel_leak(delta: torch.Tensor, w0: torch.Tensor, x: torch.Tensor, sub) -> float:
+    """``||(D - U diag(U^T D V) V^T) X^T|| / ||W0 X^T||``: what the update does to held-out kept inputs, channel removed."""
+    channel = sub.u @ torch.diag(torch.diagonal(sub.u.T @ delta @ sub.v)) @ sub.v.T
+    return ((delta - channel) @ x.T).norm().item() / (w0 @ x.T).norm().item()
+
+
+def fit_wrapped(tmp_path, **fora) -> tuple[ForaModule, pl.Trainer, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    wrapped = ForaModule(UserMLP(lr=5e-2), target_modules=["fc1", "fc2"], weight_rank=2, progress=False, **fora)
+    w0 = {n: p.detach().clone() for n, p in wrapped.module.state_dict().items()}
+    trainer = tiny_trainer(
+        max_steps=40, enable_checkpointing=True, default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")],
+        limit_val_batches=2, val_check_interval=8,
+    )
+    trainer.fit(wrapped, train_dataloaders=task_loader(), val_dataloaders=task_loader(n=64))
+    return wrapped, trainer, w0
+
+
+def test_delegates_exactly_the_overridden_hooks():
+    wrapped = ForaModule(UserMLP())
+    for name in ("training_step", "validation_step", "configure_optimizers"):
+        assert is_overridden(name, wrapped, pl.LightningModule)
+    for name in ("training_step", "validation_step", "configure_optimizers", "calibration_dataloader"):
+        assert getattr(wrapped, name).__wrapped__ == getattr(wrapped.module, name)
+    for name in ("test_step", "predict_step", "train_dataloader", "configure_model", "on_fit_end"):
+        assert not is_overridden(name, wrapped, pl.LightningModule)
+    assert not hasattr(ForaModule(MLP()), "calibration_dataloader")
+    assert isinstance(wrapped.configure_callbacks()[-1], FORA)
+    assert set(wrapped.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_fit_protects_and_logs_through_the_wrapped_module(tmp_path):
+    wrapped, trainer, w0 = fit_wrapped(tmp_path)
+    assert trainer.global_step == 40
+    assert "val_mse" in trainer.callback_metrics  # the wrapped module's self.log reached the trainer
+    fora = next(c for c in trainer.callbacks if isinstance(c, FORA))
+    held_out = span_inputs(64, seed=7)
+    fc1 = wrapped.module.fc1.weight.detach()
+    delta = fc1 - w0["fc1.weight"]
+    assert delta.norm() / w0["fc1.weight"].norm() > 0.05  # it really trained
+    assert outside_channel_leak(delta, w0["fc1.weight"], held_out, fora.subspaces["module.fc1"]) < 1e-5
+
+
+def test_checkpoint_loads_into_bare_class_and_wrapper(tmp_path):
+    wrapped, _, _ = fit_wrapped(tmp_path, energy=0.95)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    raw = torch.load(path, weights_only=True)
+    assert set(raw["state_dict"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert raw["hyper_parameters"] == {"lr": 5e-2, "weight_decay": 0.1}
+    bare = UserMLP.load_from_checkpoint(path)
+    assert bare.hparams.lr == 5e-2
+    for k, v in wrapped.module.state_dict().items():
+        torch.testing.assert_close(bare.state_dict()[k], v)
+    again = ForaModule.load_from_checkpoint(path, weight_rank=3)
+    assert isinstance(again.module, UserMLP) and again.module.hparams.lr == 5e-2
+    assert again.fora_args["energy"] == 0.95 and again.fora_args["weight_rank"] == 3
+    torch.testing.assert_close(again.module.fc1.weight, wrapped.module.fc1.weight)
+
+
+def test_load_from_checkpoint_refuses_a_bare_checkpoint(tmp_path):
+    trainer = tiny_trainer(max_steps=1, enable_checkpointing=True, default_root_dir=tmp_path,
+                           callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="bare")])
+    trainer.fit(MLP(), train_dataloaders=task_loader(n=32))
+    with pytest.raises(ValueError, match="no 'fora_module' entry"):
+        ForaModule.load_from_checkpoint(tmp_path / "bare.ckpt")
+
+
+def test_lora_rank_selects_fora_lora():
+    cb = ForaModule(MLP(), target_modules=["fc1"], lora_rank=4, lora_alpha=8.0).configure_callbacks()[-1]
+    assert isinstance(cb, ForaLoRA) and (cb.lora_rank, cb.lora_alpha) == (4, 8.0)
+
+
+def test_rejects_a_plain_module():
+    with pytest.raises(TypeError, match="needs a LightningModule, got Linear"):
+        ForaModule(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
