@@ -1,1 +1,12 @@
 """Evaluation: exact-match generation metrics and report callbacks."""
+
+from fora_lightning.eval.baselines import TrainTargetsOnly
+from fora_lightning.eval.ewc import EWC
+from fora_lightning.eval.l2sp import L2SP
+from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL
+from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation
+
+__all__ = [
+    "CausalPerplexity", "EWC", "ExactMatch", "L2SP", "LayerLeakage", "PreservationMetrics", "TokenKL",
+    "TrainTargetsOnly", "evaluate_preservation",
+]

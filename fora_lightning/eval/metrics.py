@@ -71,12 +71,19 @@ class LayerLeakage(Metric):
         return dict(zip(self.layers, self.compute().reshape(-1).tolist()))
 
     @contextlib.contextmanager
-    def probe(self, modules: Mapping[str, nn.Linear], base_weights: Mapping[str, Tensor]) -> Iterator[LeakageProbe]:
-        """Forward pre-hooks on ``modules`` that update this metric with each layer's input.
+    def probe(
+        self,
+        modules: Mapping[str, nn.Module],
+        base_weights: Mapping[str, Tensor],
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> Iterator[LeakageProbe]:
+        """Forward pre-hooks on ``modules`` that update this metric with each layer's input ``X``.
 
+        ``W`` is ``weights[name]`` when given (e.g. the tuned model's, while ``modules`` belong to the
+        base model, so ``X`` are the base model's inputs), else the hooked module's own ``weight``.
         Inside the block, wrap each forward in ``probe.batch(attention_mask)`` to skip padding.
         """
-        probe = LeakageProbe(self, modules, base_weights)
+        probe = LeakageProbe(self, modules, base_weights, weights)
         try:
             yield probe
         finally:
@@ -86,11 +93,18 @@ class LayerLeakage(Metric):
 class LeakageProbe:
     """The hooks behind :meth:`LayerLeakage.probe` (one per layer; the current mask is shared)."""
 
-    def __init__(self, metric: LayerLeakage, modules: Mapping[str, nn.Linear], base_weights: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        metric: LayerLeakage,
+        modules: Mapping[str, nn.Module],
+        base_weights: Mapping[str, Tensor],
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> None:
         self.metric = metric
         self.mask: Tensor | None = None
         self._handles = [
-            m.register_forward_pre_hook(self._hook(name, m, base_weights[name])) for name, m in modules.items()
+            m.register_forward_pre_hook(self._hook(name, m, base_weights[name], None if weights is None else weights[name]))
+            for name, m in modules.items()
         ]
 
     @contextlib.contextmanager
@@ -101,11 +115,11 @@ class LeakageProbe:
         finally:
             self.mask = None
 
-    def _hook(self, name: str, module: nn.Linear, w0: Tensor):
+    def _hook(self, name: str, module: nn.Module, w0: Tensor, weight: Tensor | None):
         def hook(_: nn.Module, args: tuple) -> None:
             x = args[0]
             mask = self.mask if self.mask is not None and self.mask.numel() * x.shape[-1] == x.numel() else None
-            self.metric.update(name, x, module.weight, w0, mask)
+            self.metric.update(name, x, module.weight if weight is None else weight, w0, mask)
 
         return hook
 

@@ -1,0 +1,110 @@
+"""The comparison command end to end on a tiny Llama, 2 optimizer steps per method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoConfig
+
+from fora_lightning.eval.compare import METHODS, main
+from tests.tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setting_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    cfg = tiny_llama_config()
+    model_dir = root / "model"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(model_dir)
+    save_tokenizer(model_dir)
+    task = write_jsonl(root / "task.jsonl", task_rows(24))
+    keep = write_jsonl(root / "keep.jsonl", keep_rows(40))
+    config = {
+        "setting": "tiny",
+        "seed": 0,
+        "output_dir": str(root / "out"),
+        "model": {"model": str(model_dir), "lr": 1e-2},
+        "data": {
+            "tokenizer": str(model_dir), "task": {"path": task},
+            "preserve": {"path": keep, "prompt_field": "question", "response_field": "answer"},
+            "preserve_val_size": 8, "batch_size": 4, "max_length": 16,
+        },
+        "trainer": {"max_steps": 2},
+        "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"],
+        "evaluation": {
+            "preserved": {"path": keep, "name": "keep", "prompt_field": "question", "answer_field": "answer",
+                          "limit": 6, "max_new_tokens": 2},
+            "new_task": {"path": task, "name": "task", "limit": 6, "max_new_tokens": 2},
+            "extra": {"keep_ppl": {"path": keep, "metric": "perplexity", "prompt_field": "question",
+                                   "answer_field": "answer", "limit": 6}},
+        },
+        "methods": {
+            "fora": {"energy": 0.9, "weight_rank": 2}, "plain_ft": {}, "lora": {"lora_rank": 2, "model": {"lr": 5e-2}},
+            "l2sp": {"lambda_": 0.1}, "ewc": {"lambda_": 0.1}, "weight_projection": {"weight_rank": 2},
+            "random": {"weight_rank": 2}, "fora_lora": {"lora_rank": 2, "energy": 0.9, "weight_rank": 2},
+        },
+    }
+    path = root / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, root / "out"
+
+
+def test_compare_runs_every_method_and_writes_the_issue_shape(setting_file):
+    path, out = setting_file
+    assert main(["--config", str(path), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"setting", "preserved_metric", "new_task_metric", "higher_is_better", "methods"}
+    assert results["higher_is_better"] == {"preserved": True, "new_task": True}
+    assert set(results["methods"]) == set(METHODS)
+    fields = {"preserved": float, "preserved_base": float, "new_task": float, "kl": float, "leakage": float,
+              "trainable_params": int, "wall_s": float, "k_mean": float}
+    for name, row in results["methods"].items():
+        assert set(row) == set(fields), name
+        for key, kind in fields.items():
+            assert isinstance(row[key], kind) or (kind is float and isinstance(row[key], int)), (name, key)
+    rows = results["methods"]
+    assert len({r["preserved_base"] for r in rows.values()}) == 1  # one base model for all
+    assert rows["plain_ft"]["kl"] > 0 and rows["plain_ft"]["leakage"] > 0
+    assert rows["lora"]["trainable_params"] < rows["plain_ft"]["trainable_params"] == rows["fora"]["trainable_params"]
+    assert rows["lora"]["k_mean"] == 0.0 and rows["fora"]["k_mean"] > 0
+    details = json.loads((out / "details.json").read_text())
+    k = details["methods"]["fora"]["k"]
+    assert k and details["methods"]["weight_projection"]["k"] == k == details["methods"]["random"]["k"]
+    assert details["methods"]["fora_lora"]["k"] == k  # same calibration, same energy
+    assert "extra/keep_ppl" in details["methods"]["fora"] and details["base"]["extra/keep_ppl"] > 1
+    table = (out / "table.md").read_text()
+    assert all(label in table for label in ("FORA-LoRA", "weight-space projection", "L2-SP", "EWC", "LoRA"))
+    assert (out / "plot.png").stat().st_size > 1000
+
+
+def test_compare_refuses_matched_k_without_fora(setting_file):
+    path, _ = setting_file
+    with pytest.raises(ValueError, match="include 'fora'"):
+        main(["--config", str(path), "--methods", "plain_ft,weight_projection", "--no-progress"])
+
+
+def test_preservation_metrics_logged_during_validation_match_direct_evaluation(setting_file):
+    import lightning.pytorch as pl
+
+    from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation, target_names
+    from fora_lightning.llm import CausalLMModule, TextDataModule
+
+    config = yaml.safe_load(setting_file[0].read_text())
+    dm = TextDataModule(**{**config["data"], "task_val_size": 4})
+    module = CausalLMModule(**config["model"])
+    callback = PreservationMetrics(target_modules=config["target_modules"])
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, val_check_interval=2, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    )
+    trainer.fit(module, datamodule=dm)
+    logged = trainer.callback_metrics
+    direct = evaluate_preservation(
+        callback.base, module.model, dm.val_dataloader()[dm.val_dataloader_names.index("preserve")],
+        target_names(module.model, config["target_modules"]),
+    )
+    assert direct["kl"] > 0 and direct["leakage_mean"] > 0
+    for key in ("kl", "ppl", "leakage_mean"):
+        assert logged[f"val/preserve/{key}"].item() == pytest.approx(direct[key], rel=1e-4)
