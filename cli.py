@@ -2,8 +2,9 @@
 
 * ``fit`` / ``validate`` / ``test`` / ``predict``: LightningCLI in subclass mode (``model`` and ``data`` are
   ``class_path`` + ``init_args``, any LightningModule / LightningDataModule), YAML read with OmegaConf so
-  ``${model.init_args.module.init_args.model}``-style interpolation works; command-line overrides such as
-  ``--trainer.max_steps 10`` apply on top. ``config.yaml`` is written to the log dir, overwriting an old one.
+  ``${model.init_args.module.init_args.model}``-style interpolation works (resolved when the file is read, so
+  a command-line override of the source key does not reach the interpolated one); command-line overrides such
+  as ``--trainer.max_steps 10`` apply on top. ``config.yaml`` is written to the log dir, overwriting an old one.
 * ``inspect ...``: :func:`fora_lightning.inspect.main` (look at a saved subspace file).
 * ``compare ...``: :func:`fora_lightning.eval.compare.main` (FORA against the baselines).
 """
@@ -21,9 +22,9 @@ SUBCOMMANDS = {"inspect": "fora_lightning.inspect", "compare": "fora_lightning.e
 
 def main(argv: list[str] | None = None) -> Any:
     """Dispatch ``inspect`` / ``compare`` to their own parsers; anything else goes to LightningCLI (returned)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:])
     return LightningCLI(
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},

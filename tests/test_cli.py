@@ -1,0 +1,96 @@
+"""cli.py: the wrapper from YAML (nested class_path) fits, protects and checkpoints; shipped configs parse."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fora_lightning import FORA, ForaModule
+from fora_lightning.examples import Regressor
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+QWEN_CONFIGS = ["qwen3_cogs_keep_translation", "qwen3_gsm8k_keep_translation", "qwen3_translation_keep_math"]
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("fora_cli", ROOT / "cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def print_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        load_cli().main(args + ["--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    cli = load_cli().main([
+        "fit", "--config", str(ROOT / "configs/wrap_existing.yaml"),
+        "--trainer.max_steps", "30", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--model.init_args.progress", "false",
+    ])
+    wrapped, data = cli.model, cli.datamodule
+    assert isinstance(wrapped, ForaModule) and isinstance(wrapped.module, Regressor)
+    assert cli.trainer.global_step == 30
+    # the nested module got its own hparams back (LightningCLI had overwritten them with the outer config)
+    assert dict(wrapped.module.hparams) == {"d_in": 16, "d_hidden": 32, "d_out": 8, "lr": 0.03, "weight_decay": 0.1}
+    # protects: on held-out inputs of the kept capability, fc1's update acts only through the r-dim channel
+    fora = next(c for c in cli.trainer.callbacks if isinstance(c, FORA))
+    sub = fora.subspaces["module.fc1"]
+    held_out = torch.randn(64, 4, generator=torch.Generator().manual_seed(9)) @ data.keep_basis.T
+    q = sub.basis
+    assert torch.allclose(held_out @ q @ q.T, held_out, atol=1e-5)  # held-out kept inputs lie in span(Q)
+    fc1 = wrapped.module.fc1.weight.detach()
+    w0_x = sub.anchor_q @ q.T @ held_out.T  # W0 x = (W0 Q) Q^T x for x in span(Q)
+    delta_x = fc1 @ held_out.T - w0_x
+    channel = torch.diagonal((sub.u.T @ fc1 - sub.anchor_u) @ sub.v)  # diag(U^T (W - W0) V)
+    channel_x = sub.u @ (channel[:, None] * (sub.v.T @ held_out.T))
+    leak = (delta_x - channel_x).norm() / w0_x.norm()
+    assert leak < 1e-5
+    # a checkpoint of this run reloads into the bare class (own hparams) and into the wrapper
+    path = tmp_path / "wrapped.ckpt"
+    cli.trainer.save_checkpoint(path)
+    bare = Regressor.load_from_checkpoint(path)
+    assert bare.hparams.lr == 0.03 and bare.hparams.d_hidden == 32
+    torch.testing.assert_close(bare.fc1.weight, fc1)
+    again = ForaModule.load_from_checkpoint(path)
+    assert again.fora_args["target_modules"] == ["fc1", "fc2"] and again.fora_args["weight_rank"] == 2
+    torch.testing.assert_close(again.module.fc2.weight, wrapped.module.fc2.weight)
+
+
+def test_overrides_and_interpolation(capsys):
+    cfg = print_config(["fit", "--config", str(ROOT / "configs/wrap_existing.yaml"),
+                        "--model.init_args.energy", "0.9", "--model.init_args.module.init_args.d_in", "12"], capsys)
+    assert cfg["model"]["init_args"]["energy"] == 0.9
+    assert cfg["data"]["init_args"]["d_in"] == 16  # interpolated when the YAML was read, before the override
+
+
+@pytest.mark.parametrize("name", QWEN_CONFIGS)
+def test_paper_configs_parse_offline(name, capsys):
+    cfg = print_config(["fit", "--config", str(ROOT / f"configs/{name}.yaml")], capsys)
+    inner = cfg["model"]["init_args"]["module"]
+    assert inner["class_path"] == "fora_lightning.CausalLMModule"
+    assert inner["init_args"]["model"] == "Qwen/Qwen3-1.7B"
+    data = cfg["data"]["init_args"]
+    assert data["tokenizer"] == "Qwen/Qwen3-1.7B"
+    assert {data["task"]["path"], data["preserve"]["path"]} <= {"Punchwe/COGS", "openai/gsm8k", "wmt/wmt14"}
+
+
+def test_inspect_subcommand_is_dispatched(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_cli().main(["inspect", "--help"])
+    assert exit_info.value.code == 0
+    assert "--subspaces" in capsys.readouterr().out
