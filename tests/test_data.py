@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from fora_lightning.llm import TextDataModule, TextSource
 from fora_lightning.llm.encoding import IGNORE_INDEX
