@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fora_lightning import FORA
+from fora_lightning import FORA, ForaModule
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 from fora_lightning.llm.causal_lm import warmup_cosine
 from tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
@@ -49,24 +49,27 @@ def test_warmup_cosine_schedule():
     assert f(10) == pytest.approx(0.1)
 
 
-def test_fora_fit_logs_perplexity_per_loader_and_saves_pretrained(data, tmp_path):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["callback", "ForaModule"])
+def test_fora_fit_logs_perplexity_per_loader_and_saves_pretrained(data, tmp_path, wrapped):
     torch.manual_seed(0)
     save_dir = tmp_path / "tuned"
     module = CausalLMModule(config=tiny_llama_config(), tokenizer=data.tokenizer_path, lr=1e-2, save_dir=str(save_dir))
-    fora = FORA(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, progress=False)
+    fora_args = dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, progress=False)
     base = {n: m.weight.detach().clone() for n, m in module.named_modules() if n.endswith(("q_proj", "up_proj"))}
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=6, val_check_interval=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[fora], num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[] if wrapped else [FORA(**fora_args)],
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(ForaModule(module, **fora_args) if wrapped else module, datamodule=data)
+    fora = next(c for c in trainer.callbacks if isinstance(c, FORA))
     metrics = trainer.callback_metrics
     for name in ("task", "preserve"):
         assert torch.isfinite(metrics[f"val/{name}_ppl"])
         torch.testing.assert_close(metrics[f"val/{name}_ppl"], metrics[f"val/{name}_loss"].exp())
     # FORA really acted on the LM: the update of a protected layer leaves the calibration subspace's inputs alone
     name = "model.model.layers.0.mlp.up_proj"
-    sub = fora.subspaces[name]
+    sub = fora.subspaces[f"module.{name}" if wrapped else name]
     delta = module.get_submodule(name).weight.detach() - base[name]
     assert delta.norm() > 0
     leak = (delta - sub.u @ torch.diag(torch.diagonal(sub.u.T @ delta @ sub.v)) @ sub.v.T) @ sub.basis
