@@ -316,3 +316,17 @@ def test_export_loads_with_peft(trained_lm, tmp_path):
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=probe).logits, tuned_logits, atol=1e-5, rtol=0)
+
+
+def test_branch_stays_confined_under_bf16_autocast():
+    layer, q, x = _random_layer(24, 32, 8, 3, 4, False, seed=4)
+    layer = layer.float()
+    layer.set_subspace(layer.subspace())  # float32 bases
+    xs = (x @ q @ q.T).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(xs).dtype == torch.bfloat16  # the base matmul does run in bf16
+        update = layer.update(xs)
+    channel = ((xs @ layer.fora_v) * layer.lora_delta) @ layer.fora_u.T
+    leak = float((update.float() - channel).norm() / (layer.scaling * (xs @ layer.lora_A.T) @ layer.lora_B.T).norm())
+    assert leak < 1e-5, f"leakage {leak:.2e} under autocast"
+    assert update.dtype == torch.float32

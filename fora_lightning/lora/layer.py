@@ -153,9 +153,16 @@ class ForaLoraLinear(nn.Module):
         if not self._ready:
             self._check_unready_forward()
             return result
-        b, a = self.factors()  # the LoRA branch and the channel as one rank-(r_lora + r) product
-        h = self.lora_dropout(x.to(a.dtype))
-        return result + ((h @ a.T) @ b.T).to(result.dtype)
+        return result + self.update(x).to(result.dtype)
+
+    def update(self, x: Tensor) -> Tensor:
+        """The branch ``B' A' drop(x)`` in the LoRA parameters' dtype (float32), autocast off: under bf16
+        autocast a bf16 ``A P_Q`` would leak about 2^-8 of ``A`` into span(Q); the branch is rank
+        ``r_lora + r``, so float32 costs little next to the base matmul."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            b, a = self.factors()
+            h = self.lora_dropout(x.to(a.dtype))
+            return (h @ a.T) @ b.T
 
     def _check_unready_forward(self) -> None:
         """Before the bases are set only a no-grad forward with ``B = 0``, ``delta = 0`` (== base) is allowed."""
