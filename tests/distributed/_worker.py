@@ -1,0 +1,229 @@
+"""One rank of distributed FORA runs (launched by tests/distributed/harness.py; :func:`run` is also the reference).
+
+``python _worker.py CONFIG.json``: for each scenario, trains ``Net`` with the FORA Callback under its
+strategy for ``steps`` AdamW steps, optionally saves a checkpoint and resumes from one, and (rank 0)
+writes the full trained weights and the Callback's state to ``out``. The global batch is always 32
+(``32 // world`` per rank), so every world size sees the same global batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from fora_lightning import FORA
+
+D_IN, D_HID, D_OUT, SPAN, GLOBAL_BATCH, N_TASK = 16, 24, 5, 5, 32, 256  # fc2: 5 rows -> 3 + 2 over 2 ranks
+
+
+class Net(pl.LightningModule):
+    """fc1 -> tanh -> fc2, MSE; AdamW with weight decay. ``fsdp2``: ``fully_shard`` each Linear, then the root."""
+
+    def __init__(self, fsdp2: bool = False, lr: float = 3e-2, weight_decay: float = 0.1) -> None:
+        super().__init__()
+        self.fsdp2, self.lr, self.weight_decay = fsdp2, lr, weight_decay
+        self.fc1 = nn.Linear(D_IN, D_HID)
+        self.fc2 = nn.Linear(D_HID, D_OUT)
+
+    def configure_model(self) -> None:
+        if not self.fsdp2:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.fc1, mesh=mesh)
+        fully_shard(self.fc2, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def span_basis() -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(D_IN, SPAN, generator=torch.Generator().manual_seed(0)))
+    return q
+
+
+def span_inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, SPAN, generator=torch.Generator().manual_seed(seed)) @ span_basis().T
+
+
+def task_loader(world: int) -> DataLoader:
+    """Global batch ``i`` is samples ``32 i .. 32 i + 31`` for every world size (rank r: every world-th of them).
+
+    Lightning's own distributed sampler would shuffle; the Trainer gets ``use_distributed_sampler=False``.
+    """
+    gen = torch.Generator().manual_seed(1)
+    ds = TensorDataset(torch.randn(N_TASK, D_IN, generator=gen), 3 * torch.randn(N_TASK, D_OUT, generator=gen))
+    if world == 1:
+        return DataLoader(ds, batch_size=GLOBAL_BATCH, shuffle=False)
+    sampler = DistributedSampler(ds, num_replicas=world, rank=int(os.environ["RANK"]), shuffle=False)
+    return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+
+
+def calibration_loader() -> DataLoader:
+    """5 batches of 16: 3 + 2 over two ranks (exercises the padding forwards)."""
+    return DataLoader(span_inputs(80, seed=2), batch_size=16)
+
+
+class Forbidden:
+    """A calibration 'loader' that fails if iterated: a resumed fit must take the bases from the checkpoint."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        raise AssertionError("FORA re-ran calibration on resume instead of restoring its bases from the checkpoint")
+
+
+def initial_net(fsdp2: bool = False) -> Net:
+    torch.manual_seed(0)
+    return Net(fsdp2=fsdp2)
+
+
+def make_strategy(cfg: dict[str, Any]) -> Any:
+    kind, world = cfg["strategy"], cfg["world"]
+    if kind == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo")
+    if kind == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(
+            data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=cfg.get("state_dict_type", "sharded") == "sharded"
+        )
+    if kind == "fsdp1":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        class CPUFSDPStrategy(FSDPStrategy):
+            """FSDPStrategy on CPU (tests only): Lightning refuses CPU for ``FSDPStrategy`` itself, torch needs a device_id."""
+
+            def _setup_model(self, model: nn.Module) -> nn.Module:
+                return FullyShardedDataParallel(
+                    module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                    sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+                )
+
+            # Lightning's full state dict uses offload_to_cpu=True; on CPU that frees the live parameter
+            # storage ("setStorage: ... out of bounds for storage of size 0"). Same contexts without offload:
+            def _full_context(self) -> Any:
+                from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+
+                return FullyShardedDataParallel.state_dict_type(
+                    self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                    FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                )
+
+            def lightning_module_state_dict(self) -> dict[str, Any]:
+                if self._state_dict_type != "full":
+                    return super().lightning_module_state_dict()
+                with self._full_context():
+                    return self.model.state_dict()
+
+            def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+                if self._state_dict_type != "full":
+                    return super().optimizer_state(optimizer)
+                from torch.distributed.fsdp import OptimStateKeyType
+
+                optimizer = getattr(optimizer, "_optimizer", optimizer)
+                with self._full_context():
+                    state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+                    if self.global_rank == 0:
+                        state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+                    return state
+
+        return CPUFSDPStrategy(
+            auto_wrap_policy={nn.Linear}, use_orig_params=cfg["use_orig_params"], state_dict_type=cfg.get("state_dict_type", "full"),
+            process_group_backend="gloo",
+        )
+    if kind == "single":
+        return "auto"
+    raise ValueError(f"unknown strategy {kind!r}")
+
+
+def make_fora(calibration: Any, freeze_other: bool) -> FORA:
+    return FORA(
+        calibration=calibration, target_modules=["fc1", "fc2"], rank={"fc1": SPAN, "fc2": 8}, weight_rank=2,
+        freeze_other=freeze_other, progress=False,
+    )
+
+
+def full_weights(trainer: pl.Trainer, fora: FORA, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The full trained target weights (a collective under FSDP: every rank calls it)."""
+    if cfg["strategy"] == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+            return {n: m.weight.detach().clone() for n, m in fora._targets.items()}
+    out = {}
+    for n, m in fora._targets.items():
+        w = m.weight.detach()
+        out[n] = (w.full_tensor() if hasattr(w, "full_tensor") else w).clone()
+    return out
+
+
+def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None = None) -> tuple[pl.Trainer, FORA]:
+    world = cfg["world"]
+    fora = make_fora(calibration, cfg.get("freeze_other", True))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world if cfg["strategy"] != "single" else 1, strategy=make_strategy(cfg),
+        precision=cfg.get("precision", "32-true"), max_steps=steps, callbacks=[fora], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+    )
+    trainer.fit(initial_net(fsdp2=cfg["strategy"] == "fsdp2"), task_loader(world), ckpt_path=ckpt_path)
+    return trainer, fora
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train (and/or resume); returns rank 0's results ``{phase: {"weights", "fora"}}``."""
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    trainer = None
+    if cfg.get("steps"):
+        trainer, fora = fit(cfg, cfg["steps"], calibration_loader())
+        results["train"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict()}
+        if cfg.get("save"):
+            trainer.save_checkpoint(cfg["save"])
+    if cfg.get("resume_steps"):
+        trainer, fora = fit(cfg, cfg["resume_steps"], Forbidden(), ckpt_path=cfg["resume_from"])
+        results["resume"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict()}
+    return results
+
+
+def main() -> None:
+    """Run every scenario of the config in these same processes (one process group; imports paid once).
+
+    A scenario that raises is recorded (``{"error": traceback}``) and the next one runs.
+    """
+    cfg = json.loads(open(sys.argv[1]).read())
+    out: dict[str, Any] = {}
+    for scenario in cfg["scenarios"]:
+        try:
+            results = run({"world": cfg["world"], **scenario})
+        except Exception:  # noqa: BLE001 - reported to the test, which fails on it
+            results = {"error": traceback.format_exc()}
+        out[scenario["name"]] = results
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(out, cfg["out"])
+
+
+if __name__ == "__main__":
+    main()

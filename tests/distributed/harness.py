@@ -1,0 +1,61 @@
+"""Launch ``_worker.py`` as N real processes (gloo on CPU), torchrun-style: each gets RANK/LOCAL_RANK/WORLD_SIZE."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WORKER = Path(__file__).with_name("_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: dict[str, Any], tmp: Path, timeout: float = 90) -> dict[str, Any]:
+    """Run ``cfg`` on ``cfg["world"]`` processes; return rank 0's results. Fails with the ranks' stderr tails."""
+    world = cfg["world"]
+    cfg = {**cfg, "out": str(tmp / f"out-{os.getpid()}-{free_port()}.pt")}
+    cfg_path = tmp / f"cfg-{free_port()}.json"
+    cfg_path.write_text(json.dumps(cfg))
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(world):
+        env = {
+            **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+        log = open(tmp / f"rank{rank}-{port}.log", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT))
+    failed = []
+    try:
+        for rank, p in enumerate(procs):
+            if p.wait(timeout=timeout) != 0:
+                failed.append(rank)
+    except subprocess.TimeoutExpired:
+        failed = list(range(world))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if failed:
+        tails = []
+        for rank in failed:
+            logs[rank].seek(0)
+            tails.append(f"--- rank {rank} ---\n" + logs[rank].read()[-3000:])
+        raise RuntimeError(f"distributed run failed on ranks {failed}\n" + "\n".join(tails))
+    for log in logs:
+        log.close()
+    return torch.load(cfg["out"], weights_only=False)

@@ -1,0 +1,139 @@
+"""DDP, FSDP2 (ModelParallelStrategy) and FSDP1 (FSDPStrategy, both parameter layouts) on 2 real gloo processes.
+
+One launch runs every scenario in the same two processes (imports are the slow part on CPU); each test
+then checks one property of one scenario against a single-process run on the same global batches:
+bases (to 1e-5), trained weights after AdamW steps (float32 tolerance), leakage on held-out
+calibration-span inputs (< 1e-5), and checkpoint resume (sharded and full state dicts).
+fc2 has 5 rows: under FSDP2 they split 3 + 2 (uneven shards); the 5 calibration batches split 3 + 2 too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.distributed import _worker as W
+from tests.distributed.harness import launch
+
+STEPS, RESUMED = 8, 16  # 8 steps = one epoch of 256 samples at global batch 32: resume starts a fresh epoch
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "ddp": {"strategy": "ddp"},
+    "fsdp2_sharded_ckpt": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True},
+    "fsdp2_full_ckpt": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True},
+    "fsdp1_orig_params_full_ckpt": {"strategy": "fsdp1", "use_orig_params": True, "state_dict_type": "full", "resume": True},
+    # use_orig_params=False needs uniform requires_grad inside a flat parameter: biases train too (unprotected).
+    # (Its full checkpoint fails inside Lightning's optimizer rekeying: "Each parameter should only map to one
+    # parameter name but got 2: ['fc1.weight', 'fc1.bias']", so it is tested with the sharded one.)
+    "fsdp1_flat_params_sharded_ckpt": {
+        "strategy": "fsdp1", "use_orig_params": False, "state_dict_type": "sharded", "freeze_other": False, "resume": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("dist")
+    scenarios = []
+    for name, s in SCENARIOS.items():
+        sc = {k: v for k, v in s.items() if k != "resume"}
+        sc.update(name=name, steps=STEPS)
+        if s.get("resume"):
+            ckpt = str(tmp / f"{name}.ckpt")
+            sc.update(save=ckpt, resume_from=ckpt, resume_steps=RESUMED)
+        scenarios.append(sc)
+    return launch({"world": 2, "scenarios": scenarios}, tmp, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[bool, str], dict[str, Any]]:
+    """Single-process runs on the same global batches, saved after 8 steps and resumed to 16 the same way:
+    (freeze_other, "train" | "resume") -> results."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = {}
+    for freeze in (True, False):
+        ckpt = str(tmp / f"single-{freeze}.ckpt")
+        r = W.run({"strategy": "single", "world": 1, "steps": STEPS, "freeze_other": freeze, "save": ckpt, "resume_from": ckpt,
+                   "resume_steps": RESUMED})
+        out[freeze, "train"], out[freeze, "resume"] = r["train"], r["resume"]
+    return out
+
+
+def _result(runs: dict[str, Any], name: str, phase: str = "train") -> dict[str, Any]:
+    r = runs[name]
+    if "error" in r:
+        pytest.fail(f"scenario {name} raised on rank 0:\n{r['error']}")
+    return r[phase]
+
+
+def _layers(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: e["tensors"] for n, e in state["layers"].items()}
+
+
+def _assert_same_bases(got: dict[str, Any], want: dict[str, Any], atol: float = 1e-5) -> None:
+    """Projectors Q Q^T and U U^T (sign-free), S, and the anchors as W0 Q Q^T and U U^T W0."""
+    g, w = _layers(got), _layers(want)
+    assert g.keys() == w.keys()
+    for n in w:
+        for a, b, what in (
+            (g[n]["basis"] @ g[n]["basis"].T, w[n]["basis"] @ w[n]["basis"].T, "Q Q^T"),
+            (g[n]["u"] @ g[n]["u"].T, w[n]["u"] @ w[n]["u"].T, "U U^T"),
+            (g[n]["s"], w[n]["s"], "S"),
+            (g[n]["anchor_q"] @ g[n]["basis"].T, w[n]["anchor_q"] @ w[n]["basis"].T, "A0 Q^T"),
+            (g[n]["u"] @ g[n]["anchor_u"], w[n]["u"] @ w[n]["anchor_u"], "U B0"),
+        ):
+            assert a.shape == b.shape, f"{n} {what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+            err = (a - b).abs().max().item()
+            assert err <= atol, f"layer {n}: {what} differs from single-process by {err:.2e}"
+
+
+def _leakage(weights: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, float]:
+    """``||P_U (W - W0) X|| / ||W0 X||`` on held-out inputs: span inputs for fc1, span(Q) mixtures for fc2."""
+    w0 = {n: m.weight.detach() for n, m in (("fc1", W.initial_net().fc1), ("fc2", W.initial_net().fc2))}
+    layers = _layers(state)
+    held = {"fc1": W.span_inputs(64, seed=99), "fc2": torch.randn(64, layers["fc2"]["basis"].shape[1]) @ layers["fc2"]["basis"].T}
+    out = {}
+    for n, x in held.items():
+        d = (weights[n] - w0[n]).double()
+        u = layers[n]["u"].double()
+        pd = d - u @ (u.T @ d)
+        out[n] = float((x.double() @ pd.T).norm() / (x.double() @ w0[n].double().T).norm())
+    return out
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_bases_equal_single_process(runs, reference, name):
+    freeze = SCENARIOS[name].get("freeze_other", True)
+    _assert_same_bases(_result(runs, name)["fora"], reference[freeze, "train"]["fora"])
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_trained_weights_equal_single_process(runs, reference, name):
+    freeze = SCENARIOS[name].get("freeze_other", True)
+    got, want = _result(runs, name)["weights"], reference[freeze, "train"]["weights"]
+    w0 = W.initial_net()
+    assert (want["fc1"] - w0.fc1.weight).abs().max() > 1e-2, "the reference did not train"
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} layer {n}: {m}")
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_leakage_on_held_out_span_inputs(runs, name):
+    r = _result(runs, name)
+    leak = _leakage(r["weights"], r["fora"])
+    assert max(leak.values()) < 1e-5, leak
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.get("resume")])
+def test_resume_restores_bases_and_continues_exactly(runs, reference, name):
+    """The resumed fit never touches calibration (its loader raises), keeps the saved bases and anchors,
+    and its weights after 16 steps equal a single-process run saved and resumed at the same step."""
+    first, resumed = _result(runs, name), _result(runs, name, "resume")
+    _assert_same_bases(resumed["fora"], first["fora"], atol=0.0)
+    freeze = SCENARIOS[name].get("freeze_other", True)
+    for n, want in reference[freeze, "resume"]["weights"].items():
+        torch.testing.assert_close(resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} layer {n}: {m}")
+    assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
