@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,13 +16,18 @@ from torch import nn
 from fora_lightning.core.covariance import Covariances, collect_covariances
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, estimate_subspaces, format_summary
-from fora_lightning.core.subspace_file import load_subspaces, save_subspaces, validate_against
+from fora_lightning.core.capabilities import (
+    capability_weights, captured_energy, combine_covariances, extend_subspace, union_spectra,
+)
+from fora_lightning.core.subspace_file import (
+    FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
+)
 from fora_lightning.core.targets import TargetModules, find_targets
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["update", "gradient"]
-CalibrationSource = Iterable[Any] | Callable[[], Iterable[Any]] | None
+CalibrationSource = Iterable[Any] | Mapping[str, Iterable[Any]] | Callable[[], Iterable[Any]] | None
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -43,8 +49,16 @@ class FORA(Callback):
     ``r``-dimensional spectral channel.
 
     Args:
-        calibration: a DataLoader (or a callable returning one) of the capability to keep. ``None``:
-            ``trainer.datamodule.calibration_dataloader()``, else ``pl_module.calibration_dataloader()``.
+        calibration: a DataLoader (or a callable returning one) of the capability to keep, or a mapping
+            ``name -> DataLoader`` to keep several. ``None``: ``trainer.datamodule.calibration_dataloader()``,
+            else ``pl_module.calibration_dataloader()`` (either may return a mapping).
+        capability_weights: ``name -> w`` for several capabilities (default equal); each capability's
+            covariance is normalised by its own token count, then ``C = sum_c w_c C_c / sum_c w_c``.
+        combine: ``"covariance"`` (basis from the combined C) or ``"union"`` (union of the per-capability
+            bases, each chosen by ``energy`` on its own covariance, re-orthonormalised).
+        extend_to: after fit, :meth:`extend` the subspaces with the task just learned and write the
+            merged file here (chained fine-tunes). extend_calibration: that task's loader(s) for it
+            (``None``: the datamodule's ``train_dataloader()``, else the trainer's).
         target_modules: module-name suffixes matched on ``.`` boundaries, or one regex string.
         energy: keep the smallest k whose eigenvalues hold this fraction of the trace.
         rank: a fixed k (int, or per-layer mapping) instead of ``energy``. max_rank: cap on k.
@@ -78,6 +92,10 @@ class FORA(Callback):
         covariance_dtype: Literal["float32", "float64"] = "float32",
         seed: int = 0,
         progress: bool = True,
+        capability_weights: Mapping[str, float] | None = None,
+        combine: Literal["covariance", "union"] = "covariance",
+        extend_to: str | Path | None = None,
+        extend_calibration: CalibrationSource = None,
     ) -> None:
         if mode not in ("update", "gradient"):
             raise ValueError(f"mode must be 'update' or 'gradient', got {mode!r}")
@@ -91,6 +109,16 @@ class FORA(Callback):
         self.subspaces_path = Path(subspaces) if subspaces is not None else None
         self.covariance_dtype = _DTYPES[covariance_dtype]
         self.progress = progress
+        if combine not in ("covariance", "union"):
+            raise ValueError(f"combine must be 'covariance' or 'union', got {combine!r}")
+        self.capability_weights = dict(capability_weights) if capability_weights is not None else None
+        self.combine = combine
+        self.extend_to = Path(extend_to) if extend_to is not None else None
+        self.extend_calibration = extend_calibration
+        self.capabilities: dict[str, dict[str, Any]] = {}  # name -> tokens, weight, fingerprint, step
+        self.capability_energy: dict[str, dict[str, float]] = {}  # layer -> capability -> tr(Q^T C_c Q) / tr(C_c)
+        self.chain: list[dict[str, Any]] = []
+        self._capability_covariances: dict[str, Covariances] = {}
         self.subspaces: dict[str, LayerSubspace] = {}
         self._targets: dict[str, nn.Linear] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -124,8 +152,11 @@ class FORA(Callback):
             rank_zero_info(f"FORA: {len(self.subspaces)} layer subspaces restored from the checkpoint")
             return
         if self.subspaces_path is not None and self.subspaces_path.is_file():
-            self.subspaces, _ = load_subspaces(self.subspaces_path)
-            validate_against(self.subspaces, self._targets, str(self.subspaces_path))
+            self.subspaces, meta = load_subspaces(self.subspaces_path)
+            configured = list(self.calibration) if isinstance(self.calibration, Mapping) else None
+            validate_against(self.subspaces, self._targets, str(self.subspaces_path), meta, model_identity(pl_module), configured)
+            self.capabilities, self.chain = dict(meta["capabilities"]), list(meta["chain"])
+            self.capability_energy = {n: dict(info.get("capability_energy", {})) for n, info in meta["layers"].items()}
             if self.mode == "update" and any(s.complement for s in self.subspaces.values()):
                 raise ValueError(
                     f"{self.subspaces_path} stores complement bases (gradient-mode); mode='update' needs Q itself: "
@@ -135,7 +166,7 @@ class FORA(Callback):
         else:
             self.subspaces = self.estimate(trainer, pl_module)
             if self.subspaces_path is not None and trainer.is_global_zero:
-                save_subspaces(self.subspaces_path, self.subspaces, {"config": self._config_dict()})
+                self._save(self.subspaces_path, pl_module)
                 rank_zero_info(f"FORA: subspaces saved to {self.subspaces_path}")
         self._to_device(pl_module.device)
         if self.mode == "update":
@@ -163,11 +194,26 @@ class FORA(Callback):
         """Calibrate (for ``source="activations"``) and build every target's subspaces."""
         covariances = self.calibrate(trainer, pl_module) if self.config.source == "activations" else None
         weights = {n: m.weight.detach() for n, m in self._targets.items()}
-        return estimate_subspaces(weights, self.config, covariances, allow_complement=self.mode == "gradient")
+        config, spectra, per = self.config, None, self._capability_covariances
+        if covariances is not None and self.combine == "union" and len(per) > 1:
+            spectra, ks = union_spectra(per, config.energy, config.rank, self.capability_weights)
+            config = replace(config, rank=ks)
+        subspaces = estimate_subspaces(weights, config, covariances, spectra, allow_complement=self.mode == "gradient")
+        self._record_energy(subspaces, per)
+        self.chain = [{"step": 1, "capabilities": list(per), "method": self.combine if len(per) > 1 else self.config.source, "created": now()}]
+        self._capability_covariances = {}
+        return subspaces
 
-    def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> Covariances:
-        """Covariances of every target's input over this rank's share of the calibration batches, summed over ranks."""
-        loader = self._calibration_loader(trainer, pl_module)
+    def calibrate(self, trainer: Trainer, pl_module: LightningModule, loader: Iterable[Any] | None = None) -> Covariances:
+        """Covariances of every target's input over this rank's share of the calibration batches, summed over ranks.
+
+        ``loader=None``: the configured source; several capabilities are collected one by one and
+        combined (:func:`~fora_lightning.core.capabilities.combine_covariances`).
+        """
+        if loader is None:
+            source = self._calibration_loader(trainer, pl_module)
+            combined, self._capability_covariances, self.capabilities = self._calibrate_capabilities(trainer, pl_module, source, 1)
+            return combined
         forward = _calibration_forward(pl_module)
 
         def step(batch: Any) -> None:
@@ -199,6 +245,98 @@ class FORA(Callback):
             f"and {type(pl_module).__name__}.calibration_dataloader() (not defined). Pass a DataLoader of the capability to keep"
         )
 
+    def _calibrate_capabilities(
+        self, trainer: Trainer, pl_module: LightningModule, source: Any, step: int
+    ) -> tuple[Covariances, dict[str, Covariances], dict[str, dict[str, Any]]]:
+        """Collect each capability of ``source`` (a loader, named ``"default"``, or ``name -> loader``).
+
+        Returns the combined covariances (the only one's, unchanged, for a single capability), the
+        per-capability ones, and per capability its token count, weight and data fingerprint.
+        """
+        loaders = dict(source) if isinstance(source, Mapping) else {"default": source}
+        configured = self.capability_weights if isinstance(source, Mapping) and step == 1 else None  # extend: equal
+        weights = capability_weights(list(loaders), configured)
+        per: dict[str, Covariances] = {}
+        info: dict[str, dict[str, Any]] = {}
+        for name, loader in loaders.items():
+            batches = FingerprintedBatches(loader)
+            per[name] = self.calibrate(trainer, pl_module, batches)
+            tokens = max(per[name].counts.values())
+            info[name] = {"tokens": tokens, "weight": weights[name], "fingerprint": batches.digest, "step": step}
+            rank_zero_info(f"FORA: capability '{name}': {tokens:,} calibration tokens, weight {weights[name]:.3g}")
+        combined = combine_covariances(per, weights) if len(per) > 1 else next(iter(per.values()))
+        return combined, per, info
+
+    def extend(
+        self, trainer: Trainer, pl_module: LightningModule, calibration: CalibrationSource = None, path: str | Path | None = None
+    ) -> dict[str, LayerSubspace]:
+        """Chained fine-tunes: add the task just learned to the protected subspaces, GPM-style.
+
+        Its covariances are measured through the *tuned* model (``calibration``: a loader or
+        ``name -> loader``; ``None``: the task's training data), and each layer's Q grows by the
+        top residual directions ``(I - QQ^T) C (I - QQ^T)`` until ``energy`` of ``C`` is held (capped
+        by ``max_rank``); ``U_r, S_r, V_r`` and the anchors come from the tuned weights, the next run's W0.
+        Writes the merged file to ``path`` (rank 0) when given and keeps the result for a next ``fit``.
+        """
+        if not self.subspaces:
+            raise ValueError("FORA.extend needs the subspaces of the capabilities already kept: fit first, or give subspaces=FILE")
+        if self.config.source != "activations":
+            raise ValueError(f"FORA.extend measures activations; source={self.config.source!r} has none to extend")
+        if calibration is None:
+            calibration = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        if callable(calibration) and not hasattr(calibration, "__iter__"):
+            calibration = calibration()
+        step = len(self.chain) + 1
+        if not isinstance(calibration, Mapping):
+            calibration = {f"task{step}": calibration}
+        clash = [n for n in calibration if n in self.capabilities]
+        if clash:
+            raise ValueError(f"FORA.extend: capabilities {clash} are already protected ({list(self.capabilities)}); give new names")
+        self._targets = self._targets or find_targets(pl_module, self.target_modules)
+        combined, per, info = self._calibrate_capabilities(trainer, pl_module, calibration, step)
+        merged: dict[str, LayerSubspace] = {}
+        added: dict[str, int] = {}
+        for name, sub in self.subspaces.items():
+            weight = self._targets[name].weight.detach()
+            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            if tuple(weight.shape) != (sub.d_out, sub.d_in):
+                raise ValueError(f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process")
+            merged[name], added[name] = extend_subspace(
+                sub, weight, combined.covariance(name), self.config.energy, self.config.weight_rank, self.config.max_rank,
+                allow_complement=self.mode == "gradient",
+            )
+            if self.mode == "update":
+                merged[name].attach_anchors(weight)
+        self.subspaces = merged
+        self.capabilities = {**self.capabilities, **info}
+        self._record_energy(merged, per)
+        self.chain.append({"step": step, "capabilities": list(per), "method": "gpm", "created": now()})
+        rank_zero_info(f"FORA.extend: {list(per)} added {sum(added.values())} directions over {len(added)} layers")
+        if path is not None and trainer.is_global_zero:
+            self._save(Path(path), pl_module)
+            rank_zero_info(f"FORA: extended subspaces saved to {path}")
+        return merged
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``extend_to``: :meth:`extend` with ``extend_calibration`` and write the merged file there."""
+        if self.extend_to is not None:
+            self.extend(trainer, pl_module, self.extend_calibration, self.extend_to)
+
+    def _record_energy(self, subspaces: Mapping[str, LayerSubspace], per: Mapping[str, Covariances]) -> None:
+        """``capability_energy[layer][c] = tr(Q^T C_c Q) / tr(C_c)`` for the capabilities just measured."""
+        for name, sub in subspaces.items():
+            entry = self.capability_energy.setdefault(name, {})
+            for cap, cov in per.items():
+                entry[cap] = captured_energy(sub.basis, cov.covariance(name), sub.complement)
+
+    def _save(self, path: Path, pl_module: LightningModule) -> None:
+        metadata = {
+            "model": model_identity(pl_module), "capabilities": self.capabilities, "chain": self.chain,
+            "combine": self.combine, "config": self._config_dict(),
+        }
+        layer_metadata = {n: {"capability_energy": self.capability_energy.get(n, {})} for n in self.subspaces}
+        save_subspaces(path, self.subspaces, metadata, layer_metadata)
+
     # ------------------------------------------------------------------ step hooks
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -221,6 +359,7 @@ class FORA(Callback):
                 }
                 for name, s in self.subspaces.items()
             },
+            "capabilities": self.capabilities, "chain": self.chain, "capability_energy": self.capability_energy,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -228,6 +367,9 @@ class FORA(Callback):
             name: LayerSubspace(**entry["meta"], **{k: t.clone() for k, t in entry["tensors"].items()})
             for name, entry in state_dict.get("layers", {}).items()
         }
+        self.capabilities = dict(state_dict.get("capabilities", {}))
+        self.chain = list(state_dict.get("chain", []))
+        self.capability_energy = dict(state_dict.get("capability_energy", {}))
 
     # ------------------------------------------------------------------ helpers
     def _config_dict(self) -> dict[str, Any]:
