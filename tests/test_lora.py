@@ -330,3 +330,10 @@ def test_branch_stays_confined_under_bf16_autocast():
     leak = float((update.float() - channel).norm() / (layer.scaling * (xs @ layer.lora_A.T) @ layer.lora_B.T).norm())
     assert leak < 1e-5, f"leakage {leak:.2e} under autocast"
     assert update.dtype == torch.float32
+
+
+def test_extend_is_refused_rather_than_reading_unmerged_weights():
+    with pytest.raises(ValueError, match="extend_to"):
+        _fora_lora(extend_to="next.safetensors")
+    with pytest.raises(NotImplementedError, match="merge_lora"):
+        _fora_lora().extend(None, None)

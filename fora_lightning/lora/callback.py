@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from fora_lightning.callback import FORA
+from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
 
@@ -46,6 +47,8 @@ class ForaLoRA(FORA):
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {lora_dropout}")
+        if self.extend_to is not None:
+            raise ValueError("ForaLoRA does not support extend_to: merge_lora(model) after the fit, then FORA(...).extend on the merged model")
         self.lora_rank, self.lora_alpha, self.lora_dropout = int(lora_rank), float(lora_alpha), float(lora_dropout)
         self.mode = "gradient"  # bases only (complement allowed), no anchors, no post-step hook
         self._layers: dict[str, ForaLoraLinear] = {}
@@ -89,6 +92,10 @@ class ForaLoRA(FORA):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         """No gradient projection: ``A P_Q`` and ``P_U B`` are projected inside the layer."""
+
+    def extend(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> dict[str, LayerSubspace]:
+        """Not supported: FORA.extend takes U_r, S_r, V_r from the tuned weights, which FORA-LoRA keeps unmerged."""
+        raise NotImplementedError("ForaLoRA.extend: merge_lora(model) first, then run FORA(...).extend on the merged model")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """FORA's bases, after checking the checkpoint's LoRA settings match this callback's."""
