@@ -7,9 +7,11 @@ Writes into ``assets/demo/`` (seeded, deterministic on one machine):
   word moves to the end (``translate : bemo kati ruso =`` -> ``takun rasel bimor``), and (b) plain text
   in the new task's vocabulary (SCAN-like commands alone, action sequences alone), so the words exist
   but the command -> action mapping does not;
-- ``translation/{train,validation,test}.jsonl`` (prompt/response) and ``translation/calibration.jsonl``
-  (prompts only). No validation or test prompt starts with the same two source words as a calibration
-  prompt, so held-out prompts never share a long identical prefix with calibration prompts;
+- ``translation/{train,validation,test}.jsonl`` (prompt/response) and ``translation/calibration.jsonl``:
+  label-free calibration text, 256 prompts each followed by the pretrained model's *own* greedy
+  continuation (no reference translation is read). No validation or test prompt starts with the same
+  two source words as a calibration prompt, so held-out prompts never share a long identical prefix
+  with calibration text;
 - ``scan/{train,validation,test}.jsonl``: the new task, ``command : jump twice and walk left =`` ->
   ``JUMP JUMP LTURN WALK``, split by command;
 - ``pretrain.json``: the pretraining settings, wall time and translation exact match on the test split.
@@ -31,7 +33,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fora_lightning.eval.generation import evaluate_exact_match
+from fora_lightning.eval.generation import evaluate_exact_match, generate_greedy
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TAGS = ["translate", "command", ":", "="]
@@ -126,7 +128,7 @@ def translation_splits(rng: random.Random, lexicon: dict[str, str], n_calib: int
         return [{"prompt": translation_prompt(s), "response": " ".join(translate(s, lexicon))} for s in sents]
 
     return (
-        [{"prompt": translation_prompt(s)} for s in calib],
+        [translation_prompt(s) for s in calib],
         pairs(heldout[:n_heldout]),
         pairs(heldout[n_heldout:]),
         pairs(train),
@@ -237,7 +239,6 @@ def main() -> None:
     s_train, s_val, s_test = scan_splits(rng, n_val=200, n_test=300)
     out: Path = args.out
     for name, records in {
-        "translation/calibration.jsonl": calib,
         "translation/validation.jsonl": t_val,
         "translation/test.jsonl": t_test,
         "translation/train.jsonl": t_train,
@@ -260,6 +261,9 @@ def main() -> None:
     translation_em = evaluate_exact_match(model, tokenizer, test_prompts, test_answers).accuracy
     scan_em = evaluate_exact_match(model, tokenizer, [r["prompt"] for r in s_test], [r["response"] for r in s_test]).accuracy
     print(f"translation exact match (test): {translation_em:.3f}   scan exact match (test): {scan_em:.3f}")
+    # Label-free calibration: the capability's prompts with the model's own continuations.
+    continuations = generate_greedy(model, tokenizer, calib)
+    write_jsonl(out / "translation/calibration.jsonl", [{"prompt": p, "response": c} for p, c in zip(calib, continuations)])
 
     model.generation_config.do_sample = False
     model.save_pretrained(out / "model")
