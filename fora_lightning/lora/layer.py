@@ -29,7 +29,7 @@ class ForaLoraLinear(nn.Module):
 
     Trainable: ``lora_A`` (``r_lora x d_in``, kaiming-uniform as LoRA), ``lora_B`` (``d_out x r_lora``,
     zeros), ``lora_delta`` (``r``, zeros), in float32 (float64 if the base weight is float64).
-    Buffers (in the state dict, float32): ``fora_basis`` (Q, ``d_in x k``, or its complement),
+    Buffers (in the state dict, same dtype as the LoRA parameters): ``fora_basis`` (Q, ``d_in x k``, or its complement),
     ``fora_u``/``fora_s``/``fora_v`` (top-``r`` singular triplets of ``W0``), ``fora_complement`` and
     ``fora_ready``. ``k`` is only known after calibration: :meth:`set_subspace` fills the bases, and a
     state dict with a different ``k`` loads (the basis buffer is resized).
