@@ -10,10 +10,12 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from fora_lightning.core.covariance import Covariances, collect_covariances
+from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
+from fora_lightning.core.distributed import FlatUnit, RowShard, flat_units, local_tensor, row_shard, spread_spectra
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, estimate_subspaces, format_summary
 from fora_lightning.core.capabilities import (
@@ -122,6 +124,9 @@ class FORA(Callback):
         self.subspaces: dict[str, LayerSubspace] = {}
         self._targets: dict[str, nn.Linear] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # how the target weights are held (see _bind_layout): FSDP2 row shards, or FSDP1 flat units
+        self._shards: dict[str, RowShard] = {}
+        self._flat: list[tuple[FlatUnit, dict[int, str]]] = []
 
     @property
     def state_key(self) -> str:
@@ -139,22 +144,26 @@ class FORA(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Register the post-step re-projection on every optimizer (once per fit)."""
         self._remove_hooks()
-        self._targets = find_targets(pl_module, self.target_modules)
+        present = {id(m) for m in pl_module.modules()}
+        if not self._targets or any(id(m) not in present for m in self._targets.values()):
+            self._targets = find_targets(pl_module, self.target_modules)  # FSDP1 keeps the Linear objects
         if self.mode == "update":
             for optimizer in trainer.optimizers:
                 self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Estimate (or load) the subspaces before the first step, unless a checkpoint restored them."""
+        self._bind_layout(trainer)
         if self.subspaces:
-            validate_against(self.subspaces, self._targets, "the checkpoint")
+            validate_against(self.subspaces, self._validation_targets(), "the checkpoint")
             self._to_device(pl_module.device)
+            self._localize_anchors()
             rank_zero_info(f"FORA: {len(self.subspaces)} layer subspaces restored from the checkpoint")
             return
         if self.subspaces_path is not None and self.subspaces_path.is_file():
             self.subspaces, meta = load_subspaces(self.subspaces_path)
             configured = list(self.calibration) if isinstance(self.calibration, Mapping) else None
-            validate_against(self.subspaces, self._targets, str(self.subspaces_path), meta, model_identity(pl_module), configured)
+            validate_against(self.subspaces, self._validation_targets(), str(self.subspaces_path), meta, model_identity(pl_module), configured)
             self.capabilities, self.chain = dict(meta["capabilities"]), list(meta["chain"])
             self.capability_energy = {n: dict(info.get("capability_energy", {})) for n, info in meta["layers"].items()}
             if self.mode == "update" and any(s.complement for s in self.subspaces.values()):
@@ -170,21 +179,28 @@ class FORA(Callback):
                 rank_zero_info(f"FORA: subspaces saved to {self.subspaces_path}")
         self._to_device(pl_module.device)
         if self.mode == "update":
-            for name, sub in self.subspaces.items():
-                sub.attach_anchors(self._targets[name].weight)
+            self._attach_anchors()
         param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
         rank_zero_info("FORA protected subspaces\n" + format_summary(self.subspaces, param_bytes))
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"fora/k/{n}": float(s.k) for n, s in self.subspaces.items()}, step=0)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        """``grad <- Pi(grad)`` for every target weight."""
+        """``grad <- Pi(grad)`` for every target weight (local rows + one ``r x d_in`` all-reduce under FSDP2;
+        one FSDP1 unit gathered at a time)."""
+        if self._flat:
+            for unit, members in self._flat:
+                with unit.gathered("grad", writeback=True) as views:
+                    for i, name in members.items() if views is not None else ():
+                        sub = self.subspaces[name]
+                        views[i].copy_(project(views[i], sub.basis, sub.u, sub.v, complement=sub.complement))
+            return
         for name, module in self._targets.items():
-            grad = module.weight.grad
-            if grad is None:
+            if module.weight.grad is None:
                 continue
-            sub = self.subspaces[name]
-            grad.copy_(project(grad, sub.basis, sub.u, sub.v, complement=sub.complement))
+            grad, sub, shard = local_tensor(module.weight.grad), self.subspaces[name], self._shards.get(name)
+            u, reduce = (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
+            grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -192,12 +208,15 @@ class FORA(Callback):
     # ------------------------------------------------------------------ estimation
     def estimate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, LayerSubspace]:
         """Calibrate (for ``source="activations"``) and build every target's subspaces."""
+        self._bind_layout(trainer)
         covariances = self.calibrate(trainer, pl_module) if self.config.source == "activations" else None
-        weights = {n: m.weight.detach() for n, m in self._targets.items()}
+        weights = _FullWeights(self)  # gathered one layer (FSDP1: one unit) at a time
         config, spectra, per = self.config, None, self._capability_covariances
         if covariances is not None and self.combine == "union" and len(per) > 1:
             spectra, ks = union_spectra(per, config.energy, config.rank, self.capability_weights)
             config = replace(config, rank=ks)
+        elif covariances is not None and trainer.world_size > 1:  # eigh spread over ranks, then broadcast
+            spectra = spread_spectra(covariances)
         subspaces = estimate_subspaces(weights, config, covariances, spectra, allow_complement=self.mode == "gradient")
         self._record_energy(subspaces, per)
         self.chain = [{"step": 1, "capabilities": list(per), "method": self.combine if len(per) > 1 else self.config.source, "created": now()}]
@@ -214,21 +233,25 @@ class FORA(Callback):
             source = self._calibration_loader(trainer, pl_module)
             combined, self._capability_covariances, self.capabilities = self._calibrate_capabilities(trainer, pl_module, source, 1)
             return combined
-        forward = _calibration_forward(pl_module)
+        forward = _calibration_forward(pl_module, trainer.strategy.model)
 
         def step(batch: Any) -> None:
             with trainer.precision_plugin.forward_context():
-                forward(trainer.strategy.batch_to_device(batch))
+                forward(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))  # bf16-true: cast inputs
 
+        share = _RankShare(loader, trainer.global_rank, trainer.world_size)
         covariances = collect_covariances(
-            pl_module,
-            self._targets,
-            _shard(loader, trainer.global_rank, trainer.world_size),
-            step,
-            dtype=self.covariance_dtype,
-            progress=self.progress and trainer.is_global_zero,
+            pl_module, self._targets, share, step, dtype=self.covariance_dtype, progress=self.progress and trainer.is_global_zero
         )
-        if trainer.world_size > 1:
+        if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
+            for o in covariances.sums:
+                covariances.sums[o].zero_()
+                covariances.counts[o] = 0
+        if share.padding:  # FSDP/DDP forwards are collectives: every rank runs ceil(n / world_size) of them
+            with eval_mode(trainer.strategy.model), torch.no_grad():
+                for _ in range(share.padding):
+                    step(share.filler())
+        if share.sharded:
             covariances.all_reduce_()
         return covariances
 
@@ -341,21 +364,33 @@ class FORA(Callback):
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """``W <- W0 + Pi(W - W0)`` from the anchors (fires only for steps the optimizer really took)."""
+        if self._flat:
+            for unit, members in self._flat:
+                with unit.gathered("data", writeback=True) as views:
+                    for i, name in members.items():
+                        sub = self.subspaces.get(name)
+                        if sub is not None and sub.anchor_q is not None:
+                            project_weight_(views[i], sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
+            return
         for name, module in self._targets.items():
             sub = self.subspaces.get(name)
             if sub is None or sub.anchor_q is None:
                 continue
-            project_weight_(module.weight.data, sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
+            shard = self._shards.get(name)
+            u, reduce = (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
+            project_weight_(local_tensor(module.weight.data), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """Bases and anchors, full-size: under FSDP2 the row-sharded ``anchor_q`` is gathered (a collective;
+        Lightning calls this on every rank when it saves a checkpoint)."""
         return {
             "version": 1,
             "config": self._config_dict(),
             "layers": {
                 name: {
                     "meta": {"d_out": s.d_out, "d_in": s.d_in, "k": s.k, "complement": s.complement, "energy": s.energy},
-                    "tensors": {k: t.detach().cpu() for k, t in s.tensors().items()},
+                    "tensors": {k: self._full(name, k, t).detach().cpu() for k, t in s.tensors().items()},
                 }
                 for name, s in self.subspaces.items()
             },
@@ -403,44 +438,148 @@ class FORA(Callback):
         for sub in self.subspaces.values():
             sub.to(device)
 
+    # ------------------------------------------------------------------ parameter layout (DDP / FSDP2 / FSDP1)
+    def _bind_layout(self, trainer: Trainer) -> None:
+        """How the target weights are held: whole (one process, DDP), row-sharded DTensors (FSDP2:
+        ``self._shards``), or inside FSDP1 flat parameters (``self._flat``, gathered one unit at a time)."""
+        self._flat = flat_units(trainer.strategy.model, self._targets)
+        self._shards = {} if self._flat else {n: s for n, m in self._targets.items() if (s := row_shard(m.weight)) is not None}
+
+    def _attach_anchors(self) -> None:
+        """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""
+        if self._flat:
+            for unit, members in self._flat:
+                with unit.gathered("data") as views:
+                    for i, name in members.items():
+                        self.subspaces[name].attach_anchors(views[i])
+            return
+        for name, sub in self.subspaces.items():
+            shard = self._shards.get(name)
+            if shard is None:
+                sub.attach_anchors(self._targets[name].weight)
+                continue
+            w = local_tensor(self._targets[name].weight.detach()).float()
+            sub.anchor_q = w @ sub.basis
+            sub.anchor_u = shard.all_reduce(shard.rows(sub.u).T @ w)
+
+    def _localize_anchors(self) -> None:
+        """After a restore: keep this rank's rows of the (full) checkpointed ``anchor_q`` under FSDP2."""
+        for name, shard in self._shards.items():
+            sub = self.subspaces[name]
+            if sub.anchor_q is not None and sub.anchor_q.shape[0] == sub.d_out:
+                sub.anchor_q = shard.rows(sub.anchor_q).contiguous()
+
+    def _full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` full-size: the row-sharded ``anchor_q`` gathered over its shard groups."""
+        shard = self._shards.get(name)
+        return shard.gather(t) if field == "anchor_q" and shard is not None else t
+
+    def _validation_targets(self) -> Mapping[str, nn.Module]:
+        """Targets for shape checks; under FSDP1 a weight is a flat shard, so a meta stand-in of its true shape."""
+        if not self._flat:
+            return self._targets
+        return {n: nn.Linear(m.in_features, m.out_features, bias=False, device="meta") for n, m in self._targets.items()}
+
     def _remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
 
 
-def _calibration_forward(pl_module: LightningModule) -> Callable[[Any], Any]:
-    """``calibration_step(batch)`` if the module defines it, else ``module(**batch)`` / ``(*batch)`` / ``(batch)``."""
+def _calibration_forward(pl_module: LightningModule, wrapper: nn.Module | None = None) -> Callable[[Any], Any]:
+    """``calibration_step(batch)`` if the module defines it, else ``module(**batch)`` / ``(*batch)`` / ``(batch)``.
+
+    With a strategy ``wrapper`` (DDP, FSDP1) the call goes through the wrapper's ``forward``, as Lightning
+    routes ``training_step``: a bare FSDP1 module only holds shards.
+    """
+    call: nn.Module = wrapper if wrapper is not None else pl_module
     step = getattr(pl_module, "calibration_step", None)
     if callable(step):
-        return step
+        if call is pl_module:
+            return step
+        return lambda batch: _ForwardRedirection()(call, pl_module, "calibration_step", batch)
 
     def forward(batch: Any) -> Any:
         if isinstance(batch, Mapping):
-            return pl_module(**batch)
+            return call(**batch)
         if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes, torch.Tensor)):
-            return pl_module(*batch)
-        return pl_module(batch)
+            return call(*batch)
+        return call(batch)
 
     return forward
 
 
-def _shard(batches: Iterable[Any], rank: int, world_size: int) -> Iterable[Any]:
-    """Every ``world_size``-th batch starting at ``rank`` (all batches on one process)."""
-    if world_size == 1:
-        return batches
-    return _Strided(batches, rank, world_size)
+class _FullWeights(Mapping[str, torch.Tensor]):
+    """Target name -> full ``d_out x d_in`` weight, gathered on demand (FSDP2 ``full_tensor``, FSDP1 one unit).
 
+    :meth:`items` gathers each FSDP1 unit once; every gather is a collective, run in the same order on all ranks.
+    """
 
-class _Strided:
-    def __init__(self, batches: Iterable[Any], rank: int, world_size: int) -> None:
-        self.batches, self.rank, self.world_size = batches, rank, world_size
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batches):
-            if i % self.world_size == self.rank:
-                yield batch
+    def __init__(self, fora: FORA) -> None:
+        self.fora = fora
 
     def __len__(self) -> int:
-        n = len(self.batches)  # type: ignore[arg-type]
-        return (n - self.rank + self.world_size - 1) // self.world_size
+        return len(self.fora._targets)
+
+    def __iter__(self):
+        return iter(self.fora._targets)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        for n, w in self._unit_items(lambda members: name in members.values()):
+            if n == name:
+                return w
+        w = self.fora._targets[name].weight.detach()
+        return w.full_tensor() if name in self.fora._shards else w
+
+    def items(self):  # type: ignore[override]
+        if self.fora._flat:
+            return self._unit_items(lambda members: True)
+        return ((n, self[n]) for n in self.fora._targets)
+
+    def _unit_items(self, wanted: Callable[[dict[int, str]], bool]):
+        for unit, members in self.fora._flat:
+            if wanted(members):
+                with unit.gathered("data") as views:
+                    yield from ((name, views[i].detach().clone()) for i, name in members.items())
+
+
+class _RankShare:
+    """This rank's calibration batches: every ``world_size``-th one from ``rank`` (all of them on one process).
+
+    FSDP (and DDP, which syncs buffers) forwards are collectives, so every rank runs ``ceil(n / world_size)``
+    forwards: a rank with fewer batches repeats one outside the collector (``padding``); a rank with none
+    collects one whose sums the caller zeroes (``empty``). A loader without ``len`` is run whole on every
+    rank and nothing is summed (``sharded`` false): same result, no speed-up.
+    """
+
+    def __init__(self, batches: Iterable[Any], rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+        try:
+            n = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            n = 0
+        self.sharded = world_size > 1 and n > 0
+        own = len(range(rank, n, world_size)) if self.sharded else 0
+        self.empty = self.sharded and own == 0
+        self.padding = -(-n // world_size) - max(own, 1) if self.sharded else 0
+
+    def filler(self) -> Any:
+        """A batch to run for shape or padding (the loader's first)."""
+        for batch in self.batches:
+            return batch
+        raise ValueError("FORA calibration: the calibration loader yielded no batch")
+
+    def __iter__(self):
+        if not self.sharded:
+            yield from self.batches
+        elif self.empty:
+            yield self.filler()
+        else:
+            for i, batch in enumerate(self.batches):
+                if i % self.world_size == self.rank:
+                    yield batch
+
+    def __len__(self) -> int:
+        if not self.sharded:
+            return len(self.batches)  # type: ignore[arg-type]
+        return max(len(range(self.rank, len(self.batches), self.world_size)), 1)  # type: ignore[arg-type]

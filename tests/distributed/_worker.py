@@ -99,10 +99,12 @@ def initial_net(fsdp2: bool = False) -> Net:
 
 def make_strategy(cfg: dict[str, Any]) -> Any:
     kind, world = cfg["strategy"], cfg["world"]
+    cuda = cfg.get("accelerator", "cpu") == "cuda"
+    backend = "nccl" if cuda else "gloo"
     if kind == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend="gloo")
+        return DDPStrategy(process_group_backend=backend)
     if kind == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -150,9 +152,9 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
                         state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
                     return state
 
-        return CPUFSDPStrategy(
+        return (FSDPStrategy if cuda else CPUFSDPStrategy)(
             auto_wrap_policy={nn.Linear}, use_orig_params=cfg["use_orig_params"], state_dict_type=cfg.get("state_dict_type", "full"),
-            process_group_backend="gloo",
+            process_group_backend=backend,
         )
     if kind == "single":
         return "auto"
@@ -172,11 +174,11 @@ def full_weights(trainer: pl.Trainer, fora: FORA, cfg: dict[str, Any]) -> dict[s
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
-            return {n: m.weight.detach().clone() for n, m in fora._targets.items()}
+            return {n: m.weight.detach().cpu().clone() for n, m in fora._targets.items()}
     out = {}
     for n, m in fora._targets.items():
         w = m.weight.detach()
-        out[n] = (w.full_tensor() if hasattr(w, "full_tensor") else w).clone()
+        out[n] = (w.full_tensor() if hasattr(w, "full_tensor") else w).cpu().clone()
     return out
 
 
@@ -184,7 +186,7 @@ def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None
     world = cfg["world"]
     fora = make_fora(calibration, cfg.get("freeze_other", True))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=world if cfg["strategy"] != "single" else 1, strategy=make_strategy(cfg),
+        accelerator=cfg.get("accelerator", "cpu"), devices=world if cfg["strategy"] != "single" else 1, strategy=make_strategy(cfg),
         precision=cfg.get("precision", "32-true"), max_steps=steps, callbacks=[fora], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
     )
@@ -192,9 +194,50 @@ def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None
     return trainer, fora
 
 
+def sharded_functions(world: int) -> dict[str, Any]:
+    """The sharded math called directly on the default gloo group (no Lightning): returns full results gathered.
+
+    For each row count (5 and 7 over the ranks, uneven): ``project`` and ``project_weight_`` on this rank's rows
+    with :class:`RowShard`; and :func:`spread_spectra` of shared covariances. Inputs are seeded, so every rank
+    builds the same full tensors and keeps its rows.
+    """
+    import torch.distributed as dist
+
+    from fora_lightning.core.covariance import Covariances
+    from fora_lightning.core.distributed import RowShard, chunk_range, spread_spectra
+    from fora_lightning.core.projection import project, project_weight_
+
+    rank = dist.get_rank()
+    out: dict[str, Any] = {}
+    for d_out in (5, 7):
+        gen = torch.Generator().manual_seed(d_out)
+        d_in, k, r = 12, 4, 2
+        q, _ = torch.linalg.qr(torch.randn(d_in, k, generator=gen))
+        u, _ = torch.linalg.qr(torch.randn(d_out, r, generator=gen))
+        v, _ = torch.linalg.qr(torch.randn(d_in, r, generator=gen))
+        g, w0, w = (torch.randn(d_out, d_in, generator=gen) for _ in range(3))
+        lo, hi = chunk_range(d_out, rank, world)
+        shard = RowShard(lo, hi, d_out, (dist.group.WORLD,))
+        grad = shard.gather(project(shard.rows(g), q, shard.rows(u), v, all_reduce=shard.all_reduce))
+        anchor_q, anchor_u = shard.rows(w0) @ q, shard.all_reduce(shard.rows(u).T @ shard.rows(w0))
+        local_w = shard.rows(w).clone()
+        project_weight_(local_w, q, anchor_q, shard.rows(u), v, anchor_u, all_reduce=shard.all_reduce)
+        out[f"rows{d_out}"] = {"inputs": (g, w0, w, q, u, v), "grad": grad, "weight": shard.gather(local_w), "rows": (lo, hi)}
+    gen = torch.Generator().manual_seed(3)
+    cov = Covariances()
+    for i, d in enumerate((6, 9, 4)):
+        x = torch.randn(50, d, generator=gen, dtype=torch.float64)
+        cov.sums[f"l{i}"], cov.counts[f"l{i}"], cov.owner[f"l{i}"] = x.T @ x, 50, f"l{i}"
+    out["spectra"] = {"covariances": cov, "spectra": spread_spectra(cov)}
+    return out
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train (and/or resume); returns rank 0's results ``{phase: {"weights", "fora"}}``."""
     torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = False  # GPU check: float32 matmuls, comparable with the CPU reference
+    if cfg["strategy"] == "functions":
+        return {"functions": sharded_functions(cfg["world"])}
     results: dict[str, Any] = {}
     trainer = None
     if cfg.get("steps"):

@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+from fora_lightning.core.distributed import assign_owners
+from fora_lightning.core.projection import project, project_weight_
+from fora_lightning.core.subspace import spectrum
 from tests.distributed import _worker as W
 from tests.distributed.harness import launch
 
@@ -45,6 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ckpt = str(tmp / f"{name}.ckpt")
             sc.update(save=ckpt, resume_from=ckpt, resume_steps=RESUMED)
         scenarios.append(sc)
+    scenarios.append({"name": "functions", "strategy": "functions"})  # after a fit: the process group exists
     return launch({"world": 2, "scenarios": scenarios}, tmp, timeout=300)
 
 
@@ -137,3 +141,26 @@ def test_resume_restores_bases_and_continues_exactly(runs, reference, name):
     for n, want in reference[freeze, "resume"]["weights"].items():
         torch.testing.assert_close(resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} layer {n}: {m}")
     assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
+
+
+def test_sharded_projection_functions_on_two_ranks_equal_the_full_ones(runs):
+    """``project`` / ``project_weight_`` on uneven row shards (5 -> 3 + 2, 7 -> 4 + 3) + ``RowShard`` all-reduce
+    and gather, and the spread eigendecompositions, called directly on 2 gloo processes."""
+    f = _result(runs, "functions", "functions")
+    assert f["rows5"]["rows"] == (0, 3) and f["rows7"]["rows"] == (0, 4)  # rank 0's rows, as torch.chunk
+    for key in ("rows5", "rows7"):
+        g, w0, w, q, u, v = f[key]["inputs"]
+        torch.testing.assert_close(f[key]["grad"], project(g, q, u, v), rtol=0, atol=1e-6)
+        want = project_weight_(w.clone(), q, w0 @ q, u, v, u.T @ w0)
+        torch.testing.assert_close(f[key]["weight"], want, rtol=0, atol=1e-6)
+    cov, spectra = f["spectra"]["covariances"], f["spectra"]["spectra"]
+    for o in cov.groups():
+        evals, evecs = spectrum(cov.covariance(o))
+        assert torch.equal(spectra[o][0], evals) and torch.equal(spectra[o][1], evecs), o
+
+
+def test_eigendecompositions_are_spread_over_ranks():
+    plan = assign_owners({"a": 4096, "b": 4096, "c": 11008, "d": 16}, world_size=2)
+    assert plan["c"] != plan["a"] or plan["c"] != plan["b"]
+    assert set(plan.values()) == {0, 1}
+    assert assign_owners({"a": 8}, world_size=4) == {"a": 0}
