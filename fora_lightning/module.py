@@ -6,6 +6,7 @@ import functools
 import importlib
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,11 @@ class ForaModule(LightningModule):
 
     Checkpoints hold the wrapped module's own state dict (no ``module.`` prefix) and hyper-parameters, so
     ``TheUserModule.load_from_checkpoint(path)`` works on them; the FORA settings and the wrapped class sit
-    under ``checkpoint["fora_module"]`` for :meth:`load_from_checkpoint`. From LightningCLI (subclass mode),
+    under ``checkpoint["fora_module"]`` for :meth:`load_from_checkpoint`. After a FORA-LoRA run the state dict
+    holds the FORA-LoRA layers (``fc1.base_layer.weight``, ``fc1.lora_A``, ...), which the bare class cannot
+    load: :meth:`load_from_checkpoint` rebuilds them, and ``merge_lora(ForaModule.load_from_checkpoint(path).module)``
+    is the user's module with the update folded into its plain weights (save its ``state_dict()``, or for a
+    Hugging Face model ``save_pretrained``). From LightningCLI (subclass mode),
     the wrapped module gets back its own ``hparams`` (its ``init_args`` over its signature's defaults),
     which LightningCLI overwrites with the outer config.
 
@@ -156,15 +161,66 @@ class ForaModule(LightningModule):
 
         ``module_class`` defaults to the class recorded in the checkpoint, which must already be imported
         (as Lightning requires for classes named by checkpoints). ``overrides`` replace saved FORA settings.
+        A FORA-LoRA checkpoint (``lora_rank`` set) gets its layers injected with the saved settings before its
+        state dict is loaded; overrides may not change those (``target_modules``, ``lora_rank``, ``lora_alpha``,
+        ``weight_rank``).
         """
-        meta = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True).get(CHECKPOINT_KEY)
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+        meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError(f"{checkpoint_path}: no '{CHECKPOINT_KEY}' entry; it was not written by a ForaModule fit")
         meta = dict(meta)
         class_path = meta.pop("class_path")
         module_class = module_class or _imported_class(class_path, checkpoint_path)
-        inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict)
-        return cls(inner, **{**meta, **overrides})
+        settings = {**meta, **overrides}
+        if meta.get("lora_rank") is None:
+            inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict)
+        else:
+            _check_lora_overrides(meta, overrides, checkpoint_path)
+            inner = _load_lora_module(module_class, checkpoint_path, checkpoint["state_dict"], settings, map_location, strict)
+        return cls(inner, **settings)
+
+
+# FORA-LoRA settings that fix the layers' state-dict shapes or their function: a checkpoint keeps its own.
+_LORA_STRUCTURE = ("target_modules", "lora_rank", "lora_alpha", "weight_rank")
+
+
+def _check_lora_overrides(meta: Mapping[str, Any], overrides: Mapping[str, Any], checkpoint_path: str | Path) -> None:
+    """Refuse overrides that would rebuild a FORA-LoRA checkpoint's layers differently from how they were trained."""
+    def norm(key: str, value: Any) -> Any:
+        return list(value) if key == "target_modules" and not isinstance(value, str) else value
+
+    changed = {k: overrides[k] for k in _LORA_STRUCTURE if k in overrides and norm(k, overrides[k]) != norm(k, meta[k])}
+    if changed:
+        saved = {k: meta[k] for k in changed}
+        raise ValueError(
+            f"{checkpoint_path}: a FORA-LoRA checkpoint is rebuilt with its saved layer settings {saved}, not {changed}; "
+            "to train it differently, merge_lora(ForaModule.load_from_checkpoint(path).module) and wrap the merged module"
+        )
+
+
+def _load_lora_module(
+    module_class: type[LightningModule],
+    checkpoint_path: str | Path,
+    state_dict: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    map_location: Any,
+    strict: bool | None,
+) -> LightningModule:
+    """The wrapped module of a FORA-LoRA checkpoint: built by Lightning from the saved hparams (its own state
+    dict loaded loosely), FORA-LoRA layers injected, then ``state_dict`` loaded (as strictly as Lightning would)."""
+    from fora_lightning.lora import inject_fora_lora
+
+    with warnings.catch_warnings():
+        # the missing base weights / unexpected LoRA keys, all loaded below once the layers exist
+        warnings.filterwarnings("ignore", message="Found keys that are (not )?in the model state dict")
+        inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False)
+    inject_fora_lora(
+        inner, settings["target_modules"], settings["lora_rank"], settings["lora_alpha"], settings["lora_dropout"],
+        settings["weight_rank"],
+    )
+    inner.load_state_dict(state_dict, strict=inner.strict_loading if strict is None else strict)
+    return inner
 
 
 def _class_path(cls: type) -> str:

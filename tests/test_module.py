@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
-from fora_lightning import FORA, ForaLoRA, ForaModule
+from fora_lightning import FORA, ForaLoRA, ForaModule, merge_lora
+from fora_lightning.lora import ForaLoraLinear
 
 
 class UserMLP(MLP):
@@ -81,6 +82,34 @@ def test_checkpoint_loads_into_bare_class_and_wrapper(tmp_path):
     assert isinstance(again.module, UserMLP) and again.module.hparams.lr == 5e-2
     assert again.fora_args["energy"] == 0.95 and again.fora_args["weight_rank"] == 3
     torch.testing.assert_close(again.module.fc1.weight, wrapped.module.fc1.weight)
+
+
+def test_lora_checkpoint_reloads_into_the_wrapper_and_merges_into_the_bare_class(tmp_path):
+    wrapped, _, w0 = fit_wrapped(tmp_path, lora_rank=4, lora_alpha=8.0)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    x = span_inputs(16, seed=9) + torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
+    wrapped.eval()
+    with torch.no_grad():
+        tuned = wrapped(x)
+    again = ForaModule.load_from_checkpoint(path).eval()
+    assert again.lora_args == {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0}
+    assert isinstance(again.module.fc1, ForaLoraLinear) and again.module.fc1.ready
+    assert again.module.fc1.k == wrapped.module.fc1.k > 0  # the basis buffer took the checkpoint's k
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), tuned, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="saved layer settings"):
+        ForaModule.load_from_checkpoint(path, lora_rank=8)
+    # the bare class cannot hold the LoRA layers; the merged wrapped module is that class with plain weights
+    with pytest.raises(RuntimeError, match="base_layer"):
+        UserMLP.load_from_checkpoint(path)
+    merged = merge_lora(again.module)
+    assert type(merged) is UserMLP and set(merged.state_dict()) == set(w0)
+    bare, base = UserMLP().eval(), UserMLP().eval()
+    bare.load_state_dict(merged.state_dict())
+    base.load_state_dict(w0)
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x), tuned, atol=1e-5, rtol=0)
+        assert (tuned - base(x)).abs().max() > 1e-2  # the LoRA update really trained
 
 
 def test_load_from_checkpoint_refuses_a_bare_checkpoint(tmp_path):
