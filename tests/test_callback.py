@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from fora_lightning import FORA
 from fora_lightning.core.projection import relative_leakage
+from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces
 from fora_lightning.core.subspace_file import save_subspaces
 
 
@@ -129,8 +130,8 @@ def test_loaded_subspaces_that_do_not_match_the_model_are_refused(tmp_path, mlp)
     save_subspaces(path, {"fc2": sub})
     with pytest.raises(ValueError, match=r"no subspace for target layer\(s\) \['fc1'\].*'fc2'"):
         _fit(copy.deepcopy(mlp), [FORA(target_modules=["fc1"], subspaces=path, progress=False)], steps=1)
-    sub.d_out = 7
-    save_subspaces(path, {"fc1": sub})
+    other = estimate_subspaces({"fc1": torch.randn(7, 16)}, SubspaceConfig(source="weights", rank=3, weight_rank=2))
+    save_subspaces(path, other)
     with pytest.raises(ValueError, match="layer 'fc1': subspace is for a 7x16 weight, the model's is 24x16"):
         _fit(copy.deepcopy(mlp), [FORA(target_modules=["fc1"], subspaces=path, progress=False)], steps=1)
 
