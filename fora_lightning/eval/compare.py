@@ -104,11 +104,12 @@ class Setting:
     extra: dict[str, EvalSet] = field(default_factory=dict)
     seed: int = 0
     output_dir: str = "results"
+    threads: int | None = None
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> Setting:
         cfg = dict(cfg)
-        unknown = set(cfg) - {"setting", "model", "data", "evaluation", "methods", "target_modules", "trainer", "seed", "output_dir"}
+        unknown = set(cfg) - {"setting", "model", "data", "evaluation", "methods", "target_modules", "trainer", "seed", "output_dir", "threads"}
         if unknown:
             raise ValueError(f"compare config: unknown keys {sorted(unknown)}")
         ev = dict(cfg.pop("evaluation"))
@@ -314,12 +315,12 @@ def plot(results: dict[str, Any], setting: Setting, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scale = {m: (100.0 if m == "exact_match" else 1.0) for m in METRICS}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     methods = results["methods"]
     for name, r in methods.items():
         x, y = r["new_task"] * scale[setting.new_task.metric], r["preserved"] * scale[setting.preserved.metric]
-        ax.scatter(x, y, s=50, marker="*" if name.startswith("fora") else "o", zorder=3)
-        ax.annotate(LABELS[name], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter(x, y, s=90 if name.startswith("fora") else 50, marker="*" if name.startswith("fora") else "o",
+                   label=LABELS[name], zorder=3, alpha=0.85)
     base = next(iter(methods.values()))["preserved_base"] * scale[setting.preserved.metric]
     ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model (preserved)")
     unit = {"exact_match": " (%)", "perplexity": ""}
@@ -329,7 +330,7 @@ def plot(results: dict[str, Any], setting: Setting, path: Path) -> None:
                   + ("" if setting.preserved.higher_is_better else " (lower is better)"))
     ax.set_title(f"{setting.setting}: preservation vs new task")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -346,7 +347,8 @@ def compare(setting: Setting, methods: Sequence[str] | None = None, progress: bo
         raise ValueError("weight_projection and random copy FORA's k per layer: include 'fora' in methods")
     out = Path(setting.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(setting.seed)
+    if setting.threads:
+        torch.set_num_threads(setting.threads)
     dm = TextDataModule(**{"seed": setting.seed, **setting.data})
     dm.setup("fit")
     pl.seed_everything(setting.seed, verbose=False)  # as in every run (matters only for a randomly initialised model)
