@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fora_lightning import FORA, ForaModule
+from fora_lightning import FORA, ForaLoRA, ForaModule
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 from fora_lightning.llm.causal_lm import warmup_cosine
 from tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
@@ -84,6 +85,34 @@ def test_fora_fit_logs_perplexity_per_loader_and_saves_pretrained(data, tmp_path
     again = CausalLMModule(model=str(save_dir))
     assert again.tokenizer("add a b =")["input_ids"] == ids[0].tolist()
     torch.testing.assert_close(again.model(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["callback", "ForaModule"])
+def test_fora_lora_fit_saves_the_merged_model_and_the_adapter(data, tmp_path, wrapped):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    save_dir = tmp_path / "tuned"
+    module = CausalLMModule(config=tiny_llama_config(), tokenizer=data.tokenizer_path, lr=1e-2, save_dir=str(save_dir))
+    base = copy.deepcopy(module.model).eval()
+    lora_args = dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, lora_rank=4, progress=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[] if wrapped else [ForaLoRA(**lora_args)],
+    )
+    trainer.fit(ForaModule(module, **lora_args) if wrapped else module, datamodule=data)
+    assert type(module.model.model.layers[0].self_attn.q_proj).__name__ == "ForaLoraLinear"  # the live model keeps its layers
+    ids = torch.tensor([AutoTokenizer.from_pretrained(save_dir)("add a b = translate one a :")["input_ids"]])
+    module.eval()
+    with torch.no_grad():
+        tuned = module.model(input_ids=ids).logits
+        assert (tuned - base(input_ids=ids).logits).abs().max() > 1e-3  # the LoRA update really trained
+        # a plain Hugging Face checkpoint: every weight present (none re-initialised), the update merged exactly
+        reloaded, info = AutoModelForCausalLM.from_pretrained(save_dir, output_loading_info=True)
+        assert not any(info.values()), info
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, tuned, atol=1e-5, rtol=0)
+        # and the adapter, applied by PEFT to the base model, gives the same model
+        adapted = peft.PeftModel.from_pretrained(base, str(save_dir / "adapter")).eval()
+        torch.testing.assert_close(adapted(input_ids=ids).logits, tuned, atol=1e-5, rtol=0)
 
 
 def test_config_errors():

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fora_lightning.llm.encoding import IGNORE_INDEX
+from fora_lightning.lora import export_lora_adapter, fora_lora_layers, merge_lora
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,7 +32,8 @@ class CausalLMModule(LightningModule):
       ``{stage}/{name}_ppl = exp(loss)``; ``name`` from the datamodule's ``val_dataloader_names``, else ``dl{i}``,
       and no prefix for a single unnamed loader (``val/loss``, ``val/ppl``).
     * ``calibration_step``: a forward with ``input_ids`` and ``attention_mask`` (what FORA calibrates on).
-    * ``save_dir``: at the end of fit, ``save_pretrained`` of the tuned model (and tokenizer) there.
+    * ``save_dir``: at the end of fit, ``save_pretrained`` of the tuned model (and tokenizer) there. A model holding
+      FORA-LoRA layers is saved merged (plain weights ``W0 + update``), its adapter (PEFT layout) in ``save_dir/adapter``.
 
     The model is built in ``__init__`` (so FORA's ``setup`` finds and freezes its linear layers before any
     strategy wraps it); ``configure_model`` applies FSDP2 ``fully_shard`` per decoder block then the root when
@@ -161,21 +165,43 @@ class CausalLMModule(LightningModule):
         self._sharded = True
 
     # ------------------------------------------------------------------ export
+    def on_fit_start(self) -> None:
+        """Refuse, before training, a ``save_dir`` export of FORA-LoRA layers that are sharded (it merges an unsharded copy)."""
+        sharded = isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        if self.hparams.save_dir and sharded and fora_lora_layers(self.model):
+            raise NotImplementedError(
+                f"CausalLMModule(save_dir=...) with FORA-LoRA layers under {type(self.trainer.strategy).__name__}: the merged "
+                "export needs unsharded layers; train without save_dir and merge_lora / export_lora_adapter a gathered model"
+            )
+
     def on_fit_end(self) -> None:
         if self.hparams.save_dir:
             self.save_pretrained(self.hparams.save_dir)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """``save_pretrained`` of the model (full weights gathered from shards) and tokenizer, on global rank 0."""
-        state = {k.removeprefix("model."): v for k, v in self.trainer.strategy.lightning_module_state_dict().items()}
-        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+        """``save_pretrained`` of the model (full weights gathered from shards) and tokenizer, on global rank 0.
+
+        FORA-LoRA layers are merged into a copy of the model (a plain Hugging Face model, saved there) and also
+        exported with :func:`~fora_lightning.export_lora_adapter` to ``directory/adapter``; the model keeps its layers.
+        """
+        directory = Path(directory)
+        lora = bool(fora_lora_layers(self.model))
+        if not lora:
+            state = {k.removeprefix("model."): v for k, v in self.trainer.strategy.lightning_module_state_dict().items()}
+            state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
         if not self.trainer.is_global_zero:
             return
-        directory = Path(directory)
-        self.model.save_pretrained(directory, state_dict=state)
+        if lora:
+            merge_lora(copy.deepcopy(self.model)).save_pretrained(directory)
+            adapter = export_lora_adapter(self.model, directory / "adapter")
+            saved = f"the tuned model (FORA-LoRA merged) to {directory} and its adapter (PEFT layout) to {adapter}"
+        else:
+            self.model.save_pretrained(directory, state_dict=state)
+            saved = f"the tuned model to {directory}"
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
-        rank_zero_info(f"CausalLMModule: saved the tuned model{' and tokenizer' if self.tokenizer else ''} to {directory}")
+            saved += ", the tokenizer alongside"
+        rank_zero_info(f"CausalLMModule: saved {saved}")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
