@@ -5,15 +5,18 @@ from __future__ import annotations
 import copy
 import math
 import os
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fora_lightning import FORA, ForaLoRA, ForaModule
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 from fora_lightning.llm.causal_lm import warmup_cosine
+from fora_lightning.lora import inject_fora_lora
 from tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -94,7 +97,9 @@ def test_fora_lora_fit_saves_the_merged_model_and_the_adapter(data, tmp_path, wr
     save_dir = tmp_path / "tuned"
     module = CausalLMModule(config=tiny_llama_config(), tokenizer=data.tokenizer_path, lr=1e-2, save_dir=str(save_dir))
     base = copy.deepcopy(module.model).eval()
-    lora_args = dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, lora_rank=4, progress=False)
+    lora_args = dict(
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, lora_rank=4, progress=False
+    )
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[] if wrapped else [ForaLoRA(**lora_args)],
@@ -113,6 +118,15 @@ def test_fora_lora_fit_saves_the_merged_model_and_the_adapter(data, tmp_path, wr
         # and the adapter, applied by PEFT to the base model, gives the same model
         adapted = peft.PeftModel.from_pretrained(base, str(save_dir / "adapter")).eval()
         torch.testing.assert_close(adapted(input_ids=ids).logits, tuned, atol=1e-5, rtol=0)
+
+
+def test_fora_lora_save_dir_is_refused_before_training_when_sharded():
+    module = CausalLMModule(config=tiny_llama_config(), save_dir="unused")
+    module._trainer = SimpleNamespace(strategy=ModelParallelStrategy())
+    module.on_fit_start()  # no FORA-LoRA layers: the gathered-state export works
+    inject_fora_lora(module.model, ["q_proj"], lora_rank=2)
+    with pytest.raises(NotImplementedError, match="FORA-LoRA layers under ModelParallelStrategy"):
+        module.on_fit_start()
 
 
 def test_config_errors():
