@@ -139,7 +139,7 @@ def plot_spectra(subspaces: Mapping[str, LayerSubspace], path: Path) -> Path:
             ax1.plot([k], [max(float(lam[k - 1] / lam[0].clamp_min(1e-300)), 1e-12)], "o", color=color, ms=4)
             ax2.plot([k], [float(cum[k - 1])], "o", color=color, ms=4)
     ax1.set(xlabel="eigenvalue index i", ylabel="lambda_i / lambda_1", title="input covariance spectra (dot: chosen k)")
-    ax2.set(xlabel="k", ylabel="energy held by top k", title="cumulative energy (dot: chosen k)", ylim=(0, 1.02))
+    ax2.set(xlabel="k", ylabel="energy held by top k", title="cumulative energy (dot: chosen k)", ylim=(0, 1.02), xscale="log")
     if len(groups) <= 12:
         ax1.legend(fontsize=6, loc="lower left")
     fig.tight_layout()

@@ -21,7 +21,7 @@ from fora_lightning.core.capabilities import (
     union_frame,
 )
 from fora_lightning.core.covariance import Covariances
-from fora_lightning.core.subspace import LayerSubspace, spectrum
+from fora_lightning.core.subspace import LayerSubspace, select_rank, spectrum
 from fora_lightning.core.subspace_file import read_metadata
 
 
@@ -118,11 +118,9 @@ def test_union_keeps_a_low_energy_capability_that_the_combined_rule_drops():
     _, frame, k = union_frame([loud, quiet], [0.5, 0.5], energy=0.99)
     assert k == 4
     assert captured_energy(frame[:, :k], quiet) > 0.999
-    evals, evecs = spectrum(0.5 * loud + 0.5 * quiet)
-    from fora_lightning.core.subspace import select_rank
-
+    evals, evecs = spectrum(0.5 * loud + 0.5 * quiet)  # eigenvalues 100, 62.5, 25, 0.5: the top 3 hold 99.7%
     k_comb = select_rank(evals, 0.99)
-    assert k_comb == 4 or captured_energy(evecs[:, :k_comb], quiet) < 0.5
+    assert k_comb == 3 and captured_energy(evecs[:, :k_comb], quiet) < 1e-8
 
 
 # ---------------------------------------------------------------------------------------------- GPM
@@ -138,7 +136,7 @@ def test_gpm_extend_adds_the_fewest_residual_directions(d, k, k_cov, energy, see
     torch.testing.assert_close(merged[:, :k], q)  # old directions kept as they were
     torch.testing.assert_close(merged.T @ merged, torch.eye(k + k_new, dtype=torch.float64), atol=1e-9, rtol=0)
     total = float(torch.trace(cov))
-    assert captured_energy(merged, cov) * total >= energy * total - 1e-8 or k_new == d - k or k_new == int((torch.linalg.eigvalsh(cov) > 1e-9).sum())
+    assert captured_energy(merged, cov) >= energy - 1e-5  # residual eigenvalues below 1e-6 of the top are not added
     # dense reference: the new directions are the top eigenvectors of P C P, P = I - QQ^T
     p = torch.eye(d, dtype=torch.float64) - _proj(q)
     lam, vecs = torch.linalg.eigh(p @ cov @ p)
@@ -238,7 +236,7 @@ def test_capability_weights_must_match_the_calibration_names():
 
 def test_extend_recomputes_the_weight_triplets_from_the_tuned_weight():
     gen = torch.Generator().manual_seed(3)
-    w_old, w_new = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    w_new = torch.randn(6, 8, generator=gen)
     q = _orthonormal(8, 2, gen).float()
     sub = LayerSubspace(6, 8, 2, q, False, torch.zeros(6, 2), torch.zeros(2), torch.zeros(8, 2))
     cov = _low_rank_cov(8, 3, gen)
@@ -248,7 +246,6 @@ def test_extend_recomputes_the_weight_triplets_from_the_tuned_weight():
     torch.testing.assert_close(_proj(merged.v.double()), _proj(vh[:2].T), atol=1e-5, rtol=0)
     assert merged.k == 2 + k_new and k_new > 0
     assert merged.energy >= 0.999 - 1e-9
-    del w_old
 
 
 def test_chain_a_then_b_then_c_keeps_a_and_b(tmp_path):
