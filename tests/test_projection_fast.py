@@ -12,7 +12,7 @@ from fora_lightning.core.projection import (
     project_weight_,
     project_weights_many_,
 )
-from fora_lightning.core.subspace import complement_basis
+from fora_lightning.core.subspace import complement_basis, weight_triplets
 
 
 def _orthonormal(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -111,3 +111,28 @@ def test_row_sharded_projection_equals_full_rows():
         local_w = w[rows].clone()
         project_weight_(local_w, q, w0[rows] @ q, u[rows], v, anchor_u, all_reduce=lambda t: t + u[other].T @ w[other])
         torch.testing.assert_close(local_w, full_w[rows], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (33, 33)])
+@pytest.mark.parametrize("r", [1, 3, 6])
+def test_weight_triplets_gram_route_matches_full_svd(shape, r):
+    gen = torch.Generator().manual_seed(shape[0] * 7 + r)
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.linspace(2.0, 0.1, shape[1], dtype=torch.float64)
+    u, s, v = weight_triplets(w, r)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(s.double(), s_ref[:r], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(u.double().T @ u.double(), torch.eye(r, dtype=torch.float64), atol=1e-6, rtol=0)
+    # same subspaces (sign-free): the projectors agree
+    torch.testing.assert_close(u.double() @ u.double().T, u_ref[:, :r] @ u_ref[:, :r].T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v.double() @ v.double().T, vh_ref[:r].T @ vh_ref[:r], atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.double().T @ w @ v.double(), torch.diag(s.double()), atol=1e-5, rtol=1e-5)
+
+
+def test_weight_triplets_rank_deficient_falls_back_to_svd():
+    """r = 4 > rank 2: the kept tail is zero, U stays orthonormal."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 24, generator=gen, dtype=torch.float64)
+    u, s, v = weight_triplets(w, 4)
+    torch.testing.assert_close(u.double().T @ u.double(), torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(v.double().T @ v.double(), torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert float(s[2:].abs().max()) < 1e-5 * float(s[0])

@@ -143,13 +143,28 @@ def spectrum(cov: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def weight_triplets(weight: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-r singular triplets ``(U_r, S_r, V_r)`` of ``weight`` (float64 SVD, float32 result)."""
+    """Top-r singular triplets ``(U_r, S_r, V_r)`` of ``weight`` (float64, float32 result).
+
+    For ``4 r <= min(d_out, d_in)`` they come from the float64 eigendecomposition of the smaller
+    Gram matrix (``W^T W = V S^2 V^T``, ``U = W V / S``; or ``W W^T`` for a wide W), about 3x
+    faster than a full SVD. A full SVD is used for larger r, and when ``S_r < 1e-4 S_1`` (there the
+    squared spectrum would cost accuracy and ``W V / S`` orthogonality).
+    """
     r = min(r, *weight.shape)
     if r == 0:
         d_out, d_in = weight.shape
         z = weight.new_zeros
         return z(d_out, 0, dtype=torch.float32), z(0, dtype=torch.float32), z(d_in, 0, dtype=torch.float32)
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    w = weight.detach().double()
+    if 4 * r <= min(w.shape):
+        tall = w.shape[0] >= w.shape[1]
+        evals, evecs = torch.linalg.eigh(w.T @ w if tall else w @ w.T)
+        top, s = evecs[:, -r:].flip(1), evals[-r:].flip(0).clamp_min(0).sqrt()
+        if s[-1] >= 1e-4 * s[0]:
+            other = (w @ top if tall else w.T @ top) / s
+            u, v = (other, top) if tall else (top, other)
+            return u.float().contiguous(), s.float().contiguous(), v.float().contiguous()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :r].float().contiguous(), s[:r].float().contiguous(), vh[:r].T.float().contiguous()
 
 
