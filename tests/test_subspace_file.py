@@ -114,6 +114,10 @@ def test_fingerprint_depends_on_the_data_not_on_batch_order():
     assert _digest(forward) != _digest([x[:2], x[2:4], x[4:] + 1])
     assert _digest([{"input_ids": x.long(), "attention_mask": torch.ones(6, 4)}]) != _digest([{"input_ids": x.long()}])
     assert len(FingerprintedBatches(DataLoader(x, batch_size=4))) == 2
+    fp = FingerprintedBatches(forward)
+    list(fp)
+    next(iter(fp))  # a peek at the first batch (as a distributed caller does for padding) keeps the full digest
+    assert fp.digest == _digest(forward)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -112,7 +112,8 @@ def _hash_into(h: Any, obj: Any) -> None:
 
 
 class FingerprintedBatches:
-    """Yields ``batches`` unchanged while hashing them; ``digest`` is sha256 over the sorted per-batch sha256s.
+    """Yields ``batches`` unchanged while hashing them; ``digest`` is sha256 over the sorted per-batch sha256s
+    of the last complete pass.
 
     Independent of batch order (not of how samples are grouped into batches). Tensors are hashed
     by dtype, shape and bytes; mappings by sorted key.
@@ -123,12 +124,13 @@ class FingerprintedBatches:
         self._digests: list[str] = []
 
     def __iter__(self) -> Iterator[Any]:
-        self._digests.clear()
+        digests = []
         for batch in self.batches:
             h = hashlib.sha256()
             _hash_into(h, batch)
-            self._digests.append(h.hexdigest())
+            digests.append(h.hexdigest())
             yield batch
+        self._digests = digests  # only a complete pass counts (a caller may stop early, e.g. to peek one batch)
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
