@@ -69,7 +69,7 @@ def _hf_config(model: nn.Module) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+    return json.loads(json.dumps(value, default=str))
 
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
