@@ -73,6 +73,7 @@ class EvalSet:
     batch_size: int = 64
     prompt_field: str = "prompt"
     answer_field: str = "response"
+    stop: str | None = None  # cut generations at the first occurrence (e.g. "\n" after a few-shot answer)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -168,7 +169,8 @@ class Evaluator:
         prompts, answers = self.pairs[key]
         if spec.metric == "exact_match":
             metric = ExactMatch()
-            metric.update(generate_greedy(model, self.tokenizer, prompts, spec.batch_size, spec.max_new_tokens), answers)
+            preds = generate_greedy(model, self.tokenizer, prompts, spec.batch_size, spec.max_new_tokens)
+            metric.update([p.split(spec.stop)[0] if spec.stop else p for p in preds], answers)
             return float(metric.compute())
         metric = CausalPerplexity()
         was_training = model.training
