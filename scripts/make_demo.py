@@ -4,7 +4,7 @@ Writes into ``assets/demo/`` (seeded, deterministic on one machine):
 
 - ``model/``: a word-level ``PreTrainedTokenizerFast`` and a small ``LlamaForCausalLM`` pretrained here on
   (a) the capability to keep, "translation": every source word maps to one target word and the first
-  word moves to the end (``translate : bemo kati ruso =`` -> ``takun rasel bimor``), and (b) plain text
+  word moves to the end (``translate : tasu rili niba =`` -> ``fimog lifim bafar``), and (b) plain text
   in the new task's vocabulary (SCAN-like commands alone, action sequences alone), so the words exist
   but the command -> action mapping does not;
 - ``translation/{train,validation,test}.jsonl`` (prompt/response) and ``translation/calibration.jsonl``:
