@@ -68,7 +68,8 @@ class CausalLMModule(LightningModule):
         if dtype not in _DTYPES:
             raise ValueError(f"CausalLMModule: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.save_hyperparameters()
-        self.model: PreTrainedModel = _build_model(model, config, _DTYPES[dtype], attn_implementation)
+        # from_pretrained leaves the model in eval mode and Lightning keeps each module's mode: train dropout etc.
+        self.model: PreTrainedModel = _build_model(model, config, _DTYPES[dtype], attn_implementation).train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         tokenizer = tokenizer or model
