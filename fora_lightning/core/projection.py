@@ -12,9 +12,9 @@ Nothing here forms a d x d projector: ``G P_Q = G - (G Q) Q^T`` (or ``(G C) C^T`
 complement basis ``C``). All arithmetic runs in float32 (or float64 if the inputs are float64)
 and the result is cast back to the input dtype.
 
-Both corrections (right, rank k, and left, rank r) are applied as ONE GEMM with inner dimension
-``k + r``, ``G - [G Q | U] [Q^T ; M]``, written into a single output (in place for the weight):
-no d_out x d_in temporaries. Every function also accepts a leading batch dimension (``L`` layers
+Both corrections are accumulated into a single output by two GEMM-accumulate calls,
+``out = G - (G Q) Q^T`` then ``out -= U M`` (in place for the weight): no d_out x d_in
+temporaries and no copy of ``Q^T``. Every function also accepts a leading batch dimension (``L`` layers
 of equal shape, bases zero-padded to a common k: zero columns leave ``P_Q`` unchanged); see
 :func:`project_many_` and :func:`project_weights_many_`.
 
@@ -81,19 +81,14 @@ def project(
     dt = _compute_dtype(grad)
     g = grad.to(dt)
     q = basis.to(dt)
-    own = g is not grad  # a fresh float32 copy: write into it
-    coords = g @ q  # G Q (or G C)
-    left, right = coords, q.mT
+    m = None
     if u is not None and u.shape[-1] > 0:
         u, v = u.to(dt), v.to(dt)
         m, _ = _channel_free(_left_coords(u, g, all_reduce), q, v, complement)
-        # P_U (G P_Q) + U diag(diag(U^T G V)) V^T  =  G P_Q - U M  =  G - [G Q | U] [Q^T ; M]
-        left = torch.cat([coords, -u if complement else u], -1)
-        right = torch.cat([right, m], -2)
-    if complement:  # (G C) C^T - U M  =  [G C | -U] [C^T ; M]
-        out = left @ right
-    else:
-        out = _sub_mm(g, left, right, inplace=own)
+    # G P_Q = G - (G Q) Q^T  (or (G C) C^T), into a fresh tensor, or into g when g is our float32 copy
+    out = right_project(g, q, complement) if g is grad or complement else _sub_mm(g, g @ q, q.mT, inplace=True)
+    if m is not None:  # P_U (G P_Q) + U diag(diag(U^T G V)) V^T  =  G P_Q - U M
+        _sub_mm(out, u, m, inplace=True)
     return out.to(grad.dtype)
 
 
@@ -121,12 +116,14 @@ def project_weight_(
     dt = _compute_dtype(weight)
     w = weight.to(dt)  # ``weight`` itself when it already is float32/float64
     q = basis.to(dt)
-    left, right = w @ q - anchor_q.to(dt), q.mT  # D Q  (rows local)
+    dq = (w @ q).sub_(anchor_q.to(dt))  # D Q  (rows local)
+    m = None
     if u is not None and u.shape[-1] > 0:
         u, v = u.to(dt), v.to(dt)
         m, _ = _channel_free(_left_coords(u, w, all_reduce) - anchor_u.to(dt), q, v, False)  # from U^T D
-        left, right = torch.cat([left, u], -1), torch.cat([right, m], -2)
-    _sub_mm(w, left, right, inplace=True)  # W <- W - [D Q | U] [Q^T ; M]
+    _sub_mm(w, dq, q.mT, inplace=True)  # W <- W - (D Q) Q^T - U M
+    if m is not None:
+        _sub_mm(w, u, m, inplace=True)
     if w is not weight:
         weight.copy_(w)
     return weight
