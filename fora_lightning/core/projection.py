@@ -50,7 +50,10 @@ def _left_coords(u: Tensor, x: Tensor, all_reduce: AllReduce | None) -> Tensor:
 
 
 def _sub_mm(c: Tensor, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
-    """``c - a b`` in one (batched) GEMM call, into ``c`` itself when ``inplace``."""
+    """``c - a b`` in one (batched) GEMM call, into ``c`` itself when ``inplace`` (factors cast to
+    ``c``'s dtype: under autocast they may arrive in bf16)."""
+    if inplace:
+        a, b = a.to(c.dtype), b.to(c.dtype)
     if c.dim() == 2:
         return c.addmm_(a, b, alpha=-1) if inplace else torch.addmm(c, a, b, alpha=-1)
     return c.baddbmm_(a, b, alpha=-1) if inplace else torch.baddbmm(c, a, b, alpha=-1)
