@@ -353,6 +353,7 @@ def tiny_model_benchmark(hidden: int, n_layers: int, repeats: int, train_steps: 
     t_train = interleaved({m: train_step(*fs) for m, fs in modes.items()}, repeats, warmup=1)
 
     # leakage after a short AdamW run per mode, on held-out calibration-like inputs
+    model.load_state_dict(init_state)  # held-out inputs of the base model, not of the timed steps
     held = token_batches(1, 4, 128, vocab, seed=9)[0]
     xs: dict[str, Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: xs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).double())) for n, m in targets.items()]
