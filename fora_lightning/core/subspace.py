@@ -250,19 +250,28 @@ def estimate_subspaces(
 
     With ``source="activations"`` the covariance spectra are computed once per shared input
     (``spectra`` may be given precomputed, keyed by covariance owner, e.g. by a distributed eigh).
+    Computed here, each ``d_in x d_in`` float64 eigenvector matrix is held only until the last
+    layer reading that input is built, not all of them at once.
     """
-    if config.source == "activations":
-        if covariances is None:
-            raise ValueError("source='activations' needs calibration covariances")
-        if spectra is None:
-            spectra = {o: spectrum(covariances.covariance(o)) for o in covariances.groups()}
+    if config.source == "activations" and covariances is None:
+        raise ValueError("source='activations' needs calibration covariances")
+    owners = {n: covariances.owner[n] for n in weights} if config.source == "activations" else {}
+    last_reader = {o: n for n, o in owners.items()}
+    cache: dict[str, tuple[Tensor, Tensor]] = {}
     out: dict[str, LayerSubspace] = {}
     shared: dict[tuple[str, int, bool], Tensor] = {}
     for i, (name, w) in enumerate(weights.items()):
-        owner = covariances.owner[name] if config.source == "activations" else None
-        sub = build_subspace(name, w, config, spectra[owner] if owner else None, allow_complement, seed_offset=i)
+        owner = owners.get(name)
+        sp = None
+        if owner is not None:
+            sp = spectra[owner] if spectra is not None else cache.get(owner)
+            if sp is None:
+                sp = cache[owner] = spectrum(covariances.covariance(owner))
+        sub = build_subspace(name, w, config, sp, allow_complement, seed_offset=i)
         if owner is not None:  # q/k/v (gate/up) with the same k hold one basis tensor
             sub.basis = shared.setdefault((owner, sub.k, sub.complement), sub.basis)
+            if last_reader[owner] == name:
+                cache.pop(owner, None)
         out[name] = sub
     return out
 
