@@ -32,7 +32,7 @@ def setting_file(tmp_path_factory):
             "preserve_val_size": 8, "batch_size": 4, "max_length": 16,
         },
         "trainer": {"max_steps": 2},
-        "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"],
+        "target_modules": r"model\.model\.layers\.\d\.(self_attn\.[qv]_proj|mlp\.(up|down)_proj)",  # a regex, as users write
         "evaluation": {
             "preserved": {"path": keep, "name": "keep", "prompt_field": "question", "answer_field": "answer",
                           "limit": 6, "max_new_tokens": 2},
@@ -88,7 +88,7 @@ def test_compare_refuses_matched_k_without_fora(setting_file):
 def test_preservation_metrics_logged_during_validation_match_direct_evaluation(setting_file):
     import lightning.pytorch as pl
 
-    from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation, target_names
+    from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation, model_target_names
     from fora_lightning.llm import CausalLMModule, TextDataModule
 
     config = yaml.safe_load(setting_file[0].read_text())
@@ -103,7 +103,7 @@ def test_preservation_metrics_logged_during_validation_match_direct_evaluation(s
     logged = trainer.callback_metrics
     direct = evaluate_preservation(
         callback.base, module.model, dm.val_dataloader()[dm.val_dataloader_names.index("preserve")],
-        target_names(module.model, config["target_modules"]),
+        model_target_names(module, module.model, config["target_modules"]),
     )
     assert direct["kl"] > 0 and direct["leakage_mean"] > 0
     for key in ("kl", "ppl", "leakage_mean"):

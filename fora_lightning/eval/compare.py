@@ -45,7 +45,7 @@ from fora_lightning.eval.ewc import EWC
 from fora_lightning.eval.generation import generate_greedy, read_pairs
 from fora_lightning.eval.l2sp import L2SP
 from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch
-from fora_lightning.eval.preservation import evaluate_preservation, target_names
+from fora_lightning.eval.preservation import evaluate_preservation, model_target_names
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 from fora_lightning.llm.encoding import PadCollator, encode_pairs
 from fora_lightning.lora import ForaLoRA, merge_lora
@@ -249,7 +249,7 @@ def run_method(name: str, args: dict[str, Any], setting: Setting, dm: TextDataMo
     ks = {n: s.k for n, s in getattr(callback, "subspaces", {}).items()} if name != "lora" else {}
     with torch.no_grad():
         merge_lora(module.model)
-    layers = target_names(module.model, setting.target_modules)
+    layers = model_target_names(module, module.model, setting.target_modules)
     return Run(evaluator.evaluate(module.model, layers), trainable, wall, ks)
 
 

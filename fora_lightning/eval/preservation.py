@@ -35,6 +35,16 @@ def target_names(model: nn.Module, target_modules: TargetModules) -> list[str]:
     return names
 
 
+def model_target_names(pl_module: nn.Module, model: nn.Module, target_modules: TargetModules) -> list[str]:
+    """:func:`target_names` matched on ``pl_module``'s names (as the Callbacks match them), returned relative
+    to its submodule ``model`` (e.g. ``model.model.layers.0.mlp.up_proj`` -> ``model.layers.0.mlp.up_proj``)."""
+    prefix = next((n for n, m in pl_module.named_modules() if m is model), None)
+    if prefix is None:
+        raise ValueError(f"{type(model).__name__} is not a submodule of {type(pl_module).__name__}")
+    names = target_names(pl_module, target_modules)
+    return [n.removeprefix(prefix + ".") for n in names] if prefix else names
+
+
 @torch.no_grad()
 def effective_weight(module: nn.Module) -> Tensor:
     """The layer's current weight: ``W`` of an ``nn.Linear``, ``W0 + (W - W0)`` of a FORA-LoRA layer."""
@@ -139,8 +149,9 @@ class PreservationMetrics(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.base is None:
-            self.base = copy.deepcopy(find_hf_model(pl_module)).eval().requires_grad_(False)
-            self.state = PreservationState(target_names(self.base, self.target_modules))
+            model = find_hf_model(pl_module)
+            self.base = copy.deepcopy(model).eval().requires_grad_(False)
+            self.state = PreservationState(model_target_names(pl_module, model, self.target_modules))
 
     def _preserved_idx(self, trainer: Trainer) -> int:
         names = getattr(trainer.datamodule, "val_dataloader_names", None)
