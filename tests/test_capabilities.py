@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import D_IN, MLP, tiny_trainer
+from reference import orthonormal
 from fora_lightning import FORA
 from fora_lightning.core.capabilities import (
     capability_weights,
@@ -25,14 +26,10 @@ from fora_lightning.core.subspace import LayerSubspace, select_rank, spectrum
 from fora_lightning.core.subspace_file import read_metadata
 
 
-def _orthonormal(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen, dtype=torch.float64))
-    return q[:, :k]
-
 
 def _low_rank_cov(d: int, k: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     """A PSD d x d matrix of rank k with distinct eigenvalues."""
-    q = _orthonormal(d, k, gen)
+    q = orthonormal(d, k, gen)
     lam = scale * torch.linspace(2.0, 0.5, k, dtype=torch.float64) if k else torch.zeros(0, dtype=torch.float64)
     return q @ torch.diag(lam) @ q.T
 
@@ -111,7 +108,7 @@ def test_union_frame_spans_the_per_capability_bases(d, ks, seed):
 def test_union_keeps_a_low_energy_capability_that_the_combined_rule_drops():
     gen = torch.Generator().manual_seed(1)
     loud = _low_rank_cov(10, 3, gen, scale=100.0)
-    quiet_dir = _orthonormal(10, 1, gen)
+    quiet_dir = orthonormal(10, 1, gen)
     quiet_dir = quiet_dir - _proj(torch.linalg.eigh(loud)[1][:, -3:]) @ quiet_dir
     quiet_dir = quiet_dir / quiet_dir.norm()
     quiet = quiet_dir @ quiet_dir.T
@@ -129,7 +126,7 @@ def test_union_keeps_a_low_energy_capability_that_the_combined_rule_drops():
 def test_gpm_extend_adds_the_fewest_residual_directions(d, k, k_cov, energy, seed):
     gen = torch.Generator().manual_seed(seed)
     k = min(k, d)
-    q = _orthonormal(d, k, gen)
+    q = orthonormal(d, k, gen)
     cov = _low_rank_cov(d, min(k_cov, d), gen)
     merged, k_new = gpm_extend(q, cov, energy)
     assert merged.shape == (d, k + k_new)
@@ -165,7 +162,7 @@ def test_gpm_extend_adds_nothing_when_the_basis_already_holds_the_energy():
 def test_principal_cosines_match_dense_reference_and_complement(d, k, r, seed):
     gen = torch.Generator().manual_seed(seed)
     k, r = min(k, d - 1), min(r, d)
-    q, v = _orthonormal(d, k, gen), _orthonormal(d, r, gen)
+    q, v = orthonormal(d, k, gen), orthonormal(d, r, gen)
     ref = torch.linalg.svdvals(q.T @ v)
     torch.testing.assert_close(principal_cosines(q, v), ref, atol=1e-9, rtol=0)
     comp = torch.linalg.qr(torch.cat([q, torch.eye(d, dtype=torch.float64)], 1))[0][:, k:d]
@@ -237,7 +234,7 @@ def test_capability_weights_must_match_the_calibration_names():
 def test_extend_recomputes_the_weight_triplets_from_the_tuned_weight():
     gen = torch.Generator().manual_seed(3)
     w_new = torch.randn(6, 8, generator=gen)
-    q = _orthonormal(8, 2, gen).float()
+    q = orthonormal(8, 2, gen).float()
     sub = LayerSubspace(6, 8, 2, q, False, torch.zeros(6, 2), torch.zeros(2), torch.zeros(8, 2))
     cov = _low_rank_cov(8, 3, gen)
     merged, k_new = extend_subspace(sub, w_new, cov, energy=0.999, weight_rank=2)

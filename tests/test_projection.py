@@ -4,20 +4,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reference import dense_pi, orthonormal
 from fora_lightning.core.projection import project, project_weight_, relative_leakage
 from fora_lightning.core.subspace import complement_basis
 
 
-def _orthonormal(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen, dtype=torch.float64))
-    return q[:, :k]
-
-
-def _dense_pi(g, q, u, v):
-    """Pi(G) with explicit projector matrices, float64."""
-    p_q = torch.eye(q.shape[0], dtype=torch.float64) - q @ q.T
-    p_u = torch.eye(u.shape[0], dtype=torch.float64) - u @ u.T
-    return p_u @ g @ p_q + u @ torch.diag(torch.diag(u.T @ g @ v)) @ v.T
 
 
 shapes = st.tuples(
@@ -34,7 +25,7 @@ def _case(d_out, d_in, k, r, seed):
     k, r = min(k, d_in), min(r, d_out, d_in)
     w0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     u_all, _, vh = torch.linalg.svd(w0, full_matrices=False)
-    q = _orthonormal(d_in, k, gen)
+    q = orthonormal(d_in, k, gen)
     return gen, w0, q, u_all[:, :r], vh[:r].T
 
 
@@ -45,7 +36,7 @@ def test_pi_matches_dense_idempotent_and_orthogonal_parts(case, use_complement):
     g = torch.randn(*w0.shape, generator=gen, dtype=torch.float64)
     basis = complement_basis(q) if use_complement else q
     pi = project(g, basis, u, v, complement=use_complement)
-    ref = _dense_pi(g, q, u, v)
+    ref = dense_pi(g, q, u, v)
     torch.testing.assert_close(pi, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(project(pi, basis, u, v, complement=use_complement), pi, atol=1e-10, rtol=1e-10)
     # the two parts P_U G P_Q and U diag(.) V^T are Frobenius-orthogonal
@@ -61,7 +52,7 @@ def test_pi_matches_dense_idempotent_and_orthogonal_parts(case, use_complement):
 def test_reprojection_equals_dense_w0_plus_pi(case, dtype):
     gen, w0, q, u, v = _case(*case)
     w = w0 + torch.randn(*w0.shape, generator=gen, dtype=torch.float64)
-    expected = w0 + _dense_pi(w - w0, q, u, v)
+    expected = w0 + dense_pi(w - w0, q, u, v)
     weight = w.to(dtype)
     anchor_q = (w0 @ q).float()
     anchor_u = (u.T @ w0).float()
@@ -78,7 +69,7 @@ def test_projection_computes_in_float32_and_returns_input_dtype(case, dtype):
     g = torch.randn(*w0.shape, generator=gen).to(dtype)
     out = project(g, q.float(), u.float(), v.float())
     assert out.dtype == dtype
-    ref = _dense_pi(g.double(), q, u, v).to(dtype)
+    ref = dense_pi(g.double(), q, u, v).to(dtype)
     torch.testing.assert_close(out, ref, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=2e-2)
 
 
@@ -88,7 +79,7 @@ def test_update_in_feasible_set_does_not_leak_on_span_q():
     w0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     u_all, _, vh = torch.linalg.svd(w0, full_matrices=False)
     u, v = u_all[:, :r], vh[:r].T
-    q = _orthonormal(d_in, k, gen)
+    q = orthonormal(d_in, k, gen)
     delta = project(torch.randn(d_out, d_in, generator=gen, dtype=torch.float64), q, u, v)
     x = torch.randn(50, k, generator=gen, dtype=torch.float64) @ q.T  # inputs in span(Q)
     channel = u @ torch.diag(torch.diag(u.T @ delta @ v)) @ v.T

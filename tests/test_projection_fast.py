@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reference import dense_pi, orthonormal
 from fora_lightning.core.projection import (
     pad_stack,
     project,
@@ -15,15 +16,6 @@ from fora_lightning.core.projection import (
 from fora_lightning.core.subspace import complement_basis, weight_triplets
 
 
-def _orthonormal(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, max(k, 1), generator=gen, dtype=torch.float64))
-    return q[:, :k]
-
-
-def _dense_pi(g, q, u, v):
-    p_q = torch.eye(q.shape[0], dtype=torch.float64) - q @ q.T
-    p_u = torch.eye(u.shape[0], dtype=torch.float64) - u @ u.T
-    return p_u @ g @ p_q + u @ torch.diag(torch.diag(u.T @ g @ v)) @ v.T
 
 
 def _layers(n_layers, d_out, d_in, r, seed):
@@ -34,7 +26,7 @@ def _layers(n_layers, d_out, d_in, r, seed):
         w0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
         u_all, _, vh = torch.linalg.svd(w0, full_matrices=False)
         k = (i * 7 + seed) % (d_in + 1)
-        out.append((w0, _orthonormal(d_in, k, gen), u_all[:, :r], vh[:r].T))
+        out.append((w0, orthonormal(d_in, k, gen), u_all[:, :r], vh[:r].T))
     return gen, out
 
 
@@ -50,7 +42,7 @@ def test_project_many_matches_dense_per_layer(case, use_complement):
     r = min(r, d_out, d_in)
     gen, layers = _layers(n_layers, d_out, d_in, r, seed)
     grads = [torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) for _ in layers]
-    expected = [_dense_pi(g, q, u, v) for g, (_, q, u, v) in zip(grads, layers)]
+    expected = [dense_pi(g, q, u, v) for g, (_, q, u, v) in zip(grads, layers)]
     bases = [complement_basis(q) if use_complement else q for _, q, _, _ in layers]
     u = torch.stack([u for *_, u, _ in layers])
     v = torch.stack([v for *_, v in layers])
@@ -66,7 +58,7 @@ def test_project_weights_many_matches_dense_per_layer(case, dtype):
     r = min(r, d_out, d_in)
     gen, layers = _layers(n_layers, d_out, d_in, r, seed)
     ws = [w0 + torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) for w0, *_ in layers]
-    expected = [w0 + _dense_pi(w - w0, q, u, v) for w, (w0, q, u, v) in zip(ws, layers)]
+    expected = [w0 + dense_pi(w - w0, q, u, v) for w, (w0, q, u, v) in zip(ws, layers)]
     weights = [w.to(dtype) for w in ws]
     cast = torch.float64 if dtype == torch.float64 else torch.float32
     basis = pad_stack([q.to(cast) for _, q, _, _ in layers])
@@ -91,7 +83,7 @@ def test_project_leaves_its_input_untouched(dtype, use_complement):
     out = project(grad, basis.float(), u.float(), v.float(), complement=use_complement)
     assert out.data_ptr() != grad.data_ptr()
     torch.testing.assert_close(grad, before, atol=0, rtol=0)
-    want = _dense_pi(grad.double(), q, u, v)
+    want = dense_pi(grad.double(), q, u, v)
     torch.testing.assert_close(out.double(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=2e-2)
 
 
@@ -100,8 +92,8 @@ def test_row_sharded_projection_equals_full_rows():
     gen, [(w0, q, u, v)] = _layers(1, 10, 6, 3, seed=11)
     w = w0 + torch.randn(10, 6, generator=gen, dtype=torch.float64)
     g = torch.randn(10, 6, generator=gen, dtype=torch.float64)
-    full_pi = _dense_pi(g, q, u, v)
-    full_w = w0 + _dense_pi(w - w0, q, u, v)
+    full_pi = dense_pi(g, q, u, v)
+    full_w = w0 + dense_pi(w - w0, q, u, v)
     anchor_u = u.T @ w0
     for rows in (slice(0, 4), slice(4, 10)):
         other = torch.ones(10, dtype=torch.bool)

@@ -1,6 +1,6 @@
 """Measurements for docs/capabilities.md on the demo model (assets/demo): several capabilities and a chain.
 
-    python results/demo/inspect_capabilities.py            # writes results/demo/inspect_capabilities.json
+    python scripts/capabilities_demo.py            # writes results/demo/inspect_capabilities.json
     fora-inspect --subspaces results/demo/inspect_translation.safetensors --out results/demo/inspect
 
 1. combined vs union: keep {translation, actions} (the demo model's translation and its plain
@@ -13,11 +13,11 @@ Metrics: exact match (greedy) on held-out prompts, response NLL, KL(base || tune
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -30,9 +30,9 @@ from fora_lightning.core.subspace_file import read_metadata
 from fora_lightning.eval.generation import evaluate_exact_match, read_pairs
 from fora_lightning.llm.causal_lm import CausalLMModule
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo"
-OUT = Path(__file__).resolve().parent
+OUT = ROOT / "results" / "demo"
 N_EVAL, BATCH, LR = 64, 32, 2e-3  # as configs/compare_demo.yaml (lr, batch, steps, clipping)
 STEPS = int(os.environ.get("STEPS", 150))
 torch.set_num_threads(1)
@@ -180,19 +180,22 @@ def chain(s: Setting) -> dict:
     return {"steps": steps, "total_k": k}
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Combined-vs-union and chained fine-tunes on the demo model.")
+    parser.add_argument("part", nargs="?", choices=["combine", "chain"], help="run one part only (default: both)")
+    part = parser.parse_args(argv).part
     torch.manual_seed(0)
     pl.seed_everything(0, verbose=False)
     s = Setting()
     result = {"settings": {"steps": STEPS, "batch": BATCH, "lr": LR, "n_eval": N_EVAL, "energy": 0.99, "weight_rank": 8}}
-    if "chain" not in argv[1:]:
+    if part != "chain":
         result["combined_vs_union"] = combined_vs_union(s)
-    if "combine" not in argv[1:]:
+    if part != "combine":
         result["chain"] = chain(s)
-    path = OUT / ("inspect_capabilities.json" if len(argv) == 1 else f"inspect_capabilities_{argv[1]}.json")
+    path = OUT / ("inspect_capabilities.json" if part is None else f"inspect_capabilities_{part}.json")
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()
