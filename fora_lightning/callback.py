@@ -256,17 +256,7 @@ class FORA(Callback):
         return covariances
 
     def _calibration_loader(self, trainer: Trainer, pl_module: LightningModule) -> Iterable[Any]:
-        if self.calibration is not None:
-            return self.calibration() if callable(self.calibration) and not hasattr(self.calibration, "__iter__") else self.calibration
-        for owner, label in ((trainer.datamodule, "trainer.datamodule"), (pl_module, type(pl_module).__name__)):
-            fn = getattr(owner, "calibration_dataloader", None)
-            if callable(fn):
-                return fn()
-        raise ValueError(
-            "FORA found no calibration data. It looked at FORA(calibration=...) (None), "
-            f"trainer.datamodule.calibration_dataloader() ({'no datamodule' if trainer.datamodule is None else 'not defined'}) "
-            f"and {type(pl_module).__name__}.calibration_dataloader() (not defined). Pass a DataLoader of the capability to keep"
-        )
+        return resolve_calibration(self.calibration, trainer, pl_module)
 
     def _calibrate_capabilities(
         self, trainer: Trainer, pl_module: LightningModule, source: Any, step: int
@@ -416,23 +406,7 @@ class FORA(Callback):
         }
 
     def _freeze_non_targets(self, pl_module: LightningModule) -> None:
-        target_ids = {id(m.weight) for m in self._targets.values()}
-        frozen = kept = 0
-        frozen_numel = kept_numel = 0
-        for p in pl_module.parameters():
-            if id(p) in target_ids:
-                kept += 1
-                kept_numel += p.numel()
-                if not p.requires_grad:
-                    rank_zero_warn("FORA: a target weight has requires_grad=False; it will not train")
-            elif p.requires_grad:
-                p.requires_grad_(False)
-                frozen += 1
-                frozen_numel += p.numel()
-        rank_zero_info(
-            f"FORA: training {kept} target weights ({kept_numel:,} parameters); froze {frozen} other parameter tensors "
-            f"({frozen_numel:,} parameters: biases, norms, embeddings, ...). Set freeze_other=False to train them unprotected."
-        )
+        freeze_non_targets(pl_module, self._targets, "FORA")
 
     def _to_device(self, device: torch.device) -> None:
         for sub in self.subspaces.values():
@@ -484,6 +458,42 @@ class FORA(Callback):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def resolve_calibration(calibration: CalibrationSource, trainer: Trainer, pl_module: LightningModule) -> Any:
+    """``calibration`` (called if it is a factory), else ``trainer.datamodule.calibration_dataloader()``,
+    else ``pl_module.calibration_dataloader()``; either may be a loader or a mapping ``name -> loader``."""
+    if calibration is not None:
+        return calibration() if callable(calibration) and not hasattr(calibration, "__iter__") else calibration
+    for owner in (trainer.datamodule, pl_module):
+        fn = getattr(owner, "calibration_dataloader", None)
+        if callable(fn):
+            return fn()
+    raise ValueError(
+        "FORA found no calibration data. It looked at FORA(calibration=...) (None), "
+        f"trainer.datamodule.calibration_dataloader() ({'no datamodule' if trainer.datamodule is None else 'not defined'}) "
+        f"and {type(pl_module).__name__}.calibration_dataloader() (not defined). Pass a DataLoader of the capability to keep"
+    )
+
+
+def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Linear], who: str) -> None:
+    """``requires_grad=False`` on every parameter that is not a target weight, with counts in the log."""
+    target_ids = {id(m.weight) for m in targets.values()}
+    frozen = kept = frozen_numel = kept_numel = 0
+    for p in pl_module.parameters():
+        if id(p) in target_ids:
+            kept += 1
+            kept_numel += p.numel()
+            if not p.requires_grad:
+                rank_zero_warn(f"{who}: a target weight has requires_grad=False; it will not train")
+        elif p.requires_grad:
+            p.requires_grad_(False)
+            frozen += 1
+            frozen_numel += p.numel()
+    rank_zero_info(
+        f"{who}: training {kept} target weights ({kept_numel:,} parameters); froze {frozen} other parameter tensors "
+        f"({frozen_numel:,} parameters: biases, norms, embeddings, ...). Set freeze_other=False to train them unprotected."
+    )
 
 
 def _calibration_forward(pl_module: LightningModule, wrapper: nn.Module | None = None) -> Callable[[Any], Any]:

@@ -46,7 +46,7 @@ from fora_lightning.eval.generation import generate_greedy, read_pairs
 from fora_lightning.eval.l2sp import L2SP
 from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch
 from fora_lightning.eval.preservation import evaluate_preservation, model_target_names
-from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
+from fora_lightning.llm import CausalLMModule, TextDataModule
 from fora_lightning.llm.encoding import PadCollator, encode_pairs
 from fora_lightning.lora import ForaLoRA, merge_lora
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from fora_lightning.callback import DEFAULT_TARGETS
 from fora_lightning.core.covariance import eval_mode
 from fora_lightning.core.targets import TargetModules
-from fora_lightning.eval.baselines import CalibrationSource, calibration_loader
+from fora_lightning.callback import CalibrationSource, resolve_calibration
 from fora_lightning.eval.l2sp import L2SP
 
 FisherKind = Literal["sampled", "empirical"]
@@ -87,7 +87,7 @@ class EWC(L2SP):
         sums = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
         count = torch.zeros((), dtype=torch.float64, device=next(iter(weights.values())).device)
         gen = torch.Generator(device=count.device).manual_seed(self.seed + trainer.global_rank)
-        loader = calibration_loader(self.calibration, trainer, pl_module)
+        loader = resolve_calibration(self.calibration, trainer, pl_module)
         batches = (b for i, b in enumerate(loader) if i % trainer.world_size == trainer.global_rank)
         bar = tqdm(batches, desc="EWC Fisher", disable=not (self.progress and trainer.is_global_zero), leave=False)
         with eval_mode(pl_module), torch.enable_grad():

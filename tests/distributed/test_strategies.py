@@ -9,7 +9,6 @@ fc2 has 5 rows: under FSDP2 they split 3 + 2 (uneven shards); the 5 calibration 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
