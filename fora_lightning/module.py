@@ -48,7 +48,8 @@ class ForaModule(LightningModule):
     the wrapped module gets back its own ``hparams`` (its ``init_args`` over its signature's defaults),
     which LightningCLI overwrites with the outer config.
 
-    The remaining arguments are :class:`~fora_lightning.FORA`'s (see there); ``lora_rank`` / ``lora_alpha`` /
+    The remaining arguments are :class:`~fora_lightning.FORA`'s (see there; with ``extend_to`` the task just
+    learned is measured on the datamodule's training data); ``lora_rank`` / ``lora_alpha`` /
     ``lora_dropout`` select and configure the parameter-efficient variant.
     """
 
@@ -67,6 +68,9 @@ class ForaModule(LightningModule):
         covariance_dtype: Literal["float32", "float64"] = "float32",
         seed: int = 0,
         progress: bool = True,
+        capability_weights: dict[str, float] | None = None,
+        combine: Literal["covariance", "union"] = "covariance",
+        extend_to: str | None = None,
         lora_rank: int | None = None,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
@@ -80,7 +84,8 @@ class ForaModule(LightningModule):
             "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
             "energy": energy, "rank": rank, "max_rank": max_rank, "weight_rank": weight_rank, "source": source,
             "mode": mode, "freeze_other": freeze_other, "subspaces": subspaces, "covariance_dtype": covariance_dtype,
-            "seed": seed, "progress": progress,
+            "seed": seed, "progress": progress, "capability_weights": capability_weights, "combine": combine,
+            "extend_to": extend_to,
         }
         self.lora_args: dict[str, Any] = {"lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
         self.save_hyperparameters({"module": _describe(module), **self.fora_args, **self.lora_args})

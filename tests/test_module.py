@@ -125,6 +125,16 @@ def test_lora_rank_selects_fora_lora():
     assert isinstance(cb, ForaLoRA) and (cb.lora_rank, cb.lora_alpha) == (4, 8.0)
 
 
+def test_every_fora_setting_reaches_the_callback(tmp_path):
+    wrapped = ForaModule(
+        MLP(), target_modules=["fc1"], energy=0.9, weight_rank=3, mode="gradient", combine="union",
+        capability_weights={"a": 2.0, "b": 1.0}, extend_to=str(tmp_path / "ab.safetensors"),
+    )
+    cb = wrapped.configure_callbacks()[-1]
+    assert isinstance(cb, FORA) and cb.combine == "union" and cb.capability_weights == {"a": 2.0, "b": 1.0}
+    assert (cb.config.energy, cb.config.weight_rank, cb.mode, cb.extend_to) == (0.9, 3, "gradient", tmp_path / "ab.safetensors")
+
+
 def test_rejects_a_plain_module():
     with pytest.raises(TypeError, match="needs a LightningModule, got Linear"):
         ForaModule(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
