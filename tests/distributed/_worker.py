@@ -245,6 +245,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         results["train"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict()}
         if cfg.get("save"):
             trainer.save_checkpoint(cfg["save"])
+            results["checkpoint"] = cfg["save"]
     if cfg.get("resume_steps"):
         trainer, fora = fit(cfg, cfg["resume_steps"], Forbidden(), ckpt_path=cfg["resume_from"])
         results["resume"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict()}

@@ -23,7 +23,7 @@ from tests.distributed.harness import launch
 STEPS, RESUMED = 8, 16  # 8 steps = one epoch of 256 samples at global batch 32: resume starts a fresh epoch
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "ddp": {"strategy": "ddp"},
+    "ddp": {"strategy": "ddp", "save": True},  # its checkpoint is resumed on one process below
     "fsdp2_sharded_ckpt": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True},
     "fsdp2_full_ckpt": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True},
     "fsdp1_orig_params_full_ckpt": {"strategy": "fsdp1", "use_orig_params": True, "state_dict_type": "full", "resume": True},
@@ -43,9 +43,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name, s in SCENARIOS.items():
         sc = {k: v for k, v in s.items() if k != "resume"}
         sc.update(name=name, steps=STEPS)
+        if s.get("resume") or s.get("save"):
+            sc["save"] = str(tmp / f"{name}.ckpt")
         if s.get("resume"):
-            ckpt = str(tmp / f"{name}.ckpt")
-            sc.update(save=ckpt, resume_from=ckpt, resume_steps=RESUMED)
+            sc.update(resume_from=sc["save"], resume_steps=RESUMED)
         scenarios.append(sc)
     scenarios.append({"name": "functions", "strategy": "functions"})  # after a fit: the process group exists
     return launch({"world": 2, "scenarios": scenarios}, tmp, timeout=300)
@@ -139,6 +140,19 @@ def test_resume_restores_bases_and_continues_exactly(runs, reference, name):
     freeze = SCENARIOS[name].get("freeze_other", True)
     for n, want in reference[freeze, "resume"]["weights"].items():
         torch.testing.assert_close(resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} layer {n}: {m}")
+    assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2_full_ckpt"])
+def test_two_rank_checkpoint_resumes_on_one_process(runs, reference, name):
+    """A different number of ranks (2 -> 1): the bases and full anchors come from the checkpoint (the
+    calibration loader raises if touched) and training continues as the single-process run does."""
+    _result(runs, name)
+    resumed = W.run({"strategy": "single", "world": 1, "freeze_other": True, "resume_from": runs[name]["checkpoint"],
+                     "resume_steps": RESUMED})["resume"]
+    _assert_same_bases(resumed["fora"], _result(runs, name)["fora"], atol=0.0)
+    for n, want in reference[True, "resume"]["weights"].items():
+        torch.testing.assert_close(resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m: f"layer {n}: {m}")
     assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
 
 
