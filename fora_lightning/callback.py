@@ -15,8 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
-from fora_lightning.core.distributed import FlatUnit, RowShard, flat_units, local_tensor, row_shard, spread_spectra
-from fora_lightning.core.projection import project, project_weight_
+from fora_lightning.core.distributed import RankShare, spread_spectra
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, estimate_subspaces, format_summary
 from fora_lightning.core.capabilities import (
     capability_weights, captured_energy, combine_covariances, extend_subspace, union_spectra,
@@ -25,6 +24,7 @@ from fora_lightning.core.subspace_file import (
     FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
 )
 from fora_lightning.core.targets import TargetModules, find_targets
+from fora_lightning.layout import TargetLayout
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ class FORA(Callback):
         self.subspaces: dict[str, LayerSubspace] = {}
         self._targets: dict[str, nn.Linear] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        # how the target weights are held (see _bind_layout): FSDP2 row shards, or FSDP1 flat units
-        self._shards: dict[str, RowShard] = {}
-        self._flat: list[tuple[FlatUnit, dict[int, str]]] = []
+        self._layout: TargetLayout | None = None  # how the target weights are held (whole, FSDP2 rows, FSDP1 units)
 
     @property
     def state_key(self) -> str:
@@ -155,15 +153,15 @@ class FORA(Callback):
         """Estimate (or load) the subspaces before the first step, unless a checkpoint restored them."""
         self._bind_layout(trainer)
         if self.subspaces:
-            validate_against(self.subspaces, self._validation_targets(), "the checkpoint")
+            validate_against(self.subspaces, self._layout.shape_targets(), "the checkpoint")
             self._to_device(pl_module.device)
-            self._localize_anchors()
+            self._layout.localize_anchors(self.subspaces)
             rank_zero_info(f"FORA: {len(self.subspaces)} layer subspaces restored from the checkpoint")
             return
         if self.subspaces_path is not None and self.subspaces_path.is_file():
             self.subspaces, meta = load_subspaces(self.subspaces_path)
             configured = list(self.calibration) if isinstance(self.calibration, Mapping) else None
-            validate_against(self.subspaces, self._validation_targets(), str(self.subspaces_path), meta, model_identity(pl_module), configured)
+            validate_against(self.subspaces, self._layout.shape_targets(), str(self.subspaces_path), meta, model_identity(pl_module), configured)
             self.capabilities, self.chain = dict(meta["capabilities"]), list(meta["chain"])
             self.capability_energy = {n: dict(info.get("capability_energy", {})) for n, info in meta["layers"].items()}
             if self.mode == "update" and any(s.complement for s in self.subspaces.values()):
@@ -179,7 +177,7 @@ class FORA(Callback):
                 rank_zero_info(f"FORA: subspaces saved to {self.subspaces_path}")
         self._to_device(pl_module.device)
         if self.mode == "update":
-            self._attach_anchors()
+            self._layout.attach_anchors(self.subspaces)
         param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
         rank_zero_info("FORA protected subspaces\n" + format_summary(self.subspaces, param_bytes))
         if trainer.logger is not None:
@@ -188,19 +186,7 @@ class FORA(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         """``grad <- Pi(grad)`` for every target weight (local rows + one ``r x d_in`` all-reduce under FSDP2;
         one FSDP1 unit gathered at a time)."""
-        if self._flat:
-            for unit, members in self._flat:
-                with unit.gathered("grad", writeback=True) as views:
-                    for i, name in members.items() if views is not None else ():
-                        sub = self.subspaces[name]
-                        views[i].copy_(project(views[i], sub.basis, sub.u, sub.v, complement=sub.complement))
-            return
-        for name, module in self._targets.items():
-            if module.weight.grad is None:
-                continue
-            grad, sub, shard = local_tensor(module.weight.grad), self.subspaces[name], self._shards.get(name)
-            u, reduce = (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
-            grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
+        self._layout.project_grads(self.subspaces)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -210,7 +196,7 @@ class FORA(Callback):
         """Calibrate (for ``source="activations"``) and build every target's subspaces."""
         self._bind_layout(trainer)
         covariances = self.calibrate(trainer, pl_module) if self.config.source == "activations" else None
-        weights = _FullWeights(self)  # gathered one layer (FSDP1: one unit) at a time
+        weights = self._layout.full_weights()  # gathered one layer (FSDP1: one unit) at a time
         config, spectra, per = self.config, None, self._capability_covariances
         if covariances is not None and self.combine == "union" and len(per) > 1:
             spectra, ks = union_spectra(per, config.energy, config.rank, self.capability_weights)
@@ -239,7 +225,7 @@ class FORA(Callback):
             with trainer.precision_plugin.forward_context():
                 forward(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))  # bf16-true: cast inputs
 
-        share = _RankShare(loader, trainer.global_rank, trainer.world_size)
+        share = RankShare(loader, trainer.global_rank, trainer.world_size)
         covariances = collect_covariances(
             pl_module, self._targets, share, step, dtype=self.covariance_dtype, progress=self.progress and trainer.is_global_zero
         )
@@ -354,21 +340,8 @@ class FORA(Callback):
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """``W <- W0 + Pi(W - W0)`` from the anchors (fires only for steps the optimizer really took)."""
-        if self._flat:
-            for unit, members in self._flat:
-                with unit.gathered("data", writeback=True) as views:
-                    for i, name in members.items():
-                        sub = self.subspaces.get(name)
-                        if sub is not None and sub.anchor_q is not None:
-                            project_weight_(views[i], sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
-            return
-        for name, module in self._targets.items():
-            sub = self.subspaces.get(name)
-            if sub is None or sub.anchor_q is None:
-                continue
-            shard = self._shards.get(name)
-            u, reduce = (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
-            project_weight_(local_tensor(module.weight.data), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
+        if self._layout is not None:
+            self._layout.reproject(self.subspaces)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -412,47 +385,12 @@ class FORA(Callback):
         for sub in self.subspaces.values():
             sub.to(device)
 
-    # ------------------------------------------------------------------ parameter layout (DDP / FSDP2 / FSDP1)
     def _bind_layout(self, trainer: Trainer) -> None:
-        """How the target weights are held: whole (one process, DDP), row-sharded DTensors (FSDP2:
-        ``self._shards``), or inside FSDP1 flat parameters (``self._flat``, gathered one unit at a time)."""
-        self._flat = flat_units(trainer.strategy.model, self._targets)
-        self._shards = {} if self._flat else {n: s for n, m in self._targets.items() if (s := row_shard(m.weight)) is not None}
-
-    def _attach_anchors(self) -> None:
-        """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""
-        if self._flat:
-            for unit, members in self._flat:
-                with unit.gathered("data") as views:
-                    for i, name in members.items():
-                        self.subspaces[name].attach_anchors(views[i])
-            return
-        for name, sub in self.subspaces.items():
-            shard = self._shards.get(name)
-            if shard is None:
-                sub.attach_anchors(self._targets[name].weight)
-                continue
-            w = local_tensor(self._targets[name].weight.detach()).float()
-            sub.anchor_q = w @ sub.basis
-            sub.anchor_u = shard.all_reduce(shard.rows(sub.u).T @ w)
-
-    def _localize_anchors(self) -> None:
-        """After a restore: keep this rank's rows of the (full) checkpointed ``anchor_q`` under FSDP2."""
-        for name, shard in self._shards.items():
-            sub = self.subspaces[name]
-            if sub.anchor_q is not None and sub.anchor_q.shape[0] == sub.d_out:
-                sub.anchor_q = shard.rows(sub.anchor_q).contiguous()
+        """Bind the targets to how the strategy holds them (whole, FSDP2 row shards, FSDP1 flat units)."""
+        self._layout = TargetLayout(self._targets, trainer.strategy.model)
 
     def _full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
-        """``t`` full-size: the row-sharded ``anchor_q`` gathered over its shard groups."""
-        shard = self._shards.get(name)
-        return shard.gather(t) if field == "anchor_q" and shard is not None else t
-
-    def _validation_targets(self) -> Mapping[str, nn.Module]:
-        """Targets for shape checks; under FSDP1 a weight is a flat shard, so a meta stand-in of its true shape."""
-        if not self._flat:
-            return self._targets
-        return {n: nn.Linear(m.in_features, m.out_features, bias=False, device="meta") for n, m in self._targets.items()}
+        return self._layout.full(name, field, t) if self._layout is not None else t
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -517,79 +455,3 @@ def _calibration_forward(pl_module: LightningModule, wrapper: nn.Module | None =
         return call(batch)
 
     return forward
-
-
-class _FullWeights(Mapping[str, torch.Tensor]):
-    """Target name -> full ``d_out x d_in`` weight, gathered on demand (FSDP2 ``full_tensor``, FSDP1 one unit).
-
-    :meth:`items` gathers each FSDP1 unit once; every gather is a collective, run in the same order on all ranks.
-    """
-
-    def __init__(self, fora: FORA) -> None:
-        self.fora = fora
-
-    def __len__(self) -> int:
-        return len(self.fora._targets)
-
-    def __iter__(self):
-        return iter(self.fora._targets)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        for n, w in self._unit_items(lambda members: name in members.values()):
-            if n == name:
-                return w
-        w = self.fora._targets[name].weight.detach()
-        return w.full_tensor() if name in self.fora._shards else w
-
-    def items(self):  # type: ignore[override]
-        if self.fora._flat:
-            return self._unit_items(lambda members: True)
-        return ((n, self[n]) for n in self.fora._targets)
-
-    def _unit_items(self, wanted: Callable[[dict[int, str]], bool]):
-        for unit, members in self.fora._flat:
-            if wanted(members):
-                with unit.gathered("data") as views:
-                    yield from ((name, views[i].detach().clone()) for i, name in members.items())
-
-
-class _RankShare:
-    """This rank's calibration batches: every ``world_size``-th one from ``rank`` (all of them on one process).
-
-    FSDP (and DDP, which syncs buffers) forwards are collectives, so every rank runs ``ceil(n / world_size)``
-    forwards: a rank with fewer batches repeats one outside the collector (``padding``); a rank with none
-    collects one whose sums the caller zeroes (``empty``). A loader without ``len`` is run whole on every
-    rank and nothing is summed (``sharded`` false): same result, no speed-up.
-    """
-
-    def __init__(self, batches: Iterable[Any], rank: int, world_size: int) -> None:
-        self.batches, self.rank, self.world_size = batches, rank, world_size
-        try:
-            n = len(batches)  # type: ignore[arg-type]
-        except TypeError:
-            n = 0
-        self.sharded = world_size > 1 and n > 0
-        own = len(range(rank, n, world_size)) if self.sharded else 0
-        self.empty = self.sharded and own == 0
-        self.padding = -(-n // world_size) - max(own, 1) if self.sharded else 0
-
-    def filler(self) -> Any:
-        """A batch to run for shape or padding (the loader's first)."""
-        for batch in self.batches:
-            return batch
-        raise ValueError("FORA calibration: the calibration loader yielded no batch")
-
-    def __iter__(self):
-        if not self.sharded:
-            yield from self.batches
-        elif self.empty:
-            yield self.filler()
-        else:
-            for i, batch in enumerate(self.batches):
-                if i % self.world_size == self.rank:
-                    yield batch
-
-    def __len__(self) -> int:
-        if not self.sharded:
-            return len(self.batches)  # type: ignore[arg-type]
-        return max(len(range(self.rank, len(self.batches), self.world_size)), 1)  # type: ignore[arg-type]

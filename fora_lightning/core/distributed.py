@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -226,3 +226,45 @@ def flat_units(root: nn.Module, modules: Mapping[str, nn.Module], param: str = "
         missing = sorted(set(modules) - seen)
         raise ValueError(f"FORA (FSDP1): target weights {missing[:5]} are in no FSDP flat parameter")
     return out
+
+
+class RankShare:
+    """This rank's calibration batches: every ``world_size``-th one from ``rank`` (all of them on one process).
+
+    FSDP (and DDP, which syncs buffers) forwards are collectives, so every rank runs ``ceil(n / world_size)``
+    forwards: a rank with fewer batches repeats one outside the collector (``padding``); a rank with none
+    collects one whose sums the caller zeroes (``empty``). A loader without ``len`` is run whole on every
+    rank and nothing is summed (``sharded`` false): same result, no speed-up.
+    """
+
+    def __init__(self, batches: Iterable[Any], rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+        try:
+            n = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            n = 0
+        self.sharded = world_size > 1 and n > 0
+        own = len(range(rank, n, world_size)) if self.sharded else 0
+        self.empty = self.sharded and own == 0
+        self.padding = -(-n // world_size) - max(own, 1) if self.sharded else 0
+
+    def filler(self) -> Any:
+        """A batch to run for shape or padding (the loader's first)."""
+        for batch in self.batches:
+            return batch
+        raise ValueError("FORA calibration: the calibration loader yielded no batch")
+
+    def __iter__(self):
+        if not self.sharded:
+            yield from self.batches
+        elif self.empty:
+            yield self.filler()
+        else:
+            for i, batch in enumerate(self.batches):
+                if i % self.world_size == self.rank:
+                    yield batch
+
+    def __len__(self) -> int:
+        if not self.sharded:
+            return len(self.batches)  # type: ignore[arg-type]
+        return max(len(range(self.rank, len(self.batches), self.world_size)), 1)  # type: ignore[arg-type]

@@ -1,0 +1,143 @@
+"""How the target weights are held, and FORA's per-step work on them, under every Lightning strategy.
+
+- whole ``d_out x d_in`` tensors (one process, DDP);
+- FSDP2 row shards (DTensor ``Shard(0)``): ``G Q`` on the local rows, ``U^T G`` summed over the shard group;
+- FSDP1 flat parameters: one FSDP unit gathered at a time, its 2-D views projected, the local shard written back.
+
+The math is :mod:`fora_lightning.core.projection`; this module only chooses which rows it sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from fora_lightning.core.distributed import FlatUnit, RowShard, flat_units, local_tensor, row_shard
+from fora_lightning.core.projection import project, project_weight_
+from fora_lightning.core.subspace import LayerSubspace
+
+Subspaces = Mapping[str, LayerSubspace]
+
+
+class TargetLayout:
+    """The target linears of one fit, bound to the strategy's wrapped model (``trainer.strategy.model``)."""
+
+    def __init__(self, targets: Mapping[str, nn.Linear], wrapped_model: nn.Module) -> None:
+        self.targets = dict(targets)
+        self.flat: list[tuple[FlatUnit, dict[int, str]]] = flat_units(wrapped_model, self.targets)
+        self.shards: dict[str, RowShard] = (
+            {} if self.flat else {n: s for n, m in self.targets.items() if (s := row_shard(m.weight)) is not None}
+        )
+
+    def project_grads(self, subspaces: Subspaces) -> None:
+        """``grad <- Pi(grad)`` for every target weight that has a gradient."""
+        if self.flat:
+            for unit, members in self.flat:
+                with unit.gathered("grad", writeback=True) as views:
+                    for i, name in members.items() if views is not None else ():
+                        sub = subspaces[name]
+                        views[i].copy_(project(views[i], sub.basis, sub.u, sub.v, complement=sub.complement))
+            return
+        for name, module in self.targets.items():
+            if module.weight.grad is None:
+                continue
+            grad, sub = local_tensor(module.weight.grad), subspaces[name]
+            u, reduce = self._rows_of_u(name, sub)
+            grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
+
+    @torch.no_grad()
+    def reproject(self, subspaces: Subspaces) -> None:
+        """``W <- W0 + Pi(W - W0)`` from the anchors, for every target whose anchors are set."""
+        if self.flat:
+            for unit, members in self.flat:
+                with unit.gathered("data", writeback=True) as views:
+                    for i, name in members.items():
+                        sub = subspaces.get(name)
+                        if sub is not None and sub.anchor_q is not None:
+                            project_weight_(views[i], sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
+            return
+        for name, module in self.targets.items():
+            sub = subspaces.get(name)
+            if sub is None or sub.anchor_q is None:
+                continue
+            u, reduce = self._rows_of_u(name, sub)
+            project_weight_(local_tensor(module.weight.data), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
+
+    def attach_anchors(self, subspaces: Subspaces) -> None:
+        """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""
+        if self.flat:
+            for unit, members in self.flat:
+                with unit.gathered("data") as views:
+                    for i, name in members.items():
+                        subspaces[name].attach_anchors(views[i])
+            return
+        for name, sub in subspaces.items():
+            shard = self.shards.get(name)
+            if shard is None:
+                sub.attach_anchors(self.targets[name].weight)
+                continue
+            w = local_tensor(self.targets[name].weight.detach()).float()
+            sub.anchor_q = w @ sub.basis
+            sub.anchor_u = shard.all_reduce(shard.rows(sub.u).T @ w)
+
+    def localize_anchors(self, subspaces: Subspaces) -> None:
+        """After a restore: keep this rank's rows of the (full) checkpointed ``anchor_q`` under FSDP2."""
+        for name, shard in self.shards.items():
+            sub = subspaces[name]
+            if sub.anchor_q is not None and sub.anchor_q.shape[0] == sub.d_out:
+                sub.anchor_q = shard.rows(sub.anchor_q).contiguous()
+
+    def full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` full-size: the row-sharded ``anchor_q`` gathered over its shard group (a collective)."""
+        shard = self.shards.get(name)
+        return shard.gather(t) if field == "anchor_q" and shard is not None else t
+
+    def shape_targets(self) -> Mapping[str, nn.Module]:
+        """Targets for shape checks; under FSDP1 a weight is a flat shard, so a meta stand-in of its true shape."""
+        if not self.flat:
+            return self.targets
+        return {n: nn.Linear(m.in_features, m.out_features, bias=False, device="meta") for n, m in self.targets.items()}
+
+    def full_weights(self) -> Mapping[str, torch.Tensor]:
+        """Target name -> full ``d_out x d_in`` weight, gathered on demand (one FSDP1 unit at a time)."""
+        return _FullWeights(self)
+
+    def _rows_of_u(self, name: str, sub: LayerSubspace) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+        shard = self.shards.get(name)
+        return (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
+
+
+class _FullWeights(Mapping[str, torch.Tensor]):
+    """Full weights of a :class:`TargetLayout`: FSDP2 ``full_tensor()``, FSDP1 one unit at a time.
+
+    :meth:`items` gathers each FSDP1 unit once; every gather is a collective, run in the same order on all ranks.
+    """
+
+    def __init__(self, layout: TargetLayout) -> None:
+        self.layout = layout
+
+    def __len__(self) -> int:
+        return len(self.layout.targets)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout.targets)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        for n, w in self._unit_items(lambda members: name in members.values()):
+            if n == name:
+                return w
+        w = self.layout.targets[name].weight.detach()
+        return w.full_tensor() if name in self.layout.shards else w
+
+    def items(self):  # type: ignore[override]
+        if self.layout.flat:
+            return self._unit_items(lambda members: True)
+        return ((n, self[n]) for n in self.layout.targets)
+
+    def _unit_items(self, wanted: Callable[[dict[int, str]], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+        for unit, members in self.layout.flat:
+            if wanted(members):
+                with unit.gathered("data") as views:
+                    yield from ((name, views[i].detach().clone()) for i, name in members.items())
