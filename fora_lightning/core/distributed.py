@@ -30,11 +30,6 @@ from fora_lightning.core.subspace import spectrum
 Spectrum = tuple[Tensor, Tensor]
 
 
-def is_distributed() -> bool:
-    """``torch.distributed`` is available and initialised with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 # ---------------------------------------------------------------------------- eigendecompositions
 def assign_owners(dims: Mapping[str, int], world_size: int) -> dict[str, int]:
     """Owner name -> rank, balancing the ``d^3`` eigh cost greedily (largest first, ties by name)."""

@@ -59,10 +59,10 @@ def _sub_mm(c: Tensor, a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
     return c.baddbmm_(a, b, alpha=-1) if inplace else torch.baddbmm(c, a, b, alpha=-1)
 
 
-def _channel_free(utx: Tensor, q: Tensor, v: Tensor, complement: bool) -> tuple[Tensor, Tensor]:
-    """``M = (U^T X) P_Q - diag(diag(U^T X V)) V^T`` (r x d_in) and ``diag(U^T X V)``."""
-    delta = (utx * v.mT).sum(dim=-1)
-    return right_project(utx, q, complement) - delta.unsqueeze(-1) * v.mT, delta
+def _channel_free(utx: Tensor, q: Tensor, v: Tensor, complement: bool) -> Tensor:
+    """``M = (U^T X) P_Q - diag(diag(U^T X V)) V^T`` (r x d_in)."""
+    delta = (utx * v.mT).sum(dim=-1)  # diag(U^T X V)
+    return right_project(utx, q, complement) - delta.unsqueeze(-1) * v.mT
 
 
 def project(
@@ -87,7 +87,7 @@ def project(
     m = None
     if u is not None and u.shape[-1] > 0:
         u, v = u.to(dt), v.to(dt)
-        m, _ = _channel_free(_left_coords(u, g, all_reduce), q, v, complement)
+        m = _channel_free(_left_coords(u, g, all_reduce), q, v, complement)
     # G P_Q = G - (G Q) Q^T  (or (G C) C^T), into a fresh tensor, or into g when g is our float32 copy
     out = right_project(g, q, complement) if g is grad or complement else _sub_mm(g, g @ q, q.mT, inplace=True)
     if m is not None:  # P_U (G P_Q) + U diag(diag(U^T G V)) V^T  =  G P_Q - U M
@@ -123,7 +123,7 @@ def project_weight_(
     m = None
     if u is not None and u.shape[-1] > 0:
         u, v = u.to(dt), v.to(dt)
-        m, _ = _channel_free(_left_coords(u, w, all_reduce) - anchor_u.to(dt), q, v, False)  # from U^T D
+        m = _channel_free(_left_coords(u, w, all_reduce) - anchor_u.to(dt), q, v, False)  # from U^T D
     _sub_mm(w, dq, q.mT, inplace=True)  # W <- W - (D Q) Q^T - U M
     if m is not None:
         _sub_mm(w, u, m, inplace=True)
