@@ -121,6 +121,15 @@ def test_fingerprint_depends_on_the_data_not_on_batch_order():
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def test_model_identity_ignores_fora_lora_wrappers(mlp):
+    """A file written by FORA (plain linears) validates under ForaLoRA (wrapped linears) and back."""
+    from fora_lightning.lora import inject_fora_lora
+
+    plain = model_identity(mlp)
+    inject_fora_lora(mlp, ["fc1", "fc2"], lora_rank=2, weight_rank=1)
+    assert model_identity(mlp) == plain
+
+
 def test_error_missing_and_extra_layers(saved):
     path, _, net = saved
     loaded, _ = load_subspaces(path)

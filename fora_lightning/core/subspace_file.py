@@ -37,6 +37,8 @@ MIN_VERSION = 1
 _SEP = "::"
 _TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {"d_out", "d_in", "k", "complement", "energy"}
 _SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u"}
+# Parameters a FORA-LoRA wrapper adds (fora_lightning.lora.model.LORA_PARAMETERS; core does not import lora).
+_LORA_PARAMETERS = frozenset({"lora_A", "lora_B", "lora_delta"})
 # HF config entries that describe a run, not the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
@@ -76,7 +78,9 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     """What the file records about the model: name, structural HF config, and a hash of its parameter shapes.
 
     ``architecture_sha256`` is sha256 over ``"name:shape"`` of every parameter in order (weights
-    themselves are not hashed: a tuned checkpoint of the same architecture matches).
+    themselves are not hashed: a tuned checkpoint of the same architecture matches). FORA-LoRA
+    wrappers are transparent: ``<layer>.base_layer.<p>`` counts as ``<layer>.<p>`` and the ``lora_*``
+    parameters are skipped, so a file written by ``FORA`` validates under ``ForaLoRA`` and back.
     """
     cfg = _hf_config(model)
     config = None
@@ -88,7 +92,9 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     h = hashlib.sha256()
     n = 0
     for pname, p in model.named_parameters():
-        h.update(f"{pname}:{tuple(p.shape)};".encode())
+        if pname.rpartition(".")[2] in _LORA_PARAMETERS:
+            continue
+        h.update(f"{pname.replace('.base_layer.', '.')}:{tuple(p.shape)};".encode())
         n += 1
     return {"name": name, "config": config, "architecture_sha256": h.hexdigest(), "n_parameters": n}
 
@@ -222,7 +228,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _upgrade(meta)
 
 
-def _expected_shapes(name: str, info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     d_out, d_in, k, r = (int(info[key]) for key in ("d_out", "d_in", "k", "r"))
     return {"basis": (d_in, d_in - k if info["complement"] else k), "u": (d_out, r), "s": (r,), "v": (d_in, r)}
 
@@ -240,11 +246,11 @@ def load_subspaces(path: str | Path, device: torch.device | str = "cpu") -> tupl
     problems = []
     for name, info in meta["layers"].items():
         d_out, d_in, k, r = (int(info[key]) for key in ("d_out", "d_in", "k", "r"))
+        t = {f: flat.pop(f"{name}{_SEP}{f}") for f in _SAVED_FIELDS if f"{name}{_SEP}{f}" in flat}
         if not (0 <= k <= d_in and 0 <= r <= min(d_out, d_in)):
             problems.append(f"layer '{name}': k={k}, r={r} do not fit a {d_out}x{d_in} weight")
             continue
-        t = {f: flat.pop(f"{name}{_SEP}{f}") for f in _SAVED_FIELDS if f"{name}{_SEP}{f}" in flat}
-        for field, shape in _expected_shapes(name, info).items():
+        for field, shape in _expected_shapes(info).items():
             if field not in t:
                 problems.append(f"layer '{name}': tensor '{name}{_SEP}{field}' is missing")
             elif tuple(t[field].shape) != shape:
