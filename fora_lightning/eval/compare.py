@@ -48,7 +48,7 @@ from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch
 from fora_lightning.eval.preservation import evaluate_preservation, model_target_names
 from fora_lightning.llm import CausalLMModule, TextDataModule
 from fora_lightning.llm.encoding import PadCollator, encode_pairs
-from fora_lightning.lora import ForaLoRA, merge_lora
+from fora_lightning.lora import ForaLoRA, merge_lora, trainable_parameters
 
 METHODS = ("fora", "plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora_lora")
 DISPLAY_ORDER = ("plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora", "fora_lora")
@@ -213,10 +213,6 @@ def build_callback(name: str, args: dict[str, Any], targets: list[str] | str, fo
     return FORA(**{**args, "source": source, "rank": dict(fora_ks)})
 
 
-def _trainable(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 @dataclass
 class Run:
     """What one method's fit produced."""
@@ -245,7 +241,7 @@ def run_method(name: str, args: dict[str, Any], setting: Setting, dm: TextDataMo
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - start
-    trainable = _trainable(module)
+    trainable = trainable_parameters(module).trainable
     ks = {n: s.k for n, s in getattr(callback, "subspaces", {}).items()} if name != "lora" else {}
     with torch.no_grad():
         merge_lora(module.model)
