@@ -36,8 +36,10 @@ def main() -> int:
     for name, s in SCENARIOS.items():
         sc = {k: v for k, v in s.items() if k != "resume"}
         sc.update(name=name, steps=STEPS, accelerator="cuda")
+        if s.get("resume") or s.get("save"):
+            sc["save"] = str(tmp / f"{name}.ckpt")
         if s.get("resume"):
-            sc.update(save=str(tmp / f"{name}.ckpt"), resume_from=str(tmp / f"{name}.ckpt"), resume_steps=2 * STEPS)
+            sc.update(resume_from=sc["save"], resume_steps=2 * STEPS)
         scenarios.append(sc)
     t0 = time.time()
     runs = launch({"world": world, "scenarios": scenarios}, tmp, timeout=240)

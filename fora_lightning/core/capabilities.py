@@ -135,7 +135,7 @@ def union_frame(
         parts.append(evecs[:, : select_rank(evals, energy, rank, None, name)])
     stacked = torch.cat(parts, 1) if parts else combined.new_zeros(d, 0)
     if stacked.shape[1] == 0:
-        u, k = torch.eye(d, dtype=torch.float64), 0
+        u, k = torch.eye(d, dtype=torch.float64, device=combined.device), 0
     else:
         u, sv, _ = torch.linalg.svd(stacked, full_matrices=True)
         k = int((sv > _RANK_TOL * sv[0]).sum())
@@ -165,7 +165,7 @@ def gpm_extend(basis: Tensor, cov: Tensor, energy: float = 0.99, max_new: int | 
     lam = lam.clamp_min(0)
     available = int((lam > _RANK_TOL * max(float(lam[0]), 1e-300)).sum())
     cum = torch.cumsum(lam, 0)
-    k_new = int(torch.searchsorted(cum, torch.tensor(need, dtype=cum.dtype) - 1e-12 * total).item()) + 1
+    k_new = int(torch.searchsorted(cum, torch.tensor(need - 1e-12 * total, dtype=cum.dtype, device=cum.device)).item()) + 1
     k_new = min(k_new, available, d - q.shape[1], max_new if max_new is not None else d)
     if k_new <= 0:
         return basis, 0
@@ -187,7 +187,7 @@ def principal_cosines(basis: Tensor, v: Tensor, complement: bool = False) -> Ten
     if complement:
         k = b.shape[0] - b.shape[1]
         outside = vv.T @ b
-        cos2 = torch.linalg.eigvalsh(torch.eye(vv.shape[1], dtype=torch.float64) - outside @ outside.T).flip(0)
+        cos2 = torch.linalg.eigvalsh(torch.eye(vv.shape[1], dtype=torch.float64, device=vv.device) - outside @ outside.T).flip(0)
         return cos2.clamp(0, 1).sqrt()[: min(k, vv.shape[1])]
     return torch.linalg.svdvals(b.T @ vv).clamp(0, 1)
 

@@ -129,7 +129,7 @@ def select_rank(
             k = 0
         else:
             cum = torch.cumsum(lam, 0) / total
-            k = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1
+            k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype, device=cum.device)).item()) + 1
             k = min(k, d)
     if max_rank is not None:
         k = min(k, max_rank)
@@ -205,7 +205,7 @@ def build_subspace(
         k = select_rank(evals, config.energy, config.rank_for(name), config.max_rank, name)
         q = evecs[:, :k]
     elif config.source == "weights":
-        evals = torch.zeros(d_in, dtype=torch.float64)
+        evals = torch.zeros(d_in, dtype=torch.float64, device=s_all.device)
         evals[: s_all.numel()] = s_all.double() ** 2  # right singular vectors = eigvecs of W0^T W0
         k = select_rank(evals, config.energy, config.rank_for(name), config.max_rank, name)
         q = v_all[:, :k].double()
@@ -215,7 +215,7 @@ def build_subspace(
         k_req = config.rank_for(name)
         if k_req is None:
             raise ValueError("source='random' needs an explicit rank (int or per-layer mapping)")
-        k = select_rank(torch.ones(d_in), 1.0, k_req, config.max_rank, name)
+        k = select_rank(torch.ones(d_in, device=weight.device), 1.0, k_req, config.max_rank, name)
         q = _random_frame(d_in, k, config.seed + seed_offset, weight.device)
     energy = float(evals[:k].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)) if evals is not None else float("nan")
     complement = allow_complement and k > d_in / 2
