@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
@@ -23,7 +24,7 @@ from fora_lightning.core.capabilities import (
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
 )
-from fora_lightning.core.targets import TargetModules, find_targets
+from fora_lightning.core.targets import TargetModules, find_targets, name_matches
 from fora_lightning.layout import TargetLayout
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,9 @@ class FORA(Callback):
         """Find the targets and freeze the rest, before the strategy wraps the model."""
         if stage != "fit":
             return
+        when_targets_exist(pl_module, self.target_modules, lambda: self._select_targets(pl_module))
+
+    def _select_targets(self, pl_module: LightningModule) -> None:
         self._targets = find_targets(pl_module, self.target_modules)
         if self.freeze_other:
             self._freeze_non_targets(pl_module)
@@ -190,6 +194,7 @@ class FORA(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        restore_configure_model(pl_module)
 
     # ------------------------------------------------------------------ estimation
     def estimate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, LayerSubspace]:
@@ -412,6 +417,33 @@ def resolve_calibration(calibration: CalibrationSource, trainer: Trainer, pl_mod
         f"trainer.datamodule.calibration_dataloader() ({'no datamodule' if trainer.datamodule is None else 'not defined'}) "
         f"and {type(pl_module).__name__}.calibration_dataloader() (not defined). Pass a DataLoader of the capability to keep"
     )
+
+
+def when_targets_exist(pl_module: LightningModule, target_modules: TargetModules, select: Callable[[], None]) -> None:
+    """Run ``select()`` now, or right after ``configure_model`` when the module builds its targets there.
+
+    Lightning calls ``Callback.setup`` before ``LightningModule.configure_model`` and wraps the model
+    (DDP, FSDP1) right after it, so layers created in ``configure_model`` can only be found and frozen
+    in between: the module's ``configure_model`` is wrapped, for this fit, by one that runs ``select()``
+    after it. A module that defines no ``configure_model`` gets ``select()`` now, and its error.
+    """
+    present = any(name and name_matches(name, target_modules) for name, _ in pl_module.named_modules())
+    if present or not is_overridden("configure_model", pl_module):
+        select()
+        return
+    configure_model = pl_module.configure_model
+
+    def configure_model_then_select() -> None:
+        configure_model()
+        restore_configure_model(pl_module)
+        select()
+
+    pl_module.configure_model = configure_model_then_select  # Lightning looks the hook up on the instance
+
+
+def restore_configure_model(pl_module: LightningModule) -> None:
+    """Drop the instance-level ``configure_model`` set by :func:`when_targets_exist` (a fit that never got there)."""
+    pl_module.__dict__.pop("configure_model", None)
 
 
 def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Linear], who: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from fora_lightning.callback import DEFAULT_TARGETS, freeze_non_targets
+from fora_lightning.callback import DEFAULT_TARGETS, freeze_non_targets, restore_configure_model, when_targets_exist
 from fora_lightning.core.targets import TargetModules, find_targets
 
 class TrainTargetsOnly(Callback):
@@ -27,6 +27,12 @@ class TrainTargetsOnly(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        when_targets_exist(pl_module, self.target_modules, lambda: self._select_targets(pl_module))
+
+    def _select_targets(self, pl_module: LightningModule) -> None:
         self._targets = find_targets(pl_module, self.target_modules)
         if self.freeze_other:
             freeze_non_targets(pl_module, self._targets, type(self).__name__)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        restore_configure_model(pl_module)

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from fora_lightning.callback import FORA
+from fora_lightning.callback import FORA, when_targets_exist
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
@@ -61,6 +61,9 @@ class ForaLoRA(FORA):
         """Inject the FORA-LoRA layers and freeze all but ``A``, ``B``, ``delta`` (before ``configure_optimizers``)."""
         if stage != "fit":
             return
+        when_targets_exist(pl_module, self.target_modules, lambda: self._inject(pl_module))
+
+    def _inject(self, pl_module: LightningModule) -> None:
         self._layers = inject_fora_lora(
             pl_module, self.target_modules, self.lora_rank, self.lora_alpha, self.lora_dropout, self.config.weight_rank
         )
