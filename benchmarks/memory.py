@@ -178,8 +178,9 @@ def main() -> None:
         "8 x 4 x 256 random tokens\n\n" + t_tiny,
         "### Qwen3-1.7B (2.03 B parameters, 196 protected linears), analytic float32 bytes, r = 8\n\n" + t_qwen
         + f"\n\nCalibration on Qwen3-1.7B holds {4 * cov_floats / 2**30:.2f} GiB of float32 covariance sums "
-        f"({4 * cov_floats / bf16_params:.2f}x the bf16 parameter bytes); computing all float64 spectra before building "
-        f"the bases (as `spread_spectra` does) adds {8 * cov_floats / 2**30:.2f} GiB of eigenvectors.",
+        f"({4 * cov_floats / bf16_params:.2f}x the bf16 parameter bytes); all float64 spectra at once would add "
+        f"{8 * cov_floats / 2**30:.2f} GiB of eigenvectors, so each is dropped once its layers' bases are built "
+        f"(one process: one at a time; `spread_spectra` over W ranks: a rank's 1/W share plus one received).",
         "### Peak memory during calibration (fresh subprocess per model, ru_maxrss growth)\n\n" + t_peak,
     ])
     payload = {"env": environment(), "tiny": tiny, "qwen3_1_7b": qwen, "peaks": peaks}

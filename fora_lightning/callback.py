@@ -203,12 +203,19 @@ class FORA(Callback):
         covariances = self.calibrate(trainer, pl_module) if self.config.source == "activations" else None
         weights = self._layout.full_weights()  # gathered one layer (FSDP1: one unit) at a time
         config, spectra, per = self.config, None, self._capability_covariances
+        complement = self.mode == "gradient"
         if covariances is not None and self.combine == "union" and len(per) > 1:
             spectra, ks = union_spectra(per, config.energy, config.rank, self.capability_weights)
             config = replace(config, rank=ks)
-        elif covariances is not None and trainer.world_size > 1:  # eigh spread over ranks, then broadcast
-            spectra = spread_spectra(covariances)
-        subspaces = estimate_subspaces(weights, config, covariances, spectra, allow_complement=self.mode == "gradient")
+        if covariances is not None and spectra is None and trainer.world_size > 1:
+            # eigh spread over ranks; each owner's layers are built as its spectrum arrives, then it is dropped
+            groups, built = covariances.groups(), {}
+            for owner, owner_spectrum in spread_spectra(covariances):
+                layers = {n: weights[n] for n in groups[owner]}
+                built.update(estimate_subspaces(layers, config, covariances, {owner: owner_spectrum}, allow_complement=complement))
+            subspaces = {n: built[n] for n in weights}
+        else:
+            subspaces = estimate_subspaces(weights, config, covariances, spectra, allow_complement=complement)
         self._record_energy(subspaces, per)
         self.chain = [{"step": 1, "capabilities": list(per), "method": self.combine if len(per) > 1 else self.config.source, "created": now()}]
         self._capability_covariances = {}

@@ -1,8 +1,9 @@
 """Distributed helpers for FORA, in plain torch (no Lightning import).
 
 * :func:`spread_spectra` spreads the covariance eigendecompositions over ranks: each covariance
-  owner is assigned to one rank (greedy on the ``d^3`` cost), that rank runs ``eigh`` and
-  broadcasts ``(eigenvalues, eigenvectors)``; every rank ends with all spectra.
+  owner is assigned to one rank (greedy on the ``d^3`` cost), the ranks run their ``eigh`` in
+  parallel, then each spectrum is broadcast and handed to the caller one at a time, so a rank holds
+  its own share plus one received spectrum, never all of them.
 * :class:`RowShard` describes the rows of a ``d_out x d_in`` weight held by this rank under FSDP2
   (DTensor ``Shard(0)``, rows split as ``torch.chunk`` does, uneven sizes included). The right
   projection ``G Q`` is row-local; ``U^T G`` is the one cross-row quantity, summed by
@@ -42,33 +43,35 @@ def assign_owners(dims: Mapping[str, int], world_size: int) -> dict[str, int]:
     return out
 
 
-def spread_spectra(covariances: Covariances, group: Any = None) -> dict[str, Spectrum]:
-    """Spectra ``(eigenvalues desc, eigenvectors)`` of every covariance owner, each computed on one rank.
+def spread_spectra(covariances: Covariances, group: Any = None) -> Iterator[tuple[str, Spectrum]]:
+    """``(owner, (eigenvalues desc, eigenvectors))`` for every covariance owner in sorted order, each computed on one rank.
 
-    Every rank must hold the same (all-reduced) covariances. Without an initialised process
-    group (or with one rank) all spectra are computed locally. The result equals
-    ``{o: spectrum(covariances.covariance(o))}`` exactly: only the rank that computes differs.
+    Every rank must hold the same (all-reduced) covariances and consume the iterator to the end (the
+    broadcasts pair up across ranks). Each rank first decomposes the owners assigned to it, in parallel
+    with the others; then owner by owner the result is broadcast and yielded, and the computing rank drops
+    its copy. Drop each spectrum once used: on Qwen3-1.7B all of them together are 10.5 GiB of float64.
+    Without an initialised process group (or with one rank) the spectra are computed one by one here.
+    Each equals ``spectrum(covariances.covariance(owner))`` exactly: only the rank that computes differs.
     """
     owners = sorted(covariances.groups())
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return {o: spectrum(covariances.covariance(o)) for o in owners}
+        for o in owners:
+            yield o, spectrum(covariances.covariance(o))
+        return
     me, world = dist.get_rank(group), dist.get_world_size(group)
     plan = assign_owners({o: covariances.sums[o].shape[0] for o in owners}, world)
-    out: dict[str, Spectrum] = {}
-    for o in owners:  # same order on every rank: the broadcasts pair up
-        cov = covariances.covariance(o)
+    mine = {o: tuple(t.contiguous() for t in spectrum(covariances.covariance(o))) for o in owners if plan[o] == me}
+    for o in owners:
         if plan[o] == me:
-            evals, evecs = spectrum(cov)
-            evals, evecs = evals.contiguous(), evecs.contiguous()
+            evals, evecs = mine.pop(o)
         else:
-            d = cov.shape[0]
-            evals = torch.empty(d, dtype=torch.float64, device=cov.device)
-            evecs = torch.empty(d, d, dtype=torch.float64, device=cov.device)
+            d, device = covariances.sums[o].shape[0], covariances.sums[o].device
+            evals = torch.empty(d, dtype=torch.float64, device=device)
+            evecs = torch.empty(d, d, dtype=torch.float64, device=device)
         src = plan[o] if group is None else dist.get_global_rank(group, plan[o])
         dist.broadcast(evals, src=src, group=group)
         dist.broadcast(evecs, src=src, group=group)
-        out[o] = (evals, evecs)
-    return out
+        yield o, (evals, evecs)
 
 
 # ---------------------------------------------------------------------------- FSDP2 rows

@@ -25,15 +25,22 @@ D_IN, D_HID, D_OUT, SPAN, GLOBAL_BATCH, N_TASK = 16, 24, 5, 5, 32, 256  # fc2: 5
 
 
 class Net(pl.LightningModule):
-    """fc1 -> tanh -> fc2, MSE; AdamW with weight decay. ``fsdp2``: ``fully_shard`` each Linear, then the root."""
+    """fc1 -> tanh -> fc2, MSE; AdamW with weight decay. ``fsdp2``: ``fully_shard`` each Linear, then the root.
 
-    def __init__(self, fsdp2: bool = False, lr: float = 3e-2, weight_decay: float = 0.1) -> None:
+    ``lazy``: the same Linears (same initial weights) are attached only in ``configure_model``, as large models are built.
+    """
+
+    def __init__(self, fsdp2: bool = False, lazy: bool = False, lr: float = 3e-2, weight_decay: float = 0.1) -> None:
         super().__init__()
         self.fsdp2, self.lr, self.weight_decay = fsdp2, lr, weight_decay
-        self.fc1 = nn.Linear(D_IN, D_HID)
-        self.fc2 = nn.Linear(D_HID, D_OUT)
+        layers = nn.Linear(D_IN, D_HID), nn.Linear(D_HID, D_OUT)
+        self._lazy_layers = list(layers) if lazy else []  # a plain list: not registered until configure_model
+        if not lazy:
+            self.fc1, self.fc2 = layers
 
     def configure_model(self) -> None:
+        if self._lazy_layers and not hasattr(self, "fc1"):
+            self.fc1, self.fc2 = self._lazy_layers
         if not self.fsdp2:
             return
         from torch.distributed.fsdp import fully_shard
@@ -92,9 +99,9 @@ class Forbidden:
         raise AssertionError("FORA re-ran calibration on resume instead of restoring its bases from the checkpoint")
 
 
-def initial_net(fsdp2: bool = False) -> Net:
+def initial_net(fsdp2: bool = False, lazy: bool = False) -> Net:
     torch.manual_seed(0)
-    return Net(fsdp2=fsdp2)
+    return Net(fsdp2=fsdp2, lazy=lazy)
 
 
 def make_strategy(cfg: dict[str, Any]) -> Any:
@@ -190,7 +197,7 @@ def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None
         precision=cfg.get("precision", "32-true"), max_steps=steps, callbacks=[fora], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
     )
-    trainer.fit(initial_net(fsdp2=cfg["strategy"] == "fsdp2"), task_loader(world), ckpt_path=ckpt_path)
+    trainer.fit(initial_net(fsdp2=cfg["strategy"] == "fsdp2", lazy=cfg.get("lazy", False)), task_loader(world), ckpt_path=ckpt_path)
     return trainer, fora
 
 
@@ -228,7 +235,7 @@ def sharded_functions(world: int) -> dict[str, Any]:
     for i, d in enumerate((6, 9, 4)):
         x = torch.randn(50, d, generator=gen, dtype=torch.float64)
         cov.sums[f"l{i}"], cov.counts[f"l{i}"], cov.owner[f"l{i}"] = x.T @ x, 50, f"l{i}"
-    out["spectra"] = {"covariances": cov, "spectra": spread_spectra(cov)}
+    out["spectra"] = {"covariances": cov, "spectra": dict(spread_spectra(cov))}
     return out
 
 

@@ -24,6 +24,9 @@ STEPS, RESUMED = 8, 16  # 8 steps = one epoch of 256 samples at global batch 32:
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "ddp": {"strategy": "ddp", "save": True},  # its checkpoint is resumed on one process below
+    # layers that exist only once configure_model has run (FORA.setup runs before it)
+    "ddp_layers_in_configure_model": {"strategy": "ddp", "lazy": True},
+    "fsdp2_layers_in_configure_model": {"strategy": "fsdp2", "lazy": True},
     "fsdp2_sharded_ckpt": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True},
     "fsdp2_full_ckpt": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True},
     "fsdp1_orig_params_full_ckpt": {"strategy": "fsdp1", "use_orig_params": True, "state_dict_type": "full", "resume": True},
