@@ -9,7 +9,7 @@ ships inside that wheel). Writes:
 - ``assets/smollm2/scan/{train,test}.jsonl``: the new task, SCAN (Lake & Baroni 2018) generated here from its
   published grammar (``turn``, ``opposite``, ``around``, ``twice``/``thrice``, ``and``/``after``), commands
   with at most 8 actions;
-- ``assets/smollm2/arithmetic/{calibration,test}.jsonl``: 2-shot small-number addition; every prompt draws
+- ``assets/smollm2/arithmetic/{calibration,test}.jsonl``: 2-shot addition of numbers below 20; every prompt draws
   its own two examples, so calibration and test prompts share no long identical prefix;
 - ``assets/smollm2/calibration.jsonl``: both kept capabilities' calibration texts, shuffled (``text``);
 - ``assets/smollm2/dialogue/{calibration,test}.jsonl``: English chat prompts (no system prompt, so no long
@@ -85,13 +85,17 @@ def scan_prompt(command: str) -> str:
 
 # ------------------------------------------------------------------ arithmetic
 def addition_prompt(rng: random.Random) -> tuple[str, str]:
-    """Two solved examples and a question, all ``a + b`` with ``0 <= a, b < 50``."""
+    """Two solved examples and a question, all ``a + b = `` with ``0 <= a, b < 20``.
+
+    The bare ``a + b = c`` lines are the format the base model knows: about half its answers are right,
+    against 14-25% for ``Q: ... A:`` prompts or operands up to 50 (measured on 40 items each).
+    """
     def item() -> tuple[int, int]:
-        return rng.randrange(50), rng.randrange(50)
+        return rng.randrange(20), rng.randrange(20)
 
     shots = [item() for _ in range(2)]
     a, b = item()
-    text = "".join(f"Q: {x} + {y} = ? A: {x + y}\n" for x, y in shots) + f"Q: {a} + {b} = ? A:"
+    text = "".join(f"{x} + {y} = {x + y}\n" for x, y in shots) + f"{a} + {b} ="
     return text, str(a + b)
 
 
