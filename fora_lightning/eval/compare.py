@@ -57,6 +57,7 @@ LABELS = {
     "weight_projection": "weight-space projection (matched k)", "random": "random subspace (matched k)",
     "fora": "FORA", "fora_lora": "FORA-LoRA",
 }
+MARKERS = {"plain_ft": "o", "lora": "s", "l2sp": "^", "ewc": "v", "weight_projection": "D", "random": "X", "fora": "*", "fora_lora": "P"}
 METRICS = ("exact_match", "perplexity")
 
 
@@ -315,10 +316,11 @@ def plot(results: dict[str, Any], setting: Setting, path: Path) -> None:
     scale = {m: (100.0 if m == "exact_match" else 1.0) for m in METRICS}
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     methods = results["methods"]
-    for name, r in methods.items():
+    for i, (name, r) in enumerate(methods.items()):
         x, y = r["new_task"] * scale[setting.new_task.metric], r["preserved"] * scale[setting.preserved.metric]
-        ax.scatter(x, y, s=90 if name.startswith("fora") else 50, marker="*" if name.startswith("fora") else "o",
-                   label=LABELS[name], zorder=3, alpha=0.85)
+        color = f"C{i}"  # baselines hollow, each its own marker, so that coinciding points stay visible
+        ax.scatter(x, y, s=140 if name.startswith("fora") else 70, marker=MARKERS[name], label=LABELS[name], zorder=3,
+                   facecolors=color if name.startswith("fora") else "none", edgecolors=color, linewidths=1.5)
     base = next(iter(methods.values()))["preserved_base"] * scale[setting.preserved.metric]
     ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model (preserved)")
     unit = {"exact_match": " (%)", "perplexity": ""}
