@@ -19,7 +19,7 @@ from fora_lightning.core.covariance import Covariances, collect_covariances, eva
 from fora_lightning.core.distributed import RankShare, spread_spectra
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, estimate_subspaces, format_summary
 from fora_lightning.core.capabilities import (
-    capability_weights, captured_energy, combine_covariances, extend_subspace, union_spectra,
+    GrownBasis, capability_weights, captured_energy, combine_covariances, extend_subspace, grow_basis, union_spectra,
 )
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
@@ -307,14 +307,17 @@ class FORA(Callback):
         combined, per, info = self._calibrate_capabilities(trainer, pl_module, calibration, step)
         merged: dict[str, LayerSubspace] = {}
         added: dict[str, int] = {}
+        grown: dict[tuple[str, int], GrownBasis] = {}  # layers reading one input with one basis tensor grow it once
         for name, sub in self.subspaces.items():
             weight = self._targets[name].weight.detach()
             weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
             if tuple(weight.shape) != (sub.d_out, sub.d_in):
                 raise ValueError(f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process")
+            cov, key = combined.covariance(name), (combined.owner[name], sub.basis.data_ptr())
+            if key not in grown:
+                grown[key] = grow_basis(sub, cov, self.config.energy, self.config.max_rank, allow_complement=self.mode == "gradient")
             merged[name], added[name] = extend_subspace(
-                sub, weight, combined.covariance(name), self.config.energy, self.config.weight_rank, self.config.max_rank,
-                allow_complement=self.mode == "gradient",
+                sub, weight, cov, self.config.energy, self.config.weight_rank, self.config.max_rank, grown=grown[key]
             )
             if self.mode == "update":
                 merged[name].attach_anchors(weight)

@@ -89,3 +89,28 @@ def test_tiny_llama_update_mode_confines_change_to_spectral_channel():
         assert leak < 1e-5, name
         plain_leak = relative_leakage(plain_mods[name].weight - w0, w0, x_span)
         assert plain_leak > 0.1 and plain_leak > 1e3 * leak, name
+
+
+def test_extend_grows_a_shared_input_once_and_as_each_layer_alone_would():
+    """q/k/v read one input with one basis tensor: FORA.extend grows it once, and the result equals per-layer growth."""
+    from fora_lightning.core.capabilities import extend_subspace
+
+    model = TinyLM()
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj"]
+    calibration = _batches(4, seed=1, low=0, high=VOCAB // 2)
+    train = [dict(b, labels=b["input_ids"]) for b in _batches(4, seed=2, low=VOCAB // 2, high=VOCAB)]
+    cb = FORA(calibration=calibration, target_modules=targets, energy=0.9, weight_rank=2, progress=False)
+    trainer = tiny_trainer(max_steps=4, callbacks=[cb])
+    trainer.fit(model, DataLoader(train, batch_size=None))
+    before = dict(cb.subspaces)
+    new_task = _batches(4, seed=3, low=VOCAB // 2, high=VOCAB)
+    merged = cb.extend(trainer, model, calibration=new_task)
+    qkv = [f"model.model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert merged[qkv[0]].basis is merged[qkv[1]].basis is merged[qkv[2]].basis
+    assert merged[qkv[0]].k > before[qkv[0]].k
+    covariances = cb.calibrate(trainer, model, new_task)
+    for name in (qkv[1], "model.model.layers.1.mlp.up_proj"):
+        weight = cb._targets[name].weight.detach()
+        alone, _ = extend_subspace(before[name], weight, covariances.covariance(name), 0.9, 2)
+        torch.testing.assert_close(merged[name].basis @ merged[name].basis.T, alone.basis @ alone.basis.T, atol=1e-5, rtol=0)
+        assert merged[name].k == alone.k

@@ -16,6 +16,7 @@ Plain torch: no Lightning import.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -219,6 +220,33 @@ def union_spectra(
     return spectra, {layer: ks[o] for layer, o in first.owner.items()}
 
 
+@dataclass(frozen=True)
+class GrownBasis:
+    """The weight-independent half of :func:`extend_subspace`: one per shared input (q/k/v, gate/up)."""
+
+    basis: Tensor  # float32, Q or its complement
+    complement: bool
+    k: int
+    k_new: int
+    energy: float
+    spectrum: Tensor  # eigenvalues of the new covariance, float32
+
+
+def grow_basis(sub: LayerSubspace, cov: Tensor, energy: float = 0.99, max_rank: int | None = None,
+               allow_complement: bool = False) -> GrownBasis:
+    """``sub``'s Q grown by :func:`gpm_extend` with ``cov`` (``max_rank`` caps the merged k)."""
+    q = complement_basis(sub.basis) if sub.complement else sub.basis
+    max_new = None if max_rank is None else max(0, max_rank - q.shape[1])
+    merged, k_new = gpm_extend(q.to(cov.device), cov, energy, max_new)
+    k = merged.shape[1]
+    complement = allow_complement and k > sub.d_in / 2
+    evals, _ = spectrum(cov)
+    return GrownBasis(
+        basis=(complement_basis(merged) if complement else merged).float().contiguous(), complement=complement, k=k,
+        k_new=k_new, energy=captured_energy(merged, cov), spectrum=evals.float(),
+    )
+
+
 def extend_subspace(
     sub: LayerSubspace,
     weight: Tensor,
@@ -227,25 +255,22 @@ def extend_subspace(
     weight_rank: int = 8,
     max_rank: int | None = None,
     allow_complement: bool = False,
+    grown: GrownBasis | None = None,
 ) -> tuple[LayerSubspace, int]:
     """One layer of a chained fine-tune: ``sub``'s Q grown by :func:`gpm_extend` with the new covariance.
 
     ``weight`` is the tuned weight (the next run's W0): ``U_r, S_r, V_r`` are recomputed from it.
     ``max_rank`` caps the merged k (old directions are never dropped). ``energy`` of the result is
-    the fraction of ``cov`` the merged span holds; ``spectrum`` is ``cov``'s. Returns ``(subspace, k_new)``.
+    the fraction of ``cov`` the merged span holds; ``spectrum`` is ``cov``'s. ``grown``: the
+    :func:`grow_basis` result when layers reading the same input (q/k/v) share it. Returns ``(subspace, k_new)``.
     """
-    q = complement_basis(sub.basis) if sub.complement else sub.basis
-    max_new = None if max_rank is None else max(0, max_rank - q.shape[1])
-    merged, k_new = gpm_extend(q.to(cov.device), cov, energy, max_new)
+    grown = grown if grown is not None else grow_basis(sub, cov, energy, max_rank, allow_complement)
     u, s, v = weight_triplets(weight, weight_rank)
     d_out, d_in = weight.shape
-    k = merged.shape[1]
-    complement = allow_complement and k > d_in / 2
-    evals, _ = spectrum(cov)
     return (
         LayerSubspace(
-            d_out=d_out, d_in=d_in, k=k, basis=(complement_basis(merged) if complement else merged).float().contiguous(),
-            complement=complement, u=u, s=s, v=v, energy=captured_energy(merged, cov), spectrum=evals.float(),
+            d_out=d_out, d_in=d_in, k=grown.k, basis=grown.basis, complement=grown.complement,
+            u=u, s=s, v=v, energy=grown.energy, spectrum=grown.spectrum,
         ),
-        k_new,
+        grown.k_new,
     )
