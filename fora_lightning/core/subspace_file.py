@@ -30,6 +30,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.core.targets import LORA_PARAMETERS
 
 FORMAT = "fora-subspaces"
 VERSION = 2
@@ -37,8 +38,6 @@ MIN_VERSION = 1
 _SEP = "::"
 _TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {"d_out", "d_in", "k", "complement", "energy"}
 _SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u"}
-# Parameters a FORA-LoRA wrapper adds (fora_lightning.lora.model.LORA_PARAMETERS; core does not import lora).
-_LORA_PARAMETERS = frozenset({"lora_A", "lora_B", "lora_delta"})
 # HF config entries that describe a run, not the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
@@ -92,7 +91,7 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     h = hashlib.sha256()
     n = 0
     for pname, p in model.named_parameters():
-        if pname.rpartition(".")[2] in _LORA_PARAMETERS:
+        if pname.rpartition(".")[2] in LORA_PARAMETERS:
             continue
         h.update(f"{pname.replace('.base_layer.', '.')}:{tuple(p.shape)};".encode())
         n += 1

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 TargetModules = str | Sequence[str]
+LORA_PARAMETERS = ("lora_A", "lora_B", "lora_delta")  # what a FORA-LoRA wrapper adds beside ``base_layer``
 
 
 def name_matches(name: str, target_modules: TargetModules) -> bool:

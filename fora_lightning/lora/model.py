@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fora_lightning.core.targets import TargetModules, find_targets, name_matches
+from fora_lightning.core.targets import LORA_PARAMETERS, TargetModules, find_targets, name_matches
 from fora_lightning.lora.layer import ForaLoraLinear
 
-LORA_PARAMETERS = ("lora_A", "lora_B", "lora_delta")
 
 
 def fora_lora_layers(model: nn.Module) -> dict[str, ForaLoraLinear]:
