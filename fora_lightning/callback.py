@@ -139,9 +139,7 @@ class FORA(Callback):
         when_targets_exist(pl_module, self.target_modules, lambda: self._select_targets(pl_module))
 
     def _select_targets(self, pl_module: LightningModule) -> None:
-        self._targets = find_targets(pl_module, self.target_modules)
-        if self.freeze_other:
-            self._freeze_non_targets(pl_module)
+        self._targets = select_targets(pl_module, self.target_modules, self.freeze_other, "FORA")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Register the post-step re-projection on every optimizer (once per fit)."""
@@ -393,9 +391,6 @@ class FORA(Callback):
             "weight_rank": c.weight_rank, "source": c.source, "mode": self.mode, "seed": c.seed,
         }
 
-    def _freeze_non_targets(self, pl_module: LightningModule) -> None:
-        freeze_non_targets(pl_module, self._targets, "FORA")
-
     def _to_device(self, device: torch.device) -> None:
         for sub in self.subspaces.values():
             sub.to(device)
@@ -454,6 +449,14 @@ def when_targets_exist(pl_module: LightningModule, target_modules: TargetModules
 def restore_configure_model(pl_module: LightningModule) -> None:
     """Drop the instance-level ``configure_model`` set by :func:`when_targets_exist` (a fit that never got there)."""
     pl_module.__dict__.pop("configure_model", None)
+
+
+def select_targets(pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str) -> dict[str, nn.Linear]:
+    """:func:`~fora_lightning.core.targets.find_targets`, then (``freeze_other``) :func:`freeze_non_targets`."""
+    targets = find_targets(pl_module, target_modules)
+    if freeze_other:
+        freeze_non_targets(pl_module, targets, who)
+    return targets
 
 
 def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Linear], who: str) -> None:

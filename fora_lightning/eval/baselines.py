@@ -9,8 +9,8 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from fora_lightning.callback import DEFAULT_TARGETS, freeze_non_targets, restore_configure_model, when_targets_exist
-from fora_lightning.core.targets import TargetModules, find_targets
+from fora_lightning.callback import DEFAULT_TARGETS, restore_configure_model, select_targets, when_targets_exist
+from fora_lightning.core.targets import TargetModules
 
 class TrainTargetsOnly(Callback):
     """Plain fine-tuning of the ``target_modules`` weights only (with ``freeze_other``, all else frozen).
@@ -30,9 +30,7 @@ class TrainTargetsOnly(Callback):
         when_targets_exist(pl_module, self.target_modules, lambda: self._select_targets(pl_module))
 
     def _select_targets(self, pl_module: LightningModule) -> None:
-        self._targets = find_targets(pl_module, self.target_modules)
-        if self.freeze_other:
-            freeze_non_targets(pl_module, self._targets, type(self).__name__)
+        self._targets = select_targets(pl_module, self.target_modules, self.freeze_other, type(self).__name__)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         restore_configure_model(pl_module)
