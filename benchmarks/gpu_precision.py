@@ -44,8 +44,7 @@ def main() -> int:
         if args.max_steps is not None:
             setting.trainer["max_steps"] = args.max_steps
         if args.limit is not None:
-            for s in (setting.preserved, setting.new_task, setting.heldout):
-                s.limit = min(s.limit or args.limit, args.limit)
+            setting.cap_limits(args.limit)
         setting.output_dir = str(args.out / precision)
         result = compare(setting, ["fora", "plain_ft"], progress=False)
         rows[precision] = {m: {c: r[c] for c in COLUMNS} for m, r in result["methods"].items()}

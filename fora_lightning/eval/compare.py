@@ -108,6 +108,11 @@ class Setting:
     output_dir: str = "results"
     threads: int | None = None
 
+    def cap_limits(self, limit: int) -> None:
+        """At most ``limit`` items in every evaluation set."""
+        for s in (self.preserved, self.new_task, self.heldout, *self.extra.values()):
+            s.limit = min(s.limit or limit, limit)
+
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> Setting:
         cfg = dict(cfg)
@@ -397,8 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         setting.output_dir = args.output
     if args.limit is not None:
-        for s in (setting.preserved, setting.new_task, setting.heldout, *setting.extra.values()):
-            s.limit = min(s.limit or args.limit, args.limit)
+        setting.cap_limits(args.limit)
     methods = args.methods.split(",") if args.methods else None
     compare(setting, methods, progress=not args.no_progress)
     return 0
