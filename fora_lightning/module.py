@@ -9,15 +9,15 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.core.hooks import DataHooks, ModelHooks
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from fora_lightning.callback import DEFAULT_TARGETS, FORA
-from fora_lightning.core.targets import TargetModules
+from fora_lightning.callback import FORA
+from fora_lightning.config import ForaConfig
 
 # Every hook and step the Trainer may call; the wrapper exposes exactly those the wrapped module overrides.
 _DELEGATED = tuple(n for cls in (ModelHooks, DataHooks) for n in vars(cls) if not n.startswith("_")) + (
@@ -48,47 +48,19 @@ class ForaModule(LightningModule):
     the wrapped module gets back its own ``hparams`` (its ``init_args`` over its signature's defaults),
     which LightningCLI overwrites with the outer config.
 
-    The remaining arguments are :class:`~fora_lightning.FORA`'s (see there; with ``extend_to`` the task just
-    learned is measured on the datamodule's training data); ``lora_rank`` / ``lora_alpha`` /
-    ``lora_dropout`` select and configure the parameter-efficient variant.
+    ``config`` is a :class:`~fora_lightning.ForaConfig` (in YAML: ``config: {energy: 0.95, weight_rank: 0}``);
+    keyword ``settings`` apply over it in Python (``ForaModule(m, energy=0.95)``). With ``extend_to`` the task just
+    learned is measured on the datamodule's training data; ``lora_rank`` selects the parameter-efficient variant.
     """
 
-    def __init__(
-        self,
-        module: LightningModule,
-        target_modules: TargetModules = DEFAULT_TARGETS,
-        energy: float = 0.99,
-        rank: int | dict[str, int] | None = None,
-        max_rank: int | None = None,
-        weight_rank: int = 8,
-        source: Literal["activations", "weights", "random"] = "activations",
-        mode: Literal["update", "gradient"] = "update",
-        freeze_other: bool = True,
-        subspaces: str | None = None,
-        covariance_dtype: Literal["float32", "float64"] = "float32",
-        seed: int = 0,
-        progress: bool = True,
-        capability_weights: dict[str, float] | None = None,
-        combine: Literal["covariance", "union"] = "covariance",
-        extend_to: str | None = None,
-        lora_rank: int | None = None,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, module: LightningModule, config: ForaConfig | None = None, **settings: Any) -> None:
         super().__init__()
         if not isinstance(module, LightningModule):
             raise TypeError(f"ForaModule(module=...) needs a LightningModule, got {type(module).__name__}")
         _restore_own_hparams(module)
         self.module = module
-        self.fora_args: dict[str, Any] = {
-            "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
-            "energy": energy, "rank": rank, "max_rank": max_rank, "weight_rank": weight_rank, "source": source,
-            "mode": mode, "freeze_other": freeze_other, "subspaces": subspaces, "covariance_dtype": covariance_dtype,
-            "seed": seed, "progress": progress, "capability_weights": capability_weights, "combine": combine,
-            "extend_to": extend_to,
-        }
-        self.lora_args: dict[str, Any] = {"lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
-        self.save_hyperparameters({"module": _describe(module), **self.fora_args, **self.lora_args})
+        self.config = ForaConfig.resolve(config, settings)
+        self.save_hyperparameters({"module": _describe(module), "config": self.config.to_dict()})
         for name in _DELEGATED:
             if is_overridden(name, module, LightningModule):
                 self._delegate(name)
@@ -121,15 +93,15 @@ class ForaModule(LightningModule):
 
     # ------------------------------------------------------------------ the callback
     def configure_callbacks(self) -> list[Callback]:
-        """The wrapped module's own callbacks, then ``FORA(**fora_args)`` or ``ForaLoRA(**fora_args, **lora_args)``."""
+        """The wrapped module's own callbacks, then ``FORA(config=...)`` (``ForaLoRA`` when ``lora_rank`` is set)."""
         own = self.module.configure_callbacks()
         own = [own] if isinstance(own, Callback) else list(own or [])
-        if self.lora_args["lora_rank"] is None:
-            fora: Callback = FORA(**self.fora_args)
+        if not self.config.is_lora:
+            fora: Callback = FORA(config=self.config)
         else:
             from fora_lightning.lora import ForaLoRA
 
-            fora = ForaLoRA(**self.fora_args, **self.lora_args)
+            fora = ForaLoRA(config=self.config)
         return [*own, fora]
 
     # ------------------------------------------------------------------ checkpoints: the wrapped module's own
@@ -148,7 +120,7 @@ class ForaModule(LightningModule):
         if self.module.hparams:
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = dict(self.module.hparams)
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_NAME] = getattr(self.module, "_hparams_name", "kwargs")
-        checkpoint[CHECKPOINT_KEY] = {"class_path": _class_path(type(self.module)), **self.fora_args, **self.lora_args}
+        checkpoint[CHECKPOINT_KEY] = {"class_path": _class_path(type(self.module)), "config": self.config.to_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.module.on_load_checkpoint(checkpoint)
@@ -174,32 +146,28 @@ class ForaModule(LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError(f"{checkpoint_path}: no '{CHECKPOINT_KEY}' entry; it was not written by a ForaModule fit")
-        meta = dict(meta)
-        class_path = meta.pop("class_path")
-        module_class = module_class or _imported_class(class_path, checkpoint_path)
-        settings = {**meta, **overrides}
-        if meta.get("lora_rank") is None:
+        module_class = module_class or _imported_class(meta["class_path"], checkpoint_path)
+        saved = ForaConfig.from_dict(meta.get("config", meta))  # checkpoints before ForaConfig kept the settings flat
+        config = ForaConfig.resolve(saved, overrides)
+        if not saved.is_lora:
             inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict)
         else:
-            _check_lora_overrides(meta, overrides, checkpoint_path)
-            inner = _load_lora_module(module_class, checkpoint_path, checkpoint["state_dict"], settings, map_location, strict)
-        return cls(inner, **settings)
+            _check_lora_overrides(saved, config, checkpoint_path)
+            inner = _load_lora_module(module_class, checkpoint_path, checkpoint["state_dict"], config, map_location, strict)
+        return cls(inner, config)
 
 
 # FORA-LoRA settings that fix the layers' state-dict shapes or their function: a checkpoint keeps its own.
 _LORA_STRUCTURE = ("target_modules", "lora_rank", "lora_alpha", "weight_rank")
 
 
-def _check_lora_overrides(meta: Mapping[str, Any], overrides: Mapping[str, Any], checkpoint_path: str | Path) -> None:
+def _check_lora_overrides(saved: ForaConfig, config: ForaConfig, checkpoint_path: str | Path) -> None:
     """Refuse overrides that would rebuild a FORA-LoRA checkpoint's layers differently from how they were trained."""
-    def norm(key: str, value: Any) -> Any:
-        return list(value) if key == "target_modules" and not isinstance(value, str) else value
-
-    changed = {k: overrides[k] for k in _LORA_STRUCTURE if k in overrides and norm(k, overrides[k]) != norm(k, meta[k])}
+    changed = {k: getattr(config, k) for k in _LORA_STRUCTURE if getattr(config, k) != getattr(saved, k)}
     if changed:
-        saved = {k: meta[k] for k in changed}
+        kept = {k: getattr(saved, k) for k in changed}
         raise ValueError(
-            f"{checkpoint_path}: a FORA-LoRA checkpoint is rebuilt with its saved layer settings {saved}, not {changed}; "
+            f"{checkpoint_path}: a FORA-LoRA checkpoint is rebuilt with its saved layer settings {kept}, not {changed}; "
             "to train it differently, merge_lora(ForaModule.load_from_checkpoint(path).module) and wrap the merged module"
         )
 
@@ -208,7 +176,7 @@ def _load_lora_module(
     module_class: type[LightningModule],
     checkpoint_path: str | Path,
     state_dict: Mapping[str, Any],
-    settings: Mapping[str, Any],
+    config: ForaConfig,
     map_location: Any,
     strict: bool | None,
 ) -> LightningModule:
@@ -220,10 +188,7 @@ def _load_lora_module(
         # the missing base weights / unexpected LoRA keys, all loaded below once the layers exist
         warnings.filterwarnings("ignore", message="Found keys that are (not )?in the model state dict")
         inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False)
-    inject_fora_lora(
-        inner, settings["target_modules"], settings["lora_rank"], settings["lora_alpha"], settings["lora_dropout"],
-        settings["weight_rank"],
-    )
+    inject_fora_lora(inner, config.target_modules, config.lora_rank, config.lora_alpha, config.lora_dropout, config.weight_rank)
     inner.load_state_dict(state_dict, strict=inner.strict_loading if strict is None else strict)
     return inner
 

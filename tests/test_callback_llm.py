@@ -72,7 +72,7 @@ def test_tiny_llama_update_mode_confines_change_to_spectral_channel():
     plain = copy.deepcopy(base)
     tiny_trainer(max_steps=120).fit(plain, DataLoader(train, batch_size=None))
 
-    groups = {n: m for n, m in cb._targets.items()}
+    groups = {n: m for n, m in cb.protection.targets.items()}
     assert {n.rsplit(".", 1)[-1] for n in groups} == set(targets)
     held_out = _layer_inputs(base, _batches(3, seed=7, low=0, high=VOCAB // 2), list(groups))
     base_mods, plain_mods = dict(base.named_modules()), dict(plain.named_modules())
@@ -108,9 +108,9 @@ def test_extend_grows_a_shared_input_once_and_as_each_layer_alone_would():
     qkv = [f"model.model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     assert merged[qkv[0]].basis is merged[qkv[1]].basis is merged[qkv[2]].basis
     assert merged[qkv[0]].k > before[qkv[0]].k
-    covariances = cb.calibrate(trainer, model, new_task)
+    covariances = cb.protection.calibrate(trainer, model, new_task)
     for name in (qkv[1], "model.model.layers.1.mlp.up_proj"):
-        weight = cb._targets[name].weight.detach()
+        weight = cb.protection.targets[name].weight.detach()
         alone, _ = extend_subspace(before[name], weight, covariances.covariance(name), 0.9, 2)
         torch.testing.assert_close(merged[name].basis @ merged[name].basis.T, alone.basis @ alone.basis.T, atol=1e-5, rtol=0)
         assert merged[name].k == alone.k

@@ -40,7 +40,7 @@ def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):
         "fit", "--config", str(ROOT / "configs/wrap_existing.yaml"),
         "--trainer.max_steps", "30", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.init_args.progress", "false",
+        "--model.init_args.config.progress", "false",
     ])
     wrapped, data = cli.model, cli.datamodule
     assert isinstance(wrapped, ForaModule) and isinstance(wrapped.module, Regressor)
@@ -67,14 +67,14 @@ def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):
     assert bare.hparams.lr == 0.03 and bare.hparams.d_hidden == 32
     torch.testing.assert_close(bare.fc1.weight, fc1)
     again = ForaModule.load_from_checkpoint(path)
-    assert again.fora_args["target_modules"] == ["fc1", "fc2"] and again.fora_args["weight_rank"] == 2
+    assert again.config.target_modules == ["fc1", "fc2"] and again.config.weight_rank == 2
     torch.testing.assert_close(again.module.fc2.weight, wrapped.module.fc2.weight)
 
 
 def test_overrides_and_interpolation(capsys):
     cfg = print_config(["fit", "--config", str(ROOT / "configs/wrap_existing.yaml"),
-                        "--model.init_args.energy", "0.9", "--model.init_args.module.init_args.d_in", "12"], capsys)
-    assert cfg["model"]["init_args"]["energy"] == 0.9
+                        "--model.init_args.config.energy", "0.9", "--model.init_args.module.init_args.d_in", "12"], capsys)
+    assert cfg["model"]["init_args"]["config"]["energy"] == 0.9
     assert cfg["data"]["init_args"]["d_in"] == 16  # interpolated when the YAML was read, before the override
 
 

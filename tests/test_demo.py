@@ -83,7 +83,7 @@ def test_demo_config_end_to_end(tmp_path, monkeypatch):
         "fit", "--config", str(small),
         "--trainer.max_steps", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.init_args.progress", "false",
+        "--model.init_args.config.progress", "false",
     ])
     assert isinstance(cli.model, ForaModule) and cli.trainer.global_step == 2
     assert any(isinstance(c, FORA) for c in cli.trainer.callbacks)

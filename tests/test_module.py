@@ -80,7 +80,7 @@ def test_checkpoint_loads_into_bare_class_and_wrapper(tmp_path):
         torch.testing.assert_close(bare.state_dict()[k], v)
     again = ForaModule.load_from_checkpoint(path, weight_rank=3)
     assert isinstance(again.module, UserMLP) and again.module.hparams.lr == 5e-2
-    assert again.fora_args["energy"] == 0.95 and again.fora_args["weight_rank"] == 3
+    assert again.config.energy == 0.95 and again.config.weight_rank == 3
     torch.testing.assert_close(again.module.fc1.weight, wrapped.module.fc1.weight)
 
 
@@ -92,7 +92,7 @@ def test_lora_checkpoint_reloads_into_the_wrapper_and_merges_into_the_bare_class
     with torch.no_grad():
         tuned = wrapped(x)
     again = ForaModule.load_from_checkpoint(path).eval()
-    assert again.lora_args == {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0}
+    assert (again.config.lora_rank, again.config.lora_alpha, again.config.lora_dropout) == (4, 8.0, 0.0)
     assert isinstance(again.module.fc1, ForaLoraLinear) and again.module.fc1.ready
     assert again.module.fc1.k == wrapped.module.fc1.k > 0  # the basis buffer took the checkpoint's k
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_load_from_checkpoint_refuses_a_bare_checkpoint(tmp_path):
 
 def test_lora_rank_selects_fora_lora():
     cb = ForaModule(MLP(), target_modules=["fc1"], lora_rank=4, lora_alpha=8.0).configure_callbacks()[-1]
-    assert isinstance(cb, ForaLoRA) and (cb.lora_rank, cb.lora_alpha) == (4, 8.0)
+    assert isinstance(cb, ForaLoRA) and (cb.config.lora_rank, cb.config.lora_alpha) == (4, 8.0)
 
 
 def test_every_fora_setting_reaches_the_callback(tmp_path):
@@ -131,8 +131,8 @@ def test_every_fora_setting_reaches_the_callback(tmp_path):
         capability_weights={"a": 2.0, "b": 1.0}, extend_to=str(tmp_path / "ab.safetensors"),
     )
     cb = wrapped.configure_callbacks()[-1]
-    assert isinstance(cb, FORA) and cb.combine == "union" and cb.capability_weights == {"a": 2.0, "b": 1.0}
-    assert (cb.config.energy, cb.config.weight_rank, cb.mode, cb.extend_to) == (0.9, 3, "gradient", tmp_path / "ab.safetensors")
+    assert isinstance(cb, FORA) and cb.config.combine == "union" and cb.config.capability_weights == {"a": 2.0, "b": 1.0}
+    assert (cb.config.energy, cb.config.weight_rank, cb.config.mode, cb.config.extend_to) == (0.9, 3, "gradient", str(tmp_path / "ab.safetensors"))
 
 
 def test_rejects_a_plain_module():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -22,37 +22,47 @@ from torch import Tensor
 
 from fora_lightning.core.covariance import Covariances
 
-Source = Literal["activations", "weights", "random"]
+Source = Literal["activations", "weights", "random", "none"]
 RankSpec = int | Mapping[str, int] | None
 
 
 @dataclass
 class SubspaceConfig:
-    """How the bases are chosen (FORA.md, steps 2-3).
+    """How the bases are chosen (FORA.md, steps 2-3); each field's help says what it does."""
 
-    energy: keep the smallest k whose eigenvalues hold this fraction of the trace (GPM's rule).
-    rank: a fixed k instead (int, or per-layer mapping); overrides ``energy``.
-    max_rank: cap on k. weight_rank: r, the number of top singular triplets of W0 (0 disables
-    the left projector and the spectral channel). source: where Q comes from.
-    seed: for ``source="random"``.
-    """
-
-    energy: float = 0.99
-    rank: RankSpec = None
-    max_rank: int | None = None
-    weight_rank: int = 8
-    source: Source = "activations"
-    seed: int = 0
+    energy: float = field(
+        default=0.99, metadata={"help": "keep the smallest k whose eigenvalues hold this fraction of the trace (GPM's rule)"}
+    )
+    rank: RankSpec = field(
+        default=None, metadata={"help": "a fixed k instead of energy (int >= 1, or a per-layer mapping name -> k)"}
+    )
+    max_rank: int | None = field(default=None, metadata={"help": "cap on k (int >= 1)"})
+    weight_rank: int = field(
+        default=8,
+        metadata={"help": "r, top singular triplets of W0 protected (0 turns off the left projector and the channel)"},
+    )
+    source: Source = field(
+        default="activations",
+        metadata={"help": "'activations' (FORA), 'weights' (weight-space baseline), 'random' (control), 'none' (k = 0: plain LoRA)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of source='random'"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy must lie in (0, 1], got {self.energy}")
-        if self.source not in ("activations", "weights", "random"):
-            raise ValueError(f"source must be 'activations', 'weights' or 'random', got {self.source!r}")
-        if self.weight_rank < 0:
-            raise ValueError(f"weight_rank must be >= 0, got {self.weight_rank}")
-        if self.max_rank is not None and self.max_rank < 0:
-            raise ValueError(f"max_rank must be >= 0, got {self.max_rank}")
+        if self.source not in ("activations", "weights", "random", "none"):
+            raise ValueError(f"source must be 'activations', 'weights', 'random' or 'none', got {self.source!r}")
+        if not _is_int(self.weight_rank) or self.weight_rank < 0:
+            raise ValueError(f"weight_rank must be an int >= 0, got {self.weight_rank!r}")
+        if self.max_rank is not None and (not _is_int(self.max_rank) or self.max_rank < 1):
+            raise ValueError(f"max_rank must be an int >= 1 (or None for no cap), got {self.max_rank!r}: 0 protects nothing")
+        ranks = self.rank.items() if isinstance(self.rank, Mapping) else [("", self.rank)] if self.rank is not None else []
+        for layer, k in ranks:
+            where = f" for layer '{layer}'" if layer else ""
+            if not _is_int(k):
+                raise ValueError(f"rank must be a whole number of directions (or None to use energy), got {k!r}{where}")
+            if k < 1:
+                raise ValueError(f"rank must be >= 1 (or None to use energy), got {k}{where}: k = 0 protects nothing")
 
     def rank_for(self, name: str) -> int | None:
         if isinstance(self.rank, Mapping):
@@ -211,6 +221,8 @@ def build_subspace(
         q = v_all[:, :k].double()
         if k > v_all.shape[1]:
             q = torch.cat([q, complement_basis(v_all.double())[:, : k - v_all.shape[1]]], 1)
+    elif config.source == "none":
+        k, q = 0, torch.zeros(d_in, 0, dtype=torch.float64, device=weight.device)
     else:
         k_req = config.rank_for(name)
         if k_req is None:
@@ -294,3 +306,7 @@ def format_summary(subspaces: Mapping[str, LayerSubspace], model_param_bytes: in
         tail += f" ({100 * total / model_param_bytes:.2f}% of the model's parameter bytes)"
     rows.append(tail)
     return "\n".join(rows)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 TargetModules = str | Sequence[str]
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama/Qwen/Mistral names
 LORA_PARAMETERS = ("lora_A", "lora_B", "lora_delta")  # what a FORA-LoRA wrapper adds beside ``base_layer``
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from fora_lightning.callback import DEFAULT_TARGETS, restore_configure_model, select_targets, when_targets_exist
+from fora_lightning.core.targets import DEFAULT_TARGETS
+from fora_lightning.targeting import restore_configure_model, select_targets, when_targets_exist
 from fora_lightning.core.targets import TargetModules
 
 class TrainTargetsOnly(Callback):

@@ -212,7 +212,7 @@ def build_callback(name: str, args: dict[str, Any], targets: list[str] | str, fo
     if name == "fora_lora":
         return ForaLoRA(**args)
     if name == "lora":  # plain LoRA: FORA-LoRA with an empty protected input span (k = 0) and no channel (r = 0)
-        return ForaLoRA(**{**args, "source": "random", "rank": 0, "weight_rank": 0})
+        return ForaLoRA(**{**args, "source": "none", "weight_rank": 0})
     if fora_ks is None:
         raise ValueError(f"{name} needs FORA's per-layer k: run 'fora' first")
     source = "weights" if name == "weight_projection" else "random"

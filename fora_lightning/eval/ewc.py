@@ -27,10 +27,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fora_lightning.callback import DEFAULT_TARGETS
+from fora_lightning.core.targets import DEFAULT_TARGETS
 from fora_lightning.core.covariance import eval_mode
 from fora_lightning.core.targets import TargetModules
-from fora_lightning.callback import CalibrationSource, resolve_calibration
+from fora_lightning.calibration import CalibrationSource, resolve_calibration
 from fora_lightning.eval.l2sp import L2SP
 
 FisherKind = Literal["sampled", "empirical"]

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from fora_lightning.callback import DEFAULT_TARGETS
+from fora_lightning.core.targets import DEFAULT_TARGETS
 from fora_lightning.core.targets import TargetModules
 from fora_lightning.eval.baselines import TrainTargetsOnly
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from fora_lightning.callback import DEFAULT_TARGETS
+from fora_lightning.core.targets import DEFAULT_TARGETS
 from fora_lightning.core.targets import TargetModules, name_matches
 from fora_lightning.eval.metrics import CausalPerplexity, LayerLeakage, TokenKL
 from fora_lightning.eval.report import find_hf_model

@@ -181,9 +181,9 @@ def full_weights(trainer: pl.Trainer, fora: FORA, cfg: dict[str, Any]) -> dict[s
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
-            return {n: m.weight.detach().cpu().clone() for n, m in fora._targets.items()}
+            return {n: m.weight.detach().cpu().clone() for n, m in fora.protection.targets.items()}
     out = {}
-    for n, m in fora._targets.items():
+    for n, m in fora.protection.targets.items():
         w = m.weight.detach()
         out[n] = (w.full_tensor() if hasattr(w, "full_tensor") else w).cpu().clone()
     return out

@@ -46,7 +46,7 @@ class _CountingFORA(W.FORA):
         self.grad_dtypes: set[torch.dtype] = set()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grad_dtypes.update(m.weight.grad.dtype for m in self._targets.values() if m.weight.grad is not None)
+        self.grad_dtypes.update(m.weight.grad.dtype for m in self.protection.targets.values() if m.weight.grad is not None)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:

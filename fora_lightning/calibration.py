@@ -1,0 +1,91 @@
+"""Calibration: run the kept capability's label-free batches through the model and collect input covariances.
+
+Each rank runs its share of the batches (:class:`~fora_lightning.core.distributed.RankShare`) through the
+strategy's wrapped model under the precision plugin's forward context, as training would; the sums and token
+counts are then all-reduced, so every rank holds ``C = (1/N) sum_t x_t x_t^T`` over all batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies.strategy import _ForwardRedirection
+from torch import nn
+
+from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
+from fora_lightning.core.distributed import RankShare
+
+CalibrationSource = Iterable[Any] | Mapping[str, Iterable[Any]] | Callable[[], Iterable[Any]] | None
+COVARIANCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_calibration(calibration: CalibrationSource, trainer: Trainer, pl_module: LightningModule) -> Any:
+    """``calibration`` (called if it is a factory), else ``trainer.datamodule.calibration_dataloader()``,
+    else ``pl_module.calibration_dataloader()``; either may be a loader or a mapping ``name -> loader``."""
+    if calibration is not None:
+        return calibration() if callable(calibration) and not hasattr(calibration, "__iter__") else calibration
+    for owner in (trainer.datamodule, pl_module):
+        fn = getattr(owner, "calibration_dataloader", None)
+        if callable(fn):
+            return fn()
+    raise ValueError(
+        "FORA found no calibration data. It looked at FORA(calibration=...) (None), "
+        f"trainer.datamodule.calibration_dataloader() ({'no datamodule' if trainer.datamodule is None else 'not defined'}) "
+        f"and {type(pl_module).__name__}.calibration_dataloader() (not defined). Pass a DataLoader of the capability to keep"
+    )
+
+
+def calibrate(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    targets: Mapping[str, nn.Linear],
+    loader: Iterable[Any],
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> Covariances:
+    """Covariances of every target's input over this rank's share of ``loader``, summed over ranks."""
+    forward = calibration_forward(pl_module, trainer.strategy.model)
+
+    def step(batch: Any) -> None:
+        with trainer.precision_plugin.forward_context():
+            forward(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))  # bf16-true: cast inputs
+
+    share = RankShare(loader, trainer.global_rank, trainer.world_size)
+    covariances = collect_covariances(pl_module, targets, share, step, dtype=dtype, progress=progress and trainer.is_global_zero)
+    if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
+        for o in covariances.sums:
+            covariances.sums[o].zero_()
+            covariances.counts[o] = 0
+    if share.padding:  # FSDP/DDP forwards are collectives: every rank runs ceil(n / world_size) of them
+        with eval_mode(trainer.strategy.model), torch.no_grad():
+            for _ in range(share.padding):
+                step(share.filler())
+    if share.sharded:
+        covariances.all_reduce_()
+    return covariances
+
+
+def calibration_forward(pl_module: LightningModule, wrapper: nn.Module | None = None) -> Callable[[Any], Any]:
+    """``calibration_step(batch)`` if the module defines it, else ``module(**batch)`` / ``(*batch)`` / ``(batch)``.
+
+    With a strategy ``wrapper`` (DDP, FSDP1) the call goes through the wrapper's ``forward``, as Lightning
+    routes ``training_step``: a bare FSDP1 module only holds shards.
+    """
+    call: nn.Module = wrapper if wrapper is not None else pl_module
+    step = getattr(pl_module, "calibration_step", None)
+    if callable(step):
+        if call is pl_module:
+            return step
+        return lambda batch: _ForwardRedirection()(call, pl_module, "calibration_step", batch)
+
+    def forward(batch: Any) -> Any:
+        if isinstance(batch, Mapping):
+            return call(**batch)
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes, torch.Tensor)):
+            return call(*batch)
+        return call(batch)
+
+    return forward

@@ -1,0 +1,124 @@
+"""ForaConfig: every FORA setting, in one place (as PEFT's ``LoraConfig``).
+
+One dataclass is read by the :class:`~fora_lightning.FORA` and :class:`~fora_lightning.ForaLoRA` Callbacks,
+by :class:`~fora_lightning.ForaModule` (and so by LightningCLI, which shows each field with its help), and
+written to the Callback's ``state_dict``, the subspace file's header and ``ForaModule`` checkpoints. The
+fields that choose the bases come from :class:`~fora_lightning.core.subspace.SubspaceConfig` (the math's
+own settings, no Lightning); this class adds those of the training glue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from fora_lightning.core.subspace import SubspaceConfig
+from fora_lightning.core.targets import DEFAULT_TARGETS
+
+Mode = Literal["update", "gradient"]
+# settings that change which bases are estimated or how the update is constrained (compared on reuse)
+BASIS_SETTINGS = ("target_modules", "energy", "rank", "max_rank", "weight_rank", "source", "seed", "mode", "combine")
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ForaConfig(SubspaceConfig):
+    """FORA's settings. ``ForaConfig(energy=0.95, target_modules=["q_proj", "v_proj"])``.
+
+    The basis fields (``energy``, ``rank``, ``max_rank``, ``weight_rank``, ``source``, ``seed``) are
+    :class:`~fora_lightning.core.subspace.SubspaceConfig`'s; see there.
+    """
+
+    target_modules: str | list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata=_help("module-name suffixes matched on '.' boundaries, or one regex string (re.fullmatch)"),
+    )
+    mode: Mode = field(
+        default="update",
+        metadata=_help("'update': project gradients and re-project weights after each step; 'gradient': gradients only"),
+    )
+    freeze_other: bool = field(
+        default=True, metadata=_help("freeze every parameter that is not a target weight (biases, norms, embeddings)")
+    )
+    subspaces: str | None = field(
+        default=None, metadata=_help("a subspace file to load bases from when it exists, else to save them to")
+    )
+    covariance_dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata=_help("dtype of the covariance accumulators")
+    )
+    progress: bool = field(default=True, metadata=_help("show a progress bar during calibration (rank 0)"))
+    capability_weights: dict[str, float] | None = field(
+        default=None, metadata=_help("name -> weight of each kept capability (default: equal)")
+    )
+    combine: Literal["covariance", "union"] = field(
+        default="covariance",
+        metadata=_help("several capabilities: 'covariance' (basis of the combined C) or 'union' (of per-capability bases)"),
+    )
+    extend_to: str | None = field(
+        default=None, metadata=_help("after fit, extend the subspaces with the task just learned and write them here")
+    )
+    lora_rank: int | None = field(
+        default=None, metadata=_help("None: full fine-tuning (FORA); an int: FORA-LoRA with this LoRA rank")
+    )
+    lora_alpha: float = field(default=16.0, metadata=_help("FORA-LoRA scale numerator: the update is (alpha/rank) B A"))
+    lora_dropout: float = field(default=0.0, metadata=_help("FORA-LoRA dropout on the adapter's input"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (tuple, list)):
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str):
+            raise TypeError(f"target_modules must be a list of names or one regex string, got {self.target_modules!r}")
+        if isinstance(self.rank, Mapping):
+            self.rank = dict(self.rank)
+        if self.capability_weights is not None:
+            self.capability_weights = dict(self.capability_weights)
+        _choice("mode", self.mode, ("update", "gradient"))
+        _choice("covariance_dtype", self.covariance_dtype, ("float32", "float64"))
+        _choice("combine", self.combine, ("covariance", "union"))
+        for name in ("subspaces", "extend_to"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(value))
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise ValueError(f"lora_rank must be an int >= 1 (or None for full fine-tuning), got {self.lora_rank!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_rank is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML types (lists and dicts), as stored in checkpoints and subspace files."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ForaConfig:
+        """The inverse of :meth:`to_dict`; keys that are not settings (e.g. a checkpoint's ``class_path``) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def resolve(cls, config: ForaConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> ForaConfig:
+        """``config`` (a ForaConfig or its dict; ``None``: the defaults) with keyword ``overrides`` applied.
+
+        An unknown keyword raises ``TypeError`` naming the valid ones, as a constructor would.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown FORA setting(s) {unknown}; the settings are: {', '.join(sorted(names))}")
+        base = cls() if config is None else config if isinstance(config, ForaConfig) else cls.from_dict(config)
+        return replace(base, **overrides) if overrides else base
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        names = [repr(a) for a in allowed]
+        raise ValueError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
