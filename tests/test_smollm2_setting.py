@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fora_lightning.eval.compare import METHODS, load_setting
+from tiny_lm import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets" / "smollm2"
@@ -59,7 +60,10 @@ def test_addition_prompt_draws_its_own_examples_and_answer() -> None:
 
 def test_calibration_and_evaluation_share_no_long_prefix() -> None:
     """Identical prefixes give identical activations under causal attention: only the chat header may repeat."""
-    calibration = [r["text"] for r in _rows(ASSETS / "calibration.jsonl")]
+    chat = word_tokenizer()
+    chat.chat_template = _script().CHAT_TEMPLATE  # what the exported SmolLM2 tokenizer renders with
+    calibration = [r["prompt"] for r in _rows(ASSETS / "arithmetic" / "calibration.jsonl")]
+    calibration += [chat.apply_chat_template(r["messages"], tokenize=False) for r in _rows(ASSETS / "dialogue" / "calibration.jsonl")]
     evaluation = [r["prompt"] for name in ("arithmetic/test.jsonl", "dialogue/test.jsonl") for r in _rows(ASSETS / name)]
     header = "<|im_start|>user\n"
 
@@ -81,4 +85,16 @@ def test_the_config_loads_with_every_method_and_its_files() -> None:
     assert set(setting.methods) == set(METHODS)
     for spec in (setting.preserved, setting.new_task, setting.heldout, *setting.extra.values()):
         assert (ROOT / spec.path).is_file(), spec.path
-    assert (ROOT / setting.data["preserve"]["path"]).is_file()
+    assert [s.get("messages_field") for s in setting.data["preserve"]] == [None, "messages"]
+    for source in setting.data["preserve"]:
+        assert (ROOT / source["path"]).is_file(), source["path"]
+
+
+def test_chat_template_renders_the_prompts_the_setting_evaluates() -> None:
+    """The chat template reproduces the committed evaluation prompts (SmolLM2's ChatML, no system prompt)."""
+    chat = word_tokenizer()
+    chat.chat_template = _script().CHAT_TEMPLATE
+    for row in _rows(ASSETS / "dialogue" / "test.jsonl"):
+        question = row["prompt"].split("\n", 1)[1].split("<|im_end|>")[0]
+        rendered = chat.apply_chat_template(_script().chat_messages(question), tokenize=False, add_generation_prompt=True)
+        assert rendered == row["prompt"]

@@ -58,3 +58,46 @@ def keep_rows(n: int = 24) -> list[dict[str, str]]:
     """The capability to keep: 'translate one' -> 'a' style rows (question / answer fields)."""
     nums = ["one", "two", "three", "four", "five"]
     return [{"question": f"translate {nums[i % 5]} {'abcdefgh'[(i // 5) % 8]} :", "answer": "abcde"[i % 5]} for i in range(n)]
+
+
+# ChatML, as SmolLM2 and Qwen write it (without a default system prompt)
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHAT_WORDS = ["system", "user", "assistant", "be", "brief", "hi", "hello", "bye", "ok"]
+
+
+def chat_word_tokenizer() -> PreTrainedTokenizerFast:
+    """:func:`word_tokenizer` plus ChatML: ids = position in SPECIALS + WORDS + CHAT_SPECIALS + CHAT_WORDS."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + CHAT_SPECIALS + CHAT_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]",
+        additional_special_tokens=CHAT_SPECIALS,
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def chat_tid(word: str) -> int:
+    """The id of ``word`` in :func:`chat_word_tokenizer`."""
+    return (SPECIALS + WORDS + CHAT_SPECIALS + CHAT_WORDS).index(word)
+
+
+def chat_bpe_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained here on ``texts`` (merges cross the turn boundaries), with ChatML."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", *CHAT_SPECIALS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", additional_special_tokens=CHAT_SPECIALS)
+    fast.chat_template = CHATML
+    return fast

@@ -9,6 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fora_lightning.llm.chat import encode_chats
 from fora_lightning.llm.encoding import IGNORE_INDEX, PadCollator, encode_pairs
 from fora_lightning.llm.sources import TextSource, describe, load_source
 
@@ -23,13 +24,17 @@ class TextDataModule(LightningDataModule):
     * ``calibration_dataloader``: the rest of ``preserve`` (at most ``calibration_size`` rows), batches with
       ``input_ids`` and ``attention_mask`` only; the FORA Callback reads it.
 
-    Tokenisation goes through ``Dataset.map`` and is cached by ``datasets`` (in ``cache_dir``); batches are
-    padded to their longest row.
+    Rows are prompt/response pairs, or chat conversations (``TextSource(messages_field=...)``) rendered by the
+    tokenizer's chat template with labels on assistant turns only. ``preserve`` may be a list of sources
+    (e.g. plain prompts and chat conversations), concatenated and shuffled with ``seed``.
+
+    :meth:`prepare_data` (rank 0) downloads, formats and tokenises into the ``datasets`` cache (``cache_dir``);
+    :meth:`setup` (every rank) builds the same splits from that cache. Batches are padded to their longest row.
 
     Args:
         tokenizer: hub name or local directory of the model's tokenizer.
-        task / preserve / task_val: :class:`TextSource` of the new task, the capability to keep, and an
-            optional separate validation set of the new task.
+        task / preserve / task_val: :class:`TextSource` of the new task, the capability to keep (one source or a
+            list), and an optional separate validation set of the new task.
         task_val_size / preserve_val_size: rows held out for validation (int), or a fraction (float < 1); 0: none.
         calibration_size: cap on calibration rows. max_length: tokens per row (right truncation).
         add_bos / append_eos: add the tokenizer's ``bos``/``eos`` around each row (when it has them).
@@ -39,7 +44,7 @@ class TextDataModule(LightningDataModule):
         self,
         tokenizer: str,
         task: TextSource,
-        preserve: TextSource | None = None,
+        preserve: TextSource | list[TextSource] | None = None,
         task_val: TextSource | None = None,
         task_val_size: int | float = 0,
         preserve_val_size: int | float = 0.2,
@@ -59,7 +64,10 @@ class TextDataModule(LightningDataModule):
         if task_val is not None and task_val_size:
             raise ValueError("TextDataModule: give task_val or task_val_size, not both")
         self.tokenizer_path = tokenizer
-        self.task, self.preserve, self.task_val = (_as_source(s) for s in (task, preserve, task_val))
+        self.task, self.task_val = _as_source(task), _as_source(task_val)
+        self.preserve = [_as_source(s) for s in preserve] if isinstance(preserve, (list, tuple)) else _as_source(preserve)
+        if self.preserve == []:
+            raise ValueError("TextDataModule: preserve=[] holds no source; give at least one TextSource or None")
         self.task_val_size = task_val_size
         self.preserve_val_size = preserve_val_size
         self.calibration_size = calibration_size
@@ -89,10 +97,16 @@ class TextDataModule(LightningDataModule):
         return self._tokenizer
 
     # ------------------------------------------------------------------ building the splits
+    def prepare_data(self) -> None:
+        """Download, format and tokenise every source into the ``datasets`` cache; keeps no state (rank 0 only)."""
+        self._build()
+
     def setup(self, stage: str | None = None) -> None:
-        """Load, format and tokenise every source once (idempotent)."""
-        if self.splits is not None:
-            return
+        """Build the splits (from the cache :meth:`prepare_data` filled, when it ran); idempotent."""
+        if self.splits is None:
+            self.splits = self._build()
+
+    def _build(self) -> dict[str, datasets.Dataset]:
         splits: dict[str, datasets.Dataset] = {}
         task = self._encode(self.task, "task")
         if self.task_val is not None:
@@ -101,25 +115,43 @@ class TextDataModule(LightningDataModule):
             task, splits["task_val"] = self._hold_out(task, self.task_val_size, "task", "task_val_size")
         splits["train"] = task
         if self.preserve is not None:
-            keep = self._encode(self.preserve, "preserve")
+            keep = self._encode_preserve()
             if self.preserve_val_size:
                 keep, splits["preserve_val"] = self._hold_out(keep, self.preserve_val_size, "preserve", "preserve_val_size")
             if self.calibration_size is not None:
                 keep = keep.select(range(min(self.calibration_size, len(keep))))
             splits["calibration"] = keep
-        self.splits = splits
+        return splits
+
+    def _encode_preserve(self) -> datasets.Dataset:
+        """One source as is; several: concatenated and shuffled with ``seed``."""
+        if isinstance(self.preserve, TextSource):
+            return self._encode(self.preserve, "preserve")
+        parts = [self._encode(s, f"preserve[{i}]") for i, s in enumerate(self.preserve)]
+        return datasets.concatenate_datasets(parts).shuffle(seed=self.seed) if len(parts) > 1 else parts[0]
 
     def _encode(self, source: TextSource, role: str) -> datasets.Dataset:
         pairs = load_source(source, role, self.cache_dir)
-        encode = partial(
-            encode_pairs, tokenizer=self.tokenizer, max_length=self.max_length, add_bos=self.add_bos, append_eos=self.append_eos
-        )
+        if source.messages_field is not None:
+            if self.tokenizer.chat_template is None:
+                raise ValueError(
+                    f"TextDataModule {role}: {describe(source)}: messages_field={source.messages_field!r} needs a chat "
+                    f"template, and tokenizer {self.tokenizer_path!r} has none; set tokenizer.chat_template and save it "
+                    "(tokenizer_config.json), or use prompt/response fields"
+                )
+            encode = partial(
+                encode_chats, tokenizer=self.tokenizer, max_length=self.max_length, include_assistant=source.include_assistant
+            )
+        else:
+            encode = partial(
+                encode_pairs, tokenizer=self.tokenizer, max_length=self.max_length, add_bos=self.add_bos, append_eos=self.append_eos
+            )
         ds = pairs.map(encode, batched=True, remove_columns=pairs.column_names, desc=f"{role}: tokenize")
         ds = ds.filter(lambda labels: any(t != IGNORE_INDEX for t in labels), input_columns="labels", desc=f"{role}: drop rows without response")
         if len(ds) == 0:
             raise ValueError(
                 f"TextDataModule {role}: {describe(source)}: no row keeps a response token after truncation to "
-                f"max_length={self.max_length} (empty responses, or prompts longer than max_length)"
+                f"max_length={self.max_length} (empty responses or no assistant turn, or prompts longer than max_length)"
             )
         return ds
 

@@ -1,4 +1,5 @@
-"""Where text examples come from: a hub dataset or local files, turned into ``prompt`` / ``response`` columns."""
+"""Where text examples come from: a hub dataset or local files, turned into ``prompt`` / ``response`` columns
+(or one ``messages`` column of chat turns)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ class TextSource:
         prompt_template / response_template: ``str.format`` templates over a row, used instead of the field,
             e.g. ``"Question: {question}\\nAnswer: "``; nested columns as ``"{translation[en]}"``.
         limit: keep only the first ``limit`` rows.
+        messages_field: column of chat conversations (lists of ``{"role", "content"}``, the OpenAI/HF format),
+            rendered by the tokenizer's chat template; the prompt/response fields are then unused and the
+            loss is on assistant turns only.
+        include_assistant: with ``messages_field``: keep the assistant turns (e.g. the base model's own answers
+            in calibration data); ``False`` keeps only the other turns followed by the generation prompt.
     """
 
     path: str
@@ -36,6 +42,11 @@ class TextSource:
     prompt_template: str | None = None
     response_template: str | None = None
     limit: int | None = None
+    messages_field: str | None = None
+    include_assistant: bool = True
+
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def describe(source: TextSource) -> str:
@@ -88,7 +99,7 @@ def load_source(source: TextSource, role: str, cache_dir: str | None = None) -> 
     ``role`` (``task``, ``preserve``, ...) prefixes every error, which also names the file and the field.
     """
     where = f"TextDataModule {role}: {describe(source)}"
-    if source.response_field is None and source.response_template is None:
+    if source.messages_field is None and source.response_field is None and source.response_template is None:
         raise ValueError(f"{where}: give response_field or response_template")
     local = local_files(source.path)
     try:
@@ -104,6 +115,8 @@ def load_source(source: TextSource, role: str, cache_dir: str | None = None) -> 
         raise ValueError(f"{where}: the split is empty (0 rows)")
     if source.limit is not None:
         ds = ds.select(range(min(source.limit, len(ds))))
+    if source.messages_field is not None:
+        return _chat_rows(ds, source.messages_field, where, role)
 
     def needed(field: str | None, template: str | None, what: str) -> list[tuple[str, str]]:
         if template is not None:
@@ -114,7 +127,8 @@ def load_source(source: TextSource, role: str, cache_dir: str | None = None) -> 
         source.response_field, source.response_template, "response"
     ):
         if column not in ds.column_names:
-            raise KeyError(f"{where}: {origin} reads column {column!r}, which is missing; columns: {ds.column_names}")
+            hint = "; for chat rows set messages_field: messages" if "messages" in ds.column_names else ""
+            raise KeyError(f"{where}: {origin} reads column {column!r}, which is missing; columns: {ds.column_names}{hint}")
 
     def text(row: dict, field: str | None, template: str | None) -> str:
         if template is not None:
@@ -128,3 +142,25 @@ def load_source(source: TextSource, role: str, cache_dir: str | None = None) -> 
         }
 
     return ds.map(to_pair, remove_columns=ds.column_names, desc=f"{role}: format")
+
+
+def _chat_rows(ds: datasets.Dataset, field: str, where: str, role: str) -> datasets.Dataset:
+    """The column ``messages``: each row a non-empty list of ``{"role", "content"}`` with a known role."""
+    if field not in ds.column_names:
+        raise KeyError(f"{where}: messages_field reads column {field!r}, which is missing; columns: {ds.column_names}")
+
+    def check(row: dict, index: int) -> dict[str, list[dict[str, str]]]:
+        turns = row[field]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: row {index}: {field!r} must be a non-empty list of {{'role', 'content'}}, got {turns!r:.80}")
+        out = []
+        for turn in turns:
+            if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+                raise ValueError(
+                    f"{where}: row {index}: turn {turn!r:.80} needs a role in {ROLES} and a string content "
+                    "(the OpenAI/HF chat format)"
+                )
+            out.append({"role": turn["role"], "content": turn["content"]})
+        return {"messages": out}
+
+    return ds.map(check, with_indices=True, remove_columns=ds.column_names, desc=f"{role}: chat rows")
