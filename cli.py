@@ -5,7 +5,7 @@
   ``${model.init_args.module.init_args.model}``-style interpolation works (resolved when the file is read, so
   a command-line override of the source key does not reach the interpolated one); command-line overrides such
   as ``--trainer.max_steps 10`` apply on top. ``config.yaml`` is written to the log dir, overwriting an old one.
-* ``inspect ...``: :func:`fora_lightning.inspect.main` (look at a saved subspace file).
+* ``inspect ...``: :func:`fora_lightning.inspect_subspaces.main` (look at a saved subspace file).
 * ``compare ...``: :func:`fora_lightning.eval.compare.main` (FORA against the baselines).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-SUBCOMMANDS = {"inspect": "fora_lightning.inspect", "compare": "fora_lightning.eval.compare"}
+SUBCOMMANDS = {"inspect": "fora_lightning.inspect_subspaces", "compare": "fora_lightning.eval.compare"}
 
 
 def main(argv: list[str] | None = None) -> Any:

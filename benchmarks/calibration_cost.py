@@ -20,6 +20,7 @@ import torch
 
 from _bench import environment, log, interleaved, load_before, md_table, med, ratio_stats, spread, tiny_causal_lm, token_batches, write
 from fora_lightning.core.covariance import collect_covariances
+from fora_lightning.core.energy import energy_rank
 from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces, spectrum, weight_triplets
 from fora_lightning.core.targets import find_targets
 
@@ -119,7 +120,7 @@ def decomposition_benchmark(sizes: list[int], repeats: int) -> list[dict]:
         times = interleaved({"eigh float64": lambda: spectrum(c), "eigh float32": lambda: torch.linalg.eigh(c32)}, reps,
                             warmup=0 if d > 2048 else 1)
         evals, evecs = spectrum(c)
-        k = int((torch.cumsum(evals, 0) / evals.sum() < 0.99).sum()) + 1
+        k = energy_rank(evals, 0.99)
         _, v32 = torch.linalg.eigh(c32)
         q64, q32 = evecs[:, :k], v32.flip(1)[:, :k].double()
         err = float(torch.linalg.matrix_norm(q64 @ q64.T - q32 @ q32.T, ord=2))

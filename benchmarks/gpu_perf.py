@@ -24,31 +24,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from _bench import environment, interleaved, log, md_table, med, ratio_stats, spread, tiny_causal_lm, token_batches, write
+from _bench import (
+    environment, interleaved, log, md_table, med, pad_stack, project_many_, project_weights_many_, ratio_stats, spread,
+    synthetic_layer, tiny_causal_lm, token_batches, write,
+)
 from fora_lightning.core.covariance import collect_covariances
-from fora_lightning.core.projection import pad_stack, project, project_many_, project_weight_, project_weights_many_
+from fora_lightning.core.projection import project, project_weight_
+from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.targets import find_targets
 
 BLOCK = {
     "q_proj": (2048, 2048), "k_proj": (1024, 2048), "v_proj": (1024, 2048), "o_proj": (2048, 2048),
     "gate_proj": (6144, 2048), "up_proj": (6144, 2048), "down_proj": (2048, 6144),
 }
-
-
-def make_layer(d_out: int, d_in: int, k: int, r: int, gen: torch.Generator, device: str) -> dict[str, Tensor]:
-    o, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, device=device))
-    w0 = torch.randn(d_out, d_in, generator=gen, device=device) / d_in**0.5
-    u, _ = torch.linalg.qr(torch.randn(d_out, r, generator=gen, device=device))
-    v, _ = torch.linalg.qr(torch.randn(d_in, r, generator=gen, device=device))
-    q, c = o[:, :k].contiguous(), o[:, k:].contiguous()
-    return {"w0": w0, "q": q, "c": c, "u": u, "v": v, "a0": w0 @ q, "b0": u.T @ w0}
-
-
-def pi64(x: Tensor, L: dict[str, Tensor]) -> Tensor:
-    q, u, v = (L[n].double() for n in ("q", "u", "v"))
-    x = x.double()
-    utx = u.T @ x
-    return x - (x @ q) @ q.T - u @ (utx - (utx @ q) @ q.T) + u @ torch.diag((utx * v.T).sum(1)) @ v.T
 
 
 class Precision:
@@ -76,7 +64,7 @@ def step_benchmark(args: argparse.Namespace, device: str) -> tuple[str, str, dic
     layers: dict[str, dict[str, Tensor]] = {}
     for b in range(args.blocks):
         for n, (o, i) in BLOCK.items():
-            layers[f"{b}.{n}"] = make_layer(o // s, i // s, int(args.k_frac * i // s), r, gen, device)
+            layers[f"{b}.{n}"] = synthetic_layer(o // s, i // s, int(args.k_frac * i // s), r, gen, device)
     params = {n: torch.nn.Parameter(L["w0"].clone()) for n, L in layers.items()}
     grads0 = {n: torch.randn(p.shape, generator=gen, device=device) * 1e-3 for n, p in params.items()}
     for n, p in params.items():
@@ -173,7 +161,8 @@ def step_benchmark(args: argparse.Namespace, device: str) -> tuple[str, str, dic
     # leakage on one 2048 x 2048 layer (scaled), real device arithmetic
     L = layers["0.q_proj"]
     g = torch.randn(L["w0"].shape, generator=gen, device=device)
-    d_prev = pi64(torch.randn(L["w0"].shape, generator=gen, device=device), L)
+    qv = (L["q"], L["u"], L["v"])
+    d_prev = dense_pi(torch.randn(L["w0"].shape, generator=gen, device=device), *qv)
     d_prev *= 1e-2 * L["w0"].double().norm() / d_prev.norm()
     raw = torch.randn(L["w0"].shape, generator=gen, device=device, dtype=torch.float64)
     raw *= 1e-4 * L["w0"].double().norm() / raw.norm()
@@ -185,8 +174,8 @@ def step_benchmark(args: argparse.Namespace, device: str) -> tuple[str, str, dic
             w = (L["w0"].double() + d_prev + raw).float()
             project_weight_(w, L["q"], L["a0"], L["u"], L["v"], L["b0"])
         d = w.double() - L["w0"].double()
-        leaks[kind] = {"grad": float((p - pi64(p, L)).norm() / g.norm()), "complement_grad": float((pc - pi64(pc, L)).norm() / g.norm()),
-                       "weight": float((d - pi64(d, L)).norm() / L["w0"].double().norm())}
+        leaks[kind] = {"grad": float((p - dense_pi(p, *qv)).norm() / g.norm()), "complement_grad": float((pc - dense_pi(pc, *qv)).norm() / g.norm()),
+                       "weight": float((d - dense_pi(d, *qv)).norm() / L["w0"].double().norm())}
         leak_rows.append([kind, leaks[kind]["grad"], leaks[kind]["complement_grad"], leaks[kind]["weight"]])
     leak_table = md_table(["GEMM precision", "gradient leak", "complement-basis gradient leak", "re-projection leak / ||W0||"], leak_rows)
     return table, leak_table, {"steps": res, "leakage": leaks, "train_step_gemms_s": t_train}

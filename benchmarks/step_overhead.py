@@ -26,11 +26,16 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from _bench import environment, log, interleaved, load_before, md_table, med, ratio_stats, spread, tiny_causal_lm, token_batches, write
+from _bench import (
+    environment, interleaved, load_before, log, md_table, med, pad_stack, project_many_, project_weights_many_, ratio_stats,
+    spread, synthetic_layer, tiny_causal_lm, token_batches, write,
+)
 from fora_lightning.core.covariance import collect_covariances
-from fora_lightning.core.projection import pad_stack, project, project_many_, project_weight_, project_weights_many_
+from fora_lightning.core.projection import project, project_weight_
+from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces
 from fora_lightning.core.targets import find_targets
+from fora_lightning.eval.metrics import leakage
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QWEN3_1_7B = {"q_proj": (2048, 2048), "k_proj": (1024, 2048), "up_proj": (6144, 2048), "down_proj": (2048, 6144)}
@@ -79,54 +84,33 @@ class RoundedGemms(TorchFunctionMode):
         return c.mul_(beta).add_(p, alpha=alpha) if name.endswith("_") else beta * c + alpha * p
 
 
-# ----------------------------------------------------------------------------- one synthetic layer
-def _frame(d: int, gen: torch.Generator) -> Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
-    return q
-
-
-def synthetic_layer(d_out: int, d_in: int, k: int, r: int, seed: int) -> dict[str, Tensor]:
-    """W0, Q (and its complement C), orthonormal U, V and the anchors, in float32."""
-    gen = torch.Generator().manual_seed(seed)
-    o = _frame(d_in, gen)
-    w0 = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
-    u, _ = torch.linalg.qr(torch.randn(d_out, r, generator=gen))
-    v, _ = torch.linalg.qr(torch.randn(d_in, r, generator=gen))
-    q, c = o[:, :k].contiguous(), o[:, k:].contiguous()
-    return {"w0": w0, "q": q, "c": c, "u": u, "v": v, "a0": w0 @ q, "b0": u.T @ w0}
-
-
-def pi64(x: Tensor, layer: dict[str, Tensor]) -> Tensor:
-    q, u, v = (layer[n].double() for n in ("q", "u", "v"))
-    x = x.double()
-    xp = x - (x @ q) @ q.T
-    utx = u.T @ x
-    return xp - u @ (utx - (utx @ q) @ q.T) + u @ torch.diag((utx * v.T).sum(1)) @ v.T
-
-
+# ----------------------------------------------------------------------------- leakage against the dense reference
 def grad_leak(project_fn: Callable[[Tensor], Tensor], layer: dict[str, Tensor], seed: int) -> float:
     g = torch.randn(layer["w0"].shape, generator=torch.Generator().manual_seed(seed))
     p = project_fn(g).double()
-    return float((p - pi64(p, layer)).norm() / g.norm())
+    return float((p - dense_pi(p, layer["q"], layer["u"], layer["v"])).norm() / g.norm())
 
 
 def weight_leak(reproject_fn: Callable[[Tensor], None], layer: dict[str, Tensor], seed: int) -> float:
     """One step: W = W0 + D_prev (in S, 1e-2 ||W0||) + a raw step (1e-4 ||W0||), re-projected."""
     gen = torch.Generator().manual_seed(seed)
     w0 = layer["w0"]
-    d_prev = pi64(torch.randn(w0.shape, generator=gen), layer)
+    d_prev = dense_pi(torch.randn(w0.shape, generator=gen), layer["q"], layer["u"], layer["v"])
     d_prev *= 1e-2 * w0.double().norm() / d_prev.norm()
     step = torch.randn(w0.shape, generator=gen, dtype=torch.float64)
     step *= 1e-4 * w0.double().norm() / step.norm()
     w = (w0.double() + d_prev + step).float()
     reproject_fn(w)
     d = w.double() - w0.double()
-    return float((d - pi64(d, layer)).norm() / w0.double().norm())
+    return float((d - dense_pi(d, layer["q"], layer["u"], layer["v"])).norm() / w0.double().norm())
 
 
 # ----------------------------------------------------------------------------- big shapes
 def shape_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: int, repeats: int, before) -> dict:
-    layers = {n: synthetic_layer(o, i, max(1, int(k_frac * i)), r, seed) for seed, (n, (o, i)) in enumerate(shapes.items())}
+    layers = {
+        n: synthetic_layer(o, i, max(1, int(k_frac * i)), r, torch.Generator().manual_seed(seed))
+        for seed, (n, (o, i)) in enumerate(shapes.items())
+    }
     params = {n: torch.nn.Parameter(L["w0"].clone()) for n, L in layers.items()}
     gen = torch.Generator().manual_seed(123)
     for p in params.values():
@@ -203,7 +187,9 @@ def shape_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: int, r
 
 def complement_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: int, repeats: int) -> dict:
     """Gradient projection with Q (k = k_frac d_in) against its complement basis (d_in - k columns)."""
-    layers = {n: synthetic_layer(o, i, int(k_frac * i), r, seed) for seed, (n, (o, i)) in enumerate(shapes.items())}
+    layers = {
+        n: synthetic_layer(o, i, int(k_frac * i), r, torch.Generator().manual_seed(seed)) for seed, (n, (o, i)) in enumerate(shapes.items())
+    }
     grads = {n: torch.randn(L["w0"].shape) for n, L in layers.items()}
     fns = {
         "Q": lambda: [project(grads[n], L["q"], L["u"], L["v"]) for n, L in layers.items()],
@@ -215,7 +201,7 @@ def complement_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: i
 
 
 def leakage_table(d_out: int, d_in: int, k: int, r: int) -> tuple[str, dict]:
-    L = synthetic_layer(d_out, d_in, k, r, seed=7)
+    L = synthetic_layer(d_out, d_in, k, r, torch.Generator().manual_seed(7))
 
     def grad_fn(mode: str | None, basis: str = "q") -> Callable[[Tensor], Tensor]:
         def fn(g: Tensor) -> Tensor:
@@ -380,9 +366,7 @@ def tiny_model_benchmark(hidden: int, n_layers: int, repeats: int, train_steps: 
             s = subs[n]
             w0 = init_state[n + ".weight"].double()
             d = m.weight.detach().double() - w0
-            L = {"q": s.basis, "u": s.u, "v": s.v}
-            x = xs[n]
-            per_layer.append(float(((d - pi64(d, L)) @ x.T).norm() / (w0 @ x.T).norm()))
+            per_layer.append(leakage(d - dense_pi(d, s.basis, s.u, s.v), w0, xs[n]))
         leaks[mode] = {"max": max(per_layer), "median": sorted(per_layer)[len(per_layer) // 2]}
     model.load_state_dict(init_state)
 

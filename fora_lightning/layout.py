@@ -78,9 +78,7 @@ class TargetLayout:
             if shard is None:
                 sub.attach_anchors(self.targets[name].weight)
                 continue
-            w = local_tensor(self.targets[name].weight.detach()).float()
-            sub.anchor_q = w @ sub.basis
-            sub.anchor_u = shard.all_reduce(shard.rows(sub.u).T @ w)
+            sub.attach_anchors(local_tensor(self.targets[name].weight), shard.rows(sub.u), shard.all_reduce)
 
     def localize_anchors(self, subspaces: Subspaces) -> None:
         """After a restore: keep this rank's rows of the (full) checkpointed ``anchor_q`` under FSDP2."""

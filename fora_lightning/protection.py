@@ -21,10 +21,11 @@ from torch import nn
 from fora_lightning.calibration import COVARIANCE_DTYPES, CalibrationSource, calibrate, resolve_calibration
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.capabilities import (
-    GrownBasis, capability_weights, captured_energy, combine_covariances, extend_subspace, grow_basis, union_spectra,
+    GrownBasis, capability_weights, combine_covariances, extend_subspace, grow_basis, union_spectra,
 )
 from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.distributed import spread_spectra
+from fora_lightning.core.energy import captured_energy
 from fora_lightning.core.subspace import LayerSubspace, estimate_subspaces, format_summary
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,

@@ -11,9 +11,9 @@ from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_tra
 from torch.utils.data import DataLoader
 
 from fora_lightning import FORA
-from fora_lightning.core.projection import relative_leakage
 from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces
 from fora_lightning.core.subspace_file import save_subspaces
+from fora_lightning.eval.metrics import leakage
 
 
 def _leak_outside_channel(cb: FORA, name: str, tuned: torch.nn.Linear, base: torch.nn.Linear, x: torch.Tensor) -> float:
@@ -21,7 +21,7 @@ def _leak_outside_channel(cb: FORA, name: str, tuned: torch.nn.Linear, base: tor
     d = (tuned.weight.detach() - base.weight.detach()).double()
     u, v = sub.u.double(), sub.v.double()
     channel = u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T
-    return relative_leakage(d - channel, base.weight, x)
+    return leakage(d - channel, base.weight, x)
 
 
 def _fit(model, callbacks=(), steps=150, **kw):
@@ -37,7 +37,7 @@ def test_update_mode_keeps_span_inputs_exact_while_plain_ft_moves_them(mlp):
     leak = _leak_outside_channel(cb, "fc1", mlp.fc1, base.fc1, x)
     moved = float((mlp.fc1.weight - base.fc1.weight).norm() / base.fc1.weight.norm())
     plain = _fit(copy.deepcopy(base))
-    plain_leak = relative_leakage(plain.fc1.weight - base.fc1.weight, base.fc1.weight, x)
+    plain_leak = leakage(plain.fc1.weight - base.fc1.weight, base.fc1.weight, x)
     assert cb.subspaces["fc1"].k == 5  # the span's dimension
     assert moved > 0.5  # the weights really moved (off the span)
     assert leak < 1e-5

@@ -14,7 +14,6 @@ from reference import orthonormal
 from fora_lightning import FORA
 from fora_lightning.core.capabilities import (
     capability_weights,
-    captured_energy,
     combine_covariances,
     extend_subspace,
     gpm_extend,
@@ -22,6 +21,7 @@ from fora_lightning.core.capabilities import (
     union_frame,
 )
 from fora_lightning.core.covariance import Covariances
+from fora_lightning.core.energy import captured_energy
 from fora_lightning.core.subspace import LayerSubspace, select_rank, spectrum
 from fora_lightning.core.subspace_file import read_metadata
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoConfig
 
-from fora_lightning.eval.compare import METHODS, main
+from fora_lightning.eval.compare import main
+from fora_lightning.eval.methods import METHODS
 from tests.tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
 
 

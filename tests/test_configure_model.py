@@ -14,8 +14,8 @@ from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_tra
 from torch import nn
 
 from fora_lightning import FORA, ForaLoRA
-from fora_lightning.core.projection import relative_leakage
 from fora_lightning.eval.baselines import TrainTargetsOnly
+from fora_lightning.eval.metrics import leakage
 from fora_lightning.lora.layer import ForaLoraLinear
 
 
@@ -49,7 +49,7 @@ def test_fora_finds_and_freezes_layers_built_in_configure_model() -> None:
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc1.weight"]
     assert "configure_model" not in model.__dict__  # the module's own hook is back
     moved = float((model.fc1.weight.detach() - base.weight).norm() / base.weight.norm())
-    leak = relative_leakage(model.fc1.weight - base.weight, base.weight, span_inputs(300, seed=9))
+    leak = leakage(model.fc1.weight - base.weight, base.weight, span_inputs(300, seed=9))
     assert moved > 0.1 and leak < 1e-5
 
 

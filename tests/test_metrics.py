@@ -11,8 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from fora_lightning.core.projection import relative_leakage
-from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL
+from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL, leakage
 
 
 def test_layer_leakage_hand_values_and_mask():
@@ -31,7 +30,16 @@ def test_layer_leakage_hand_values_and_mask():
     assert metric.as_dict()["a"] == pytest.approx(math.sqrt(1 / 11))
 
 
-def test_layer_leakage_probe_matches_core_formula():
+def test_leakage_of_one_layer_hand_values_and_mask():
+    w0 = torch.eye(2)
+    delta = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    assert leakage(delta, w0, torch.eye(2)) == pytest.approx(math.sqrt(1 / 2))
+    x = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 1e6]]])
+    assert leakage(delta, w0, x, mask=torch.tensor([[1, 1, 0]])) == pytest.approx(math.sqrt(1 / 10))
+    assert leakage(delta, w0, x) > 0.99  # unmasked, the huge padded row dominates
+
+
+def test_layer_leakage_probe_matches_dense_formula():
     torch.manual_seed(0)
     lin = nn.Linear(5, 3, bias=False)
     w0 = lin.weight.detach().clone()
@@ -42,7 +50,8 @@ def test_layer_leakage_probe_matches_core_formula():
     metric = LayerLeakage(["lin"])
     with metric.probe({"lin": lin}, {"lin": w0}) as probe, probe.batch(mask):
         lin(x)
-    expected = relative_leakage(lin.weight - w0, w0, x[mask.bool()])
+    kept = x[mask.bool()].double()
+    expected = float((kept @ (lin.weight.detach() - w0).double().T).norm() / (kept @ w0.double().T).norm())
     assert metric.as_dict()["lin"] == pytest.approx(expected, rel=1e-10)
     assert not lin._forward_pre_hooks  # hooks removed on exit
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fora_lightning.eval.compare import METHODS, load_setting
+from fora_lightning.eval.methods import METHODS
+from fora_lightning.eval.setting import load_setting
 from tiny_lm import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

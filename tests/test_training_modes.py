@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fora_lightning import FORA
-from fora_lightning.core.projection import relative_leakage, right_project
+from fora_lightning.core.projection import right_project
+from fora_lightning.eval.metrics import leakage
 
 VOCAB = 64
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -52,11 +53,11 @@ def _fit_and_leakage(model: TinyLM, **trainer_kw) -> tuple[float, float]:
     train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]
     cb = FORA(calibration=calibration, target_modules=TARGETS, energy=0.99, weight_rank=4, progress=False)
     tiny_trainer(callbacks=[cb], **{"max_steps": 12, **trainer_kw}).fit(model, DataLoader(train, batch_size=None))
-    assert {n.rsplit(".", 1)[-1] for n in cb._targets} == set(TARGETS)
-    held_out = _layer_inputs(base, _batches(3, seed=7, low=0, high=VOCAB // 2), list(cb._targets))
+    assert {n.rsplit(".", 1)[-1] for n in cb.protection.targets} == set(TARGETS)
+    held_out = _layer_inputs(base, _batches(3, seed=7, low=0, high=VOCAB // 2), list(cb.protection.targets))
     base_mods = dict(base.named_modules())
     leaks, moved = [], []
-    for name, module in cb._targets.items():
+    for name, module in cb.protection.targets.items():
         sub = cb.subspaces[name]
         x = held_out[name].double()
         x_span = x - right_project(x, sub.basis.double())
@@ -64,7 +65,7 @@ def _fit_and_leakage(model: TinyLM, **trainer_kw) -> tuple[float, float]:
         d = (module.weight.detach() - w0).double()
         u, v = sub.u.double(), sub.v.double()
         channel = u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T
-        leaks.append(relative_leakage(d - channel, w0, x_span))
+        leaks.append(leakage(d - channel, w0, x_span))
         moved.append(float(d.norm() / w0.norm()))
     return max(leaks), min(moved)
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fora_lightning.core.covariance import Covariances
+from fora_lightning.core.energy import captured_energy, energy_rank
 from fora_lightning.core.subspace import LayerSubspace, complement_basis, select_rank, spectrum, weight_triplets
 
 _RANK_TOL = 1e-6
@@ -85,17 +86,6 @@ def combine_covariances(per_capability: Mapping[str, Covariances], weights: Mapp
     return out
 
 
-def captured_energy(basis: Tensor, cov: Tensor, complement: bool = False) -> float:
-    """``tr(Q^T C Q) / tr(C)``: the fraction of ``C``'s energy inside span(Q) (``basis`` may be the complement)."""
-    c = cov.double()
-    b = basis.to(c)
-    total = float(torch.trace(c).clamp_min(0))
-    if total <= 0:
-        return float("nan")
-    inside = float(((c @ b) * b).sum())
-    return (total - inside) / total if complement else inside / total
-
-
 def _ordered_frame(span: Tensor, rest: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
     """A full orthonormal frame ``[span R1, rest R2]``, each block rotated to diagonalise ``cov``; values descending per block."""
     blocks, values = [], []
@@ -156,17 +146,17 @@ def gpm_extend(basis: Tensor, cov: Tensor, energy: float = 0.99, max_new: int | 
     c = cov.double()
     d = c.shape[0]
     total = float(torch.trace(c).clamp_min(0))
-    captured = float(((c @ q) * q).sum())
-    need = energy * total - captured
-    if total <= 0 or need <= 1e-12 * total:
+    if total <= 0:
+        return basis, 0
+    held = captured_energy(q, c)
+    if held >= energy - 1e-12:
         return basis, 0
     cq = c @ q
     residual = c - q @ cq.T - cq @ q.T + q @ (q.T @ cq) @ q.T
     lam, vecs = spectrum(0.5 * (residual + residual.T))
     lam = lam.clamp_min(0)
     available = int((lam > _RANK_TOL * max(float(lam[0]), 1e-300)).sum())
-    cum = torch.cumsum(lam, 0)
-    k_new = int(torch.searchsorted(cum, torch.tensor(need - 1e-12 * total, dtype=cum.dtype, device=cum.device)).item()) + 1
+    k_new = energy_rank(lam, energy, total, held)
     k_new = min(k_new, available, d - q.shape[1], max_new if max_new is not None else d)
     if k_new <= 0:
         return basis, 0

@@ -14,9 +14,9 @@ and the result is cast back to the input dtype.
 
 Both corrections are accumulated into a single output by two GEMM-accumulate calls,
 ``out = G - (G Q) Q^T`` then ``out -= U M`` (in place for the weight): no d_out x d_in
-temporaries and no copy of ``Q^T``. Every function also accepts a leading batch dimension (``L`` layers
-of equal shape, bases zero-padded to a common k: zero columns leave ``P_Q`` unchanged); see
-:func:`project_many_` and :func:`project_weights_many_`.
+temporaries and no copy of ``Q^T``. Both projections also accept a leading batch dimension (``L`` layers
+of equal shape, bases zero-padded to a common k: zero columns leave ``P_Q`` unchanged); the library
+projects layer by layer, the benchmarks time the batched form (``benchmarks/_bench.py``).
 
 Sharded use (FSDP2 rows): pass the *local rows* of ``G``/``W``/``U``/``A0`` and an
 ``all_reduce`` callable that sums an ``r x d_in`` tensor over the shard group; the right
@@ -25,7 +25,7 @@ projection is row-local, and ``U^T G`` is the only cross-row quantity.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -96,6 +96,14 @@ def project(
 
 
 @torch.no_grad()
+def anchors(weight: Tensor, basis: Tensor, u: Tensor, *, all_reduce: AllReduce | None = None) -> tuple[Tensor, Tensor]:
+    """The re-projection's anchors from W0 (float32): ``A0 = W0 Q`` (rows as ``weight``) and ``B0 = U^T W0``
+    (``r x d_in``; for a row shard pass its rows of ``U`` and an ``all_reduce`` that sums over the shard group)."""
+    w = weight.detach().float()
+    return w @ basis, _left_coords(u, w, all_reduce)
+
+
+@torch.no_grad()
 def project_weight_(
     weight: Tensor,
     basis: Tensor,
@@ -130,50 +138,3 @@ def project_weight_(
     if w is not weight:
         weight.copy_(w)
     return weight
-
-
-def relative_leakage(delta_w: Tensor, w0: Tensor, x: Tensor) -> float:
-    """``||(W - W0) X|| / ||W0 X||`` (Frobenius), ``x`` as rows (n x d_in); in float64."""
-    d = delta_w.detach().double()
-    w = w0.detach().double()
-    xs = x.detach().double().reshape(-1, x.shape[-1])
-    return float((xs @ d.T).norm() / (xs @ w.T).norm().clamp_min(1e-300))
-
-
-def pad_stack(frames: Sequence[Tensor]) -> Tensor:
-    """Stack ``n x k_i`` frames (bases ``Q_i`` or anchors ``A0_i = W0_i Q_i``) as ``L x n x max_i k_i``.
-
-    The zero columns added are harmless: ``Q Q^T`` and ``(W Q - A0) Q^T`` do not change.
-    """
-    k = max(f.shape[-1] for f in frames)
-    return torch.stack([torch.nn.functional.pad(f, (0, k - f.shape[-1])) for f in frames])
-
-
-@torch.no_grad()
-def project_many_(
-    grads: Sequence[Tensor], basis: Tensor, u: Tensor | None = None, v: Tensor | None = None, *, complement: bool = False
-) -> None:
-    """In place ``G_i <- Pi_i(G_i)`` for ``L`` layers of equal shape, as one batched :func:`project`.
-
-    ``basis`` is ``L x d_in x k`` (:func:`pad_stack`), ``u``/``v`` are ``L x d_out x r``/``L x d_in x r``.
-    Costs one stacked copy of the gradients (``L d_out d_in`` floats) and saves ``~10 (L - 1)``
-    kernel launches: it pays for many small layers, not for large ones.
-    """
-    out = project(torch.stack(list(grads)), basis, u, v, complement=complement)
-    torch._foreach_copy_(list(grads), list(out.unbind(0)))
-
-
-@torch.no_grad()
-def project_weights_many_(
-    weights: Sequence[Tensor],
-    basis: Tensor,
-    anchor_q: Tensor,
-    u: Tensor | None = None,
-    v: Tensor | None = None,
-    anchor_u: Tensor | None = None,
-) -> None:
-    """In place ``W_i <- W0_i + Pi_i(W_i - W0_i)`` for ``L`` equal-shape layers, as one batched
-    :func:`project_weight_` (stacked ``basis``/``anchor_q`` from :func:`pad_stack`, ``u``, ``v``, ``anchor_u``)."""
-    w = torch.stack(list(weights))
-    project_weight_(w, basis, anchor_q, u, v, anchor_u)
-    torch._foreach_copy_(list(weights), list(w.unbind(0)))

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from fora_lightning.core.covariance import Covariances
+from fora_lightning.core.energy import cumulative_energy, energy_rank
+from fora_lightning.core.projection import AllReduce, anchors
 
 Source = Literal["activations", "weights", "random", "none"]
 RankSpec = int | Mapping[str, int] | None
@@ -113,13 +115,12 @@ class LayerSubspace:
             setattr(self, n, t.to(device))
         return self
 
-    def attach_anchors(self, weight: Tensor) -> None:
-        """Store ``A0 = W0 Q`` and ``B0 = U^T W0`` from the weight at fit start (float32)."""
+    def attach_anchors(self, weight: Tensor, u: Tensor | None = None, all_reduce: AllReduce | None = None) -> None:
+        """Store ``A0 = W0 Q`` and ``B0 = U^T W0`` (:func:`~fora_lightning.core.projection.anchors`) from the
+        weight at fit start. For a row shard of W0 pass its rows of ``U`` and the shard group's ``all_reduce``."""
         if self.complement:
             raise ValueError("anchors need Q itself, not its complement (use mode='update' bases)")
-        w = weight.detach().float()
-        self.anchor_q = w @ self.basis
-        self.anchor_u = self.u.T @ w
+        self.anchor_q, self.anchor_u = anchors(weight, self.basis, self.u if u is None else u, all_reduce=all_reduce)
 
 
 def select_rank(
@@ -133,14 +134,7 @@ def select_rank(
             warnings.warn(f"FORA: rank={rank} exceeds d_in={d} for layer '{name}'; clamped to {d}", stacklevel=2)
         k = max(0, min(int(rank), d))
     else:
-        lam = eigenvalues.double().clamp_min(0)
-        total = float(lam.sum())
-        if total <= 0:
-            k = 0
-        else:
-            cum = torch.cumsum(lam, 0) / total
-            k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype, device=cum.device)).item()) + 1
-            k = min(k, d)
+        k = energy_rank(eigenvalues, energy)
     if max_rank is not None:
         k = min(k, max_rank)
     return k
@@ -229,7 +223,7 @@ def build_subspace(
             raise ValueError("source='random' needs an explicit rank (int or per-layer mapping)")
         k = select_rank(torch.ones(d_in, device=weight.device), 1.0, k_req, config.max_rank, name)
         q = _random_frame(d_in, k, config.seed + seed_offset, weight.device)
-    energy = float(evals[:k].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)) if evals is not None else float("nan")
+    energy = float("nan") if evals is None else float(cumulative_energy(evals)[k - 1]) if k > 0 else 0.0
     complement = allow_complement and k > d_in / 2
     basis = complement_basis(q, evecs if config.source == "activations" else None) if complement else q
     r = min(config.weight_rank, d_out, d_in)

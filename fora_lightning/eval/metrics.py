@@ -1,6 +1,7 @@
 """Preservation metrics as ``torchmetrics.Metric`` subclasses (sum states, reduced with ``dist_reduce_fx="sum"``).
 
-- :class:`LayerLeakage`: per-layer ``||(W - W0) X|| / ||W0 X||`` on held-out inputs of the kept capability;
+- :func:`leakage` / :class:`LayerLeakage`: per-layer ``||(W - W0) X|| / ||W0 X||`` on held-out inputs of the kept
+  capability (one layer at once / summed over batches and ranks);
 - :class:`TokenKL`: mean per-token ``KL(p_base || p_tuned)`` of next-token distributions, padding masked;
 - :class:`CausalPerplexity`: torchmetrics' ``Perplexity`` fed with shifted causal-LM logits and labels;
 - :class:`ExactMatch`: exact-match accuracy of generated answers (whitespace-normalised strings).
@@ -31,6 +32,22 @@ def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
     return rows[mask.reshape(-1).to(rows.device) != 0]
 
 
+def leakage_terms(x: Tensor, delta_w: Tensor, w0: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(||X (W - W0)^T||_F^2, ||X W0^T||_F^2)`` in float64 for inputs ``x`` (``... x d_in``, padding masked)."""
+    xs = _rows(x.detach(), mask).double()
+    w0d = w0.detach().to(xs.device).double()
+    return (xs @ delta_w.detach().to(xs.device).double().T).square().sum(), (xs @ w0d.T).square().sum()
+
+
+def leakage(delta_w: Tensor, w0: Tensor, x: Tensor, mask: Tensor | None = None) -> float:
+    """``||(W - W0) X|| / ||W0 X||`` (Frobenius, float64) for one layer: ``delta_w = W - W0``, ``x`` its inputs as rows."""
+    return float(_ratio(*leakage_terms(x, delta_w, w0, mask)))
+
+
+def _ratio(delta_sq: Tensor, base_sq: Tensor) -> Tensor:
+    return (delta_sq / base_sq.clamp_min(1e-300)).sqrt()
+
+
 class LayerLeakage(Metric):
     r"""Per-layer relative leakage of the update on held-out inputs of the kept capability.
 
@@ -58,13 +75,12 @@ class LayerLeakage(Metric):
     def update(self, layer: str, x: Tensor, weight: Tensor, w0: Tensor, mask: Tensor | None = None) -> None:
         """Add ``||X (W - W0)^T||^2`` and ``||X W0^T||^2`` for one layer's inputs ``x`` (``... x d_in``)."""
         i = self._index[layer]
-        xs = _rows(x.detach(), mask).double()
-        w0d = w0.detach().to(xs.device).double()
-        self.delta_sq[i] += (xs @ (weight.detach().to(xs.device).double() - w0d).T).square().sum()
-        self.base_sq[i] += (xs @ w0d.T).square().sum()
+        delta_sq, base_sq = leakage_terms(x, weight.detach().double() - w0.detach().to(weight.device).double(), w0, mask)
+        self.delta_sq[i] += delta_sq
+        self.base_sq[i] += base_sq
 
     def compute(self) -> Tensor:
-        return (self.delta_sq / self.base_sq.clamp_min(1e-300)).sqrt()
+        return _ratio(self.delta_sq, self.base_sq)
 
     def as_dict(self) -> dict[str, float]:
         """``compute()`` keyed by layer name."""

@@ -10,8 +10,8 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from transformers import AutoTokenizer, PreTrainedModel
 
-from fora_lightning.callback import FORA
 from fora_lightning.eval.generation import ExactMatchResult, evaluate_exact_match, read_pairs
+from fora_lightning.eval.methods import trainer_method
 
 ROLES = ("preserved", "new_task")
 
@@ -23,8 +23,12 @@ class ExactMatchReport(Callback):
     ``trainer.log_dir`` (the run directory), and logs ``report/{role}_{before,after}`` to the logger.
     The JSON reads::
 
-        {"method": "fora" | "plain_ft", "metric": "exact_match", "global_step": int, "wall_s": float,
+        {"method": "fora" | "fora_lora" | "weight_projection" | "random" | "lora" | "l2sp" | "ewc" | "plain_ft",
+         "metric": "exact_match", "global_step": int, "wall_s": float,
          "preserved": {"name", "path", "n", "before", "after"}, "new_task": {...}}
+
+    ``method`` is :func:`~fora_lightning.eval.methods.trainer_method` of the trainer's callbacks (the
+    names of ``cli.py compare``; ``plain_ft`` when none of them constrains the fit).
 
     The model is the first ``transformers.PreTrainedModel`` inside the LightningModule (so it works
     through :class:`~fora_lightning.ForaModule`); the tokenizer comes from ``tokenizer``, else the
@@ -68,9 +72,8 @@ class ExactMatchReport(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         after = self._evaluate(trainer, pl_module, "after")
-        method = "fora" if any(isinstance(cb, FORA) for cb in trainer.callbacks) else "plain_ft"
         self.result = {
-            "method": method,
+            "method": trainer_method(trainer.callbacks),
             "metric": "exact_match",
             "global_step": trainer.global_step,
             "wall_s": round(time.perf_counter() - self._start, 1),

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fora_lightning.core.capabilities import principal_cosines
+from fora_lightning.core.energy import cumulative_energy
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.subspace_file import load_subspaces
 
@@ -133,7 +134,7 @@ def plot_spectra(subspaces: Mapping[str, LayerSubspace], path: Path) -> Path:
         label = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1})"
         x = torch.arange(1, lam.numel() + 1)
         ax1.semilogy(x, (lam / lam[0].clamp_min(1e-300)).clamp_min(1e-12), color=color, lw=1, label=label)
-        cum = torch.cumsum(lam, 0) / lam.sum().clamp_min(1e-300)
+        cum = cumulative_energy(lam)
         ax2.plot(x, cum, color=color, lw=1)
         if 0 < k <= lam.numel():
             ax1.plot([k], [max(float(lam[k - 1] / lam[0].clamp_min(1e-300)), 1e-12)], "o", color=color, ms=4)

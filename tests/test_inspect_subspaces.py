@@ -9,7 +9,7 @@ import torch
 
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.subspace_file import save_subspaces
-from fora_lightning.inspect import _grid_position, layer_report, main
+from fora_lightning.inspect_subspaces import _grid_position, layer_report, main
 
 
 def _file(tmp_path):

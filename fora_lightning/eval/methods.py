@@ -1,0 +1,85 @@
+"""The methods a comparison runs: their names, labels and markers, the Callback each name means, and back.
+
+============================  ==============================================================================
+``fora``                      :class:`~fora_lightning.FORA` (``source="activations"``), full fine-tuning
+``plain_ft``                  :class:`~fora_lightning.eval.baselines.TrainTargetsOnly`: the same weights, unconstrained
+``lora``                      plain LoRA = :class:`~fora_lightning.ForaLoRA` with no bases (k = 0, r = 0)
+``l2sp`` / ``ewc``            :class:`~fora_lightning.eval.l2sp.L2SP`, :class:`~fora_lightning.eval.ewc.EWC`
+``weight_projection``         FORA with ``source="weights"`` (top right singular vectors of W0), FORA's k per layer
+``random``                    FORA with ``source="random"`` (a random k-frame), FORA's k per layer
+``fora_lora``                 :class:`~fora_lightning.ForaLoRA`
+============================  ==============================================================================
+
+:func:`build_callback` turns a name into its Callback; :func:`method_of` names the method of a
+Callback (or of a trainer's callbacks), so reports label runs the way the comparison does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lightning.pytorch import Callback
+
+from fora_lightning.callback import FORA
+from fora_lightning.eval.baselines import TrainTargetsOnly
+from fora_lightning.eval.ewc import EWC
+from fora_lightning.eval.l2sp import L2SP
+from fora_lightning.lora import ForaLoRA
+
+METHODS = ("fora", "plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora_lora")
+DISPLAY_ORDER = ("plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora", "fora_lora")
+LABELS = {
+    "plain_ft": "plain fine-tuning", "lora": "LoRA", "l2sp": "L2-SP", "ewc": "EWC",
+    "weight_projection": "weight-space projection (matched k)", "random": "random subspace (matched k)",
+    "fora": "FORA", "fora_lora": "FORA-LoRA",
+}
+MARKERS = {"plain_ft": "o", "lora": "s", "l2sp": "^", "ewc": "v", "weight_projection": "D", "random": "X", "fora": "*", "fora_lora": "P"}
+_FORA_SOURCES = {"activations": "fora", "weights": "weight_projection", "random": "random"}
+_PLAIN_LORA = {"source": "none", "weight_rank": 0}  # FORA-LoRA with no protected inputs (k = 0) and no channel
+
+
+def build_callback(name: str, args: dict[str, Any], targets: list[str] | str, fora_ks: Mapping[str, int] | None) -> Callback:
+    """The Callback that makes plain ``CausalLMModule`` training into method ``name``."""
+    args = {"target_modules": targets, **args}
+    if name in ("fora", "weight_projection", "random", "fora_lora"):
+        args.setdefault("progress", False)
+    if name == "plain_ft":
+        return TrainTargetsOnly(**args)
+    if name == "l2sp":
+        return L2SP(**args)
+    if name == "ewc":
+        return EWC(**{"progress": False, **args})
+    if name == "fora":
+        return FORA(**args)
+    if name == "fora_lora":
+        return ForaLoRA(**args)
+    if name == "lora":  # plain LoRA: FORA-LoRA with an empty protected input span (k = 0) and no channel (r = 0)
+        return ForaLoRA(**{**args, **_PLAIN_LORA})
+    if fora_ks is None:
+        raise ValueError(f"{name} needs FORA's per-layer k: run 'fora' first")
+    source = "weights" if name == "weight_projection" else "random"
+    return FORA(**{**args, "source": source, "rank": dict(fora_ks)})
+
+
+def method_of(callback: Callback) -> str | None:
+    """The method name (a key of :data:`METHODS`) of ``callback``, ``None`` for a Callback that is no method.
+
+    FORA is told apart by its basis source, FORA-LoRA with no bases is plain ``lora``; subclasses are
+    checked before their parents (EWC is an L2SP, L2SP a TrainTargetsOnly).
+    """
+    if isinstance(callback, ForaLoRA):
+        config = callback.config
+        plain = (config.source, config.weight_rank) == tuple(_PLAIN_LORA.values())
+        return "lora" if plain else "fora_lora"
+    if isinstance(callback, FORA):
+        return _FORA_SOURCES[callback.config.source]
+    for cls, name in ((EWC, "ewc"), (L2SP, "l2sp"), (TrainTargetsOnly, "plain_ft")):
+        if isinstance(callback, cls):
+            return name
+    return None
+
+
+def trainer_method(callbacks: Iterable[Callback]) -> str:
+    """The method of a fit from its callbacks: the first that is a method, else ``"plain_ft"`` (no constraint)."""
+    return next((m for cb in callbacks if (m := method_of(cb)) is not None), "plain_ft")
