@@ -29,7 +29,7 @@ from fora_lightning.core.subspace import LayerSubspace, estimate_subspaces, form
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
 )
-from fora_lightning.core.targets import find_targets
+from fora_lightning.core.targets import find_targets, weight_matrix
 from fora_lightning.layout import TargetLayout
 from fora_lightning.targeting import select_targets
 
@@ -201,7 +201,7 @@ class Protection:
         grown: dict[tuple[str, int], GrownBasis] = {}  # layers reading one input with one basis tensor grow it once
         for name, sub in self.subspaces.items():
             weight = self.targets[name].weight.detach()
-            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            weight = weight_matrix(self.targets[name], weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
             if tuple(weight.shape) != (sub.d_out, sub.d_in):
                 raise ValueError(f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process")
             cov, key = combined.covariance(name), (combined.owner[name], sub.basis.data_ptr())
