@@ -31,6 +31,7 @@ from fora_lightning.core.subspace_file import (
 )
 from fora_lightning.core.targets import find_targets, weight_matrix
 from fora_lightning.layout import TargetLayout
+from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.targeting import select_targets
 
 
@@ -63,6 +64,7 @@ class Protection:
     def select(self, pl_module: nn.Module) -> dict[str, nn.Linear]:
         """Find the targets and (``freeze_other``) freeze every other parameter."""
         self.targets = select_targets(pl_module, self.config.target_modules, self.config.freeze_other, self.who)
+        refuse_quantized_targets(self.targets, self.who)
         return self.targets
 
     def find(self, pl_module: nn.Module) -> None:

@@ -122,7 +122,7 @@ def test_fora_full_fine_tuning_keeps_gpt2_leakage_below_1e5(tmp_path, caplog):
         moved.append(float(d.norm() / w0.norm()))
     assert max(leaks) <= 1e-5
     assert min(moved) > 1e-3  # every layer did train
-    loaded, meta = load_subspaces(path)  # the subspace file round trip
+    loaded, _ = load_subspaces(path)  # the subspace file round trip
     assert set(loaded) == GPT2_LAYERS
     for name, sub in loaded.items():
         assert (sub.d_out, sub.d_in) == (cb.subspaces[name].d_out, cb.subspaces[name].d_in)
