@@ -91,3 +91,13 @@ def test_fora_fit_refuses_a_quantized_target_before_training():
     data = DataLoader(TensorDataset(torch.randn(8, model.fc1.in_features), torch.randn(8, 8)), batch_size=4)
     with pytest.raises(TypeError, match="'fc1' is a Linear4bit"):
         tiny_trainer(max_steps=1, callbacks=[cb]).fit(model, data)
+
+
+def test_fora_lora_over_a_quantized_base_is_refused():
+    from fora_lightning.lora import inject_fora_lora
+
+    model = MLP()
+    model.fc1 = Linear4bit(model.fc1.in_features, model.fc1.out_features)
+    with pytest.raises(TypeError, match=r"QLoRA\) is not supported yet: 'fc1' is a Linear4bit"):
+        inject_fora_lora(model, ["fc1", "fc2"], lora_rank=2)
+    assert type(model.fc2) is nn.Linear  # nothing was wrapped

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fora_lightning.core.targets import (
-    LORA_PARAMETERS, TargetModules, find_targets, is_target_layer, name_matches, resolve_target_modules,
+    LORA_PARAMETERS, TargetModules, find_targets, is_target_layer, name_matches, quantization_of, resolve_target_modules,
 )
 from fora_lightning.lora.layer import ForaLoraLinear
 
@@ -37,6 +37,14 @@ def inject_fora_lora(
         _check_existing(model, existing, target_modules, lora_rank, lora_alpha, weight_rank)
         return existing
     targets = find_targets(model, target_modules)
+    quantized = {n: why for n, m in targets.items() if (why := quantization_of(m)) is not None}
+    if quantized:
+        name, why = next(iter(quantized.items()))
+        raise TypeError(
+            f"FORA-LoRA over a quantized base (QLoRA) is not supported yet: '{name}' is {why} ({len(quantized)} such "
+            "target(s)). Its bases need the dequantized W0 and merge_lora a float weight. Load the base in "
+            "bfloat16/float32, or use PEFT's LoRA for a 4-bit base"
+        )
     seen: dict[int, str] = {}
     for name, linear in targets.items():
         if id(linear) in seen:
