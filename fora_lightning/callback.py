@@ -14,6 +14,7 @@ from fora_lightning.calibration import CalibrationSource
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.protection import Protection
+from fora_lightning.support import refuse_unsupported_strategy
 from fora_lightning.targeting import restore_configure_model, when_targets_exist
 
 
@@ -100,6 +101,7 @@ class FORA(Callback):
         """Find the targets and freeze the rest, before the strategy wraps the model."""
         if stage != "fit":
             return
+        refuse_unsupported_strategy(trainer, "FORA")
         when_targets_exist(pl_module, self.config.target_modules, lambda: self.protection.select(pl_module))
 
     @override

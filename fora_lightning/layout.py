@@ -1,6 +1,7 @@
 """How the target weights are held, and FORA's per-step work on them, under every Lightning strategy.
 
-- whole ``d_out x d_in`` tensors (one process, DDP);
+- whole ``d_out x d_in`` tensors (one process, DDP); a GPT-2 ``Conv1D`` stores ``W^T``, read through
+  :func:`~fora_lightning.core.targets.weight_matrix` (its ``d_out x d_in`` view) everywhere below;
 - FSDP2 row shards (DTensor ``Shard(0)``): ``G Q`` on the local rows, ``U^T G`` summed over the shard group;
 - FSDP1 flat parameters: one FSDP unit gathered at a time, its 2-D views projected, the local shard written back.
 
@@ -17,6 +18,7 @@ from torch import nn
 from fora_lightning.core.distributed import FlatUnit, RowShard, flat_units, local_tensor, row_shard
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.core.targets import features, is_transposed, weight_matrix
 
 Subspaces = Mapping[str, LayerSubspace]
 
@@ -24,12 +26,18 @@ Subspaces = Mapping[str, LayerSubspace]
 class TargetLayout:
     """The target linears of one fit, bound to the strategy's wrapped model (``trainer.strategy.model``)."""
 
-    def __init__(self, targets: Mapping[str, nn.Linear], wrapped_model: nn.Module) -> None:
+    def __init__(self, targets: Mapping[str, nn.Module], wrapped_model: nn.Module) -> None:
         self.targets = dict(targets)
         self.flat: list[tuple[FlatUnit, dict[int, str]]] = flat_units(wrapped_model, self.targets)
         self.shards: dict[str, RowShard] = (
             {} if self.flat else {n: s for n, m in self.targets.items() if (s := row_shard(m.weight)) is not None}
         )
+        transposed = [n for n in self.shards if is_transposed(self.targets[n])]
+        if transposed:
+            raise ValueError(
+                f"FORA: target(s) {transposed[:3]} are Conv1D layers (weight stored d_in x d_out) sharded by FSDP2 along "
+                "d_in, which the row-sharded projection does not handle: use DDP or FSDP1 for GPT-2-family models"
+            )
 
     def project_grads(self, subspaces: Subspaces) -> None:
         """``grad <- Pi(grad)`` for every target weight that has a gradient."""
@@ -37,13 +45,13 @@ class TargetLayout:
             for unit, members in self.flat:
                 with unit.gathered("grad", writeback=True) as views:
                     for i, name in members.items() if views is not None else ():
-                        sub = subspaces[name]
-                        views[i].copy_(project(views[i], sub.basis, sub.u, sub.v, complement=sub.complement))
+                        sub, g = subspaces[name], weight_matrix(self.targets[name], views[i])
+                        g.copy_(project(g, sub.basis, sub.u, sub.v, complement=sub.complement))
             return
         for name, module in self.targets.items():
             if module.weight.grad is None:
                 continue
-            grad, sub = local_tensor(module.weight.grad), subspaces[name]
+            grad, sub = weight_matrix(module, local_tensor(module.weight.grad)), subspaces[name]
             u, reduce = self._rows_of_u(name, sub)
             grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
 
@@ -56,14 +64,14 @@ class TargetLayout:
                     for i, name in members.items():
                         sub = subspaces.get(name)
                         if sub is not None and sub.anchor_q is not None:
-                            project_weight_(views[i], sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
+                            project_weight_(weight_matrix(self.targets[name], views[i]), sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
             return
         for name, module in self.targets.items():
             sub = subspaces.get(name)
             if sub is None or sub.anchor_q is None:
                 continue
             u, reduce = self._rows_of_u(name, sub)
-            project_weight_(local_tensor(module.weight.data), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
+            project_weight_(weight_matrix(module, local_tensor(module.weight.data)), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
 
     def attach_anchors(self, subspaces: Subspaces) -> None:
         """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""
@@ -71,12 +79,12 @@ class TargetLayout:
             for unit, members in self.flat:
                 with unit.gathered("data") as views:
                     for i, name in members.items():
-                        subspaces[name].attach_anchors(views[i])
+                        subspaces[name].attach_anchors(weight_matrix(self.targets[name], views[i]))
             return
         for name, sub in subspaces.items():
             shard = self.shards.get(name)
             if shard is None:
-                sub.attach_anchors(self.targets[name].weight)
+                sub.attach_anchors(weight_matrix(self.targets[name]))
                 continue
             sub.attach_anchors(local_tensor(self.targets[name].weight), shard.rows(sub.u), shard.all_reduce)
 
@@ -93,10 +101,11 @@ class TargetLayout:
         return shard.gather(t) if field == "anchor_q" and shard is not None else t
 
     def shape_targets(self) -> Mapping[str, nn.Module]:
-        """Targets for shape checks; under FSDP1 a weight is a flat shard, so a meta stand-in of its true shape."""
-        if not self.flat:
+        """Targets for shape checks (``d_out x d_in`` weights): a meta stand-in of each true shape under FSDP1 (a weight
+        is a flat shard) or for a ``Conv1D`` (stored transposed)."""
+        if not self.flat and not any(is_transposed(m) for m in self.targets.values()):
             return self.targets
-        return {n: nn.Linear(m.in_features, m.out_features, bias=False, device="meta") for n, m in self.targets.items()}
+        return {n: nn.Linear(features(m)[1], features(m)[0], bias=False, device="meta") for n, m in self.targets.items()}
 
     def full_weights(self) -> Mapping[str, torch.Tensor]:
         """Target name -> full ``d_out x d_in`` weight, gathered on demand (one FSDP1 unit at a time)."""
@@ -126,8 +135,9 @@ class _FullWeights(Mapping[str, torch.Tensor]):
         for n, w in self._unit_items(lambda members: name in members.values()):
             if n == name:
                 return w
-        w = self.layout.targets[name].weight.detach()
-        return w.full_tensor() if name in self.layout.shards else w
+        module = self.layout.targets[name]
+        w = module.weight.detach()
+        return weight_matrix(module, w.full_tensor() if name in self.layout.shards else w)
 
     def items(self):  # type: ignore[override]
         if self.layout.flat:
@@ -138,4 +148,5 @@ class _FullWeights(Mapping[str, torch.Tensor]):
         for unit, members in self.layout.flat:
             if wanted(members):
                 with unit.gathered("data") as views:
-                    yield from ((name, views[i].detach().clone()) for i, name in members.items())
+                    targets = self.layout.targets
+                    yield from ((name, weight_matrix(targets[name], views[i]).detach().clone()) for i, name in members.items())

@@ -30,8 +30,9 @@ from fora_lightning.core.subspace import LayerSubspace, estimate_subspaces, form
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
 )
-from fora_lightning.core.targets import find_targets
+from fora_lightning.core.targets import find_targets, weight_matrix
 from fora_lightning.layout import TargetLayout
+from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.targeting import select_targets
 
 
@@ -64,6 +65,7 @@ class Protection:
     def select(self, pl_module: nn.Module) -> dict[str, nn.Linear]:
         """Find the targets and (``freeze_other``) freeze every other parameter."""
         self.targets = select_targets(pl_module, self.config.target_modules, self.config.freeze_other, self.who)
+        refuse_quantized_targets(self.targets, self.who)
         return self.targets
 
     def find(self, pl_module: nn.Module) -> None:
@@ -202,7 +204,7 @@ class Protection:
         grown: dict[tuple[str, int], GrownBasis] = {}  # layers reading one input with one basis tensor grow it once
         for name, sub in self.subspaces.items():
             weight = self.targets[name].weight.detach()
-            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            weight = weight_matrix(self.targets[name], weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
             if tuple(weight.shape) != (sub.d_out, sub.d_in):
                 raise ValueError(f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process")
             cov, key = combined.covariance(name), (combined.owner[name], sub.basis.data_ptr())

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from fora_lightning.core.targets import TargetModules, find_targets, name_matches
+from fora_lightning.core.targets import TargetModules, find_targets, name_matches, resolve_target_modules
 
 
 def when_targets_exist(pl_module: LightningModule, target_modules: TargetModules, select: Callable[[], None]) -> None:
@@ -43,15 +43,18 @@ def restore_configure_model(pl_module: LightningModule) -> None:
     pl_module.__dict__.pop("configure_model", None)
 
 
-def select_targets(pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str) -> dict[str, nn.Linear]:
+def select_targets(pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str) -> dict[str, nn.Module]:
     """:func:`~fora_lightning.core.targets.find_targets`, then (``freeze_other``) :func:`freeze_non_targets`."""
-    targets = find_targets(pl_module, target_modules)
+    resolved = resolve_target_modules(pl_module, target_modules)
+    if resolved != target_modules:
+        rank_zero_info(f"{who}: the default target_modules match nothing; this is a GPT-2-family model, targeting {resolved}")
+    targets = find_targets(pl_module, resolved)
     if freeze_other:
         freeze_non_targets(pl_module, targets, who)
     return targets
 
 
-def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Linear], who: str) -> None:
+def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Module], who: str) -> None:
     """``requires_grad=False`` on every parameter that is not a target weight, with counts in the log."""
     target_ids = {id(m.weight) for m in targets.values()}
     frozen = kept = frozen_numel = kept_numel = 0

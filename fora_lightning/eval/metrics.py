@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 
+from fora_lightning.core.targets import weight_matrix
 from fora_lightning.eval.generation import normalize_whitespace
 
 IGNORE_INDEX = -100
@@ -135,7 +136,7 @@ class LeakageProbe:
         def hook(_: nn.Module, args: tuple) -> None:
             x = args[0]
             mask = self.mask if self.mask is not None and self.mask.numel() * x.shape[-1] == x.numel() else None
-            self.metric.update(name, x, module.weight if weight is None else weight, w0, mask)
+            self.metric.update(name, x, weight_matrix(module) if weight is None else weight, w0, mask)
 
         return hook
 

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from fora_lightning.core.targets import DEFAULT_TARGETS
-from fora_lightning.core.targets import TargetModules, name_matches
+from fora_lightning.core.targets import TargetModules, is_target_layer, name_matches, resolve_target_modules, weight_matrix
 from fora_lightning.eval.metrics import CausalPerplexity, LayerLeakage, TokenKL
 from fora_lightning.eval.report import find_hf_model
 from fora_lightning.lora.layer import ForaLoraLinear
@@ -26,9 +26,10 @@ from fora_lightning.lora.layer import ForaLoraLinear
 
 def target_names(model: nn.Module, target_modules: TargetModules) -> list[str]:
     """Names of the linear layers (plain or FORA-LoRA-wrapped) matched by ``target_modules``."""
+    target_modules = resolve_target_modules(model, target_modules)
     names = [
         n for n, m in model.named_modules()
-        if n and isinstance(m, (nn.Linear, ForaLoraLinear)) and name_matches(n, target_modules) and ".base_layer" not in n
+        if n and (is_target_layer(m) or isinstance(m, ForaLoraLinear)) and name_matches(n, target_modules) and ".base_layer" not in n
     ]
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer of {type(model).__name__}")
@@ -49,9 +50,9 @@ def model_target_names(pl_module: nn.Module, model: nn.Module, target_modules: T
 def effective_weight(module: nn.Module) -> Tensor:
     """The layer's current weight: ``W`` of an ``nn.Linear``, ``W0 + (W - W0)`` of a FORA-LoRA layer."""
     if isinstance(module, ForaLoraLinear):
-        w0 = module.base_layer.weight
+        w0 = module.weight
         return w0 if not module.ready else (w0.double() + module.delta_weight()).to(w0.dtype)
-    return module.weight
+    return weight_matrix(module)
 
 
 def _logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:

@@ -15,6 +15,7 @@ from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
 from fora_lightning.protection import Protection
+from fora_lightning.support import refuse_unsupported_strategy
 from fora_lightning.targeting import restore_configure_model, when_targets_exist
 
 DEFAULT_LORA_RANK = 8
@@ -72,6 +73,7 @@ class ForaLoRA(Callback):
         """Inject the FORA-LoRA layers and freeze all but ``A``, ``B``, ``delta`` (before ``configure_optimizers``)."""
         if stage != "fit":
             return
+        refuse_unsupported_strategy(trainer, "FORA-LoRA")
         when_targets_exist(pl_module, self.config.target_modules, lambda: self._inject(pl_module))
 
     def _inject(self, pl_module: LightningModule) -> None:

@@ -11,6 +11,8 @@ Each layer's whole update is one LoRA of rank ``r_lora + r``:
 The scaling is folded into ``B'``, so the adapter is written with ``lora_alpha = r`` (PEFT's scaling
 ``lora_alpha / r = 1``). Layers whose ``r_lora + r`` is below the largest one are zero-padded to it
 (zero rows of ``A'``, zero columns of ``B'``: the product is unchanged), so one ``r`` fits all layers.
+``A'``/``B'`` are the same for a GPT-2 ``Conv1D`` base (PEFT's ``lora_A`` is ``r x d_in`` there too); its
+weight is stored transposed, which PEFT's ``fan_in_fan_out: true`` says (it only matters when merging).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fora_lightning.core.targets import name_matches
+from fora_lightning.core.targets import is_transposed, name_matches
 from fora_lightning.lora.model import fora_lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -71,7 +73,7 @@ def export_lora_adapter(
         "lora_dropout": dropouts.pop() if len(dropouts) == 1 else 0.0,
         "target_modules": _target_modules(root, list(factors)),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": all(is_transposed(layer.base_layer) for layer in layers.values()),  # Conv1D: W stored d_in x d_out
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

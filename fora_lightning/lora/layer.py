@@ -1,4 +1,4 @@
-r"""The FORA-LoRA linear layer: a frozen ``nn.Linear`` plus a LoRA branch that cannot read span(Q).
+r"""The FORA-LoRA linear layer: a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus a LoRA branch that cannot read span(Q).
 
 .. math::
 
@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 from fora_lightning.core.projection import right_project
 from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.core.targets import features, is_target_layer, weight_matrix
 
 
 class ForaLoraLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` (``base_layer``) with the FORA-LoRA update.
+    """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` (``base_layer``) with the FORA-LoRA update.
 
     Trainable: ``lora_A`` (``r_lora x d_in``, kaiming-uniform as LoRA), ``lora_B`` (``d_out x r_lora``,
     zeros), ``lora_delta`` (``r``, zeros), in float32 (float64 if the base weight is float64).
@@ -36,11 +37,11 @@ class ForaLoraLinear(nn.Module):
     """
 
     def __init__(
-        self, base_layer: nn.Linear, lora_rank: int, lora_alpha: float, lora_dropout: float = 0.0, weight_rank: int = 8, name: str = ""
+        self, base_layer: nn.Module, lora_rank: int, lora_alpha: float, lora_dropout: float = 0.0, weight_rank: int = 8, name: str = ""
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"ForaLoraLinear wraps an nn.Linear; layer '{name}' is a {type(base_layer).__name__}")
+        if not is_target_layer(base_layer):
+            raise TypeError(f"ForaLoraLinear wraps an nn.Linear or a Conv1D; layer '{name}' is a {type(base_layer).__name__}")
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank} (layer '{name}')")
         if not 0.0 <= lora_dropout < 1.0:
@@ -49,7 +50,7 @@ class ForaLoraLinear(nn.Module):
             raise ValueError(f"weight_rank must be >= 0, got {weight_rank} (layer '{name}')")
         self.base_layer = base_layer
         self.name = name
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.out_features, self.in_features = features(base_layer)
         self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
         self.scaling = self.lora_alpha / self.lora_rank
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -87,8 +88,9 @@ class ForaLoraLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The frozen base weight ``W0`` (for code that reads ``module.weight``, e.g. its dtype)."""
-        return self.base_layer.weight
+        """The frozen base weight ``W0`` as ``d_out x d_in`` (a ``Conv1D``'s stored ``W0^T``, transposed), for code
+        that reads ``module.weight`` (e.g. its dtype)."""
+        return weight_matrix(self.base_layer)
 
     @torch.no_grad()
     def set_subspace(self, sub: LayerSubspace) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fora_lightning.core.targets import weight_matrix
 from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers
 
 
 @torch.no_grad()
 def merge_lora(module: nn.Module) -> nn.Module:
-    """Merge every FORA-LoRA layer of ``module`` into its base ``nn.Linear`` and unwrap it, in place.
+    """Merge every FORA-LoRA layer of ``module`` into its base ``nn.Linear`` (or ``Conv1D``) and unwrap it, in place.
 
     ``merge_and_unload`` semantics: each :class:`ForaLoraLinear` is replaced by its ``base_layer`` whose
     weight becomes ``W0 + delta_weight()`` (the update computed in float64, then cast to the weight's
@@ -29,10 +30,10 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
-def _merged_base(layer: ForaLoraLinear) -> nn.Linear:
+def _merged_base(layer: ForaLoraLinear) -> nn.Module:
     base = layer.base_layer
     if layer.ready:
-        w = base.weight
+        w = weight_matrix(base)  # d_out x d_in (the transposed view of a Conv1D's weight)
         w.copy_((w.double() + layer.delta_weight()).to(w.dtype))
     elif bool(layer.lora_B.any()) or bool(layer.lora_delta.any()):
         raise RuntimeError(f"FORA-LoRA layer '{layer.name}' has a nonzero update but no bases: cannot merge it")

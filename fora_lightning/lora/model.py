@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fora_lightning.core.targets import LORA_PARAMETERS, TargetModules, find_targets, name_matches
+from fora_lightning.core.targets import (
+    LORA_PARAMETERS, TargetModules, find_targets, is_target_layer, name_matches, quantization_of, resolve_target_modules,
+)
 from fora_lightning.lora.layer import ForaLoraLinear
 
 
@@ -24,7 +26,7 @@ def inject_fora_lora(
     lora_dropout: float = 0.0,
     weight_rank: int = 8,
 ) -> dict[str, ForaLoraLinear]:
-    """Replace each ``nn.Linear`` matched by ``target_modules`` (as :func:`core.targets.find_targets`) by a
+    """Replace each ``nn.Linear`` (or GPT-2 ``Conv1D``) matched by ``target_modules`` (as :func:`core.targets.find_targets`) by a
     :class:`ForaLoraLinear` wrapping it, in place; returns the wrappers by name (the replaced modules' names).
 
     Idempotent: a model that already holds FORA-LoRA layers is returned as is when the patterns select
@@ -35,6 +37,14 @@ def inject_fora_lora(
         _check_existing(model, existing, target_modules, lora_rank, lora_alpha, weight_rank)
         return existing
     targets = find_targets(model, target_modules)
+    quantized = {n: why for n, m in targets.items() if (why := quantization_of(m)) is not None}
+    if quantized:
+        name, why = next(iter(quantized.items()))
+        raise TypeError(
+            f"FORA-LoRA over a quantized base (QLoRA) is not supported yet: '{name}' is {why} ({len(quantized)} such "
+            "target(s)). Its bases need the dequantized W0 and merge_lora a float weight. Load the base in "
+            "bfloat16/float32, or use PEFT's LoRA for a 4-bit base"
+        )
     seen: dict[int, str] = {}
     for name, linear in targets.items():
         if id(linear) in seen:
@@ -54,9 +64,10 @@ def _check_existing(
     model: nn.Module, existing: dict[str, ForaLoraLinear], target_modules: TargetModules, lora_rank: int, lora_alpha: float, weight_rank: int
 ) -> None:
     inside = tuple(n + "." for n in existing)
+    target_modules = resolve_target_modules(model, target_modules)
     matched = {
         n for n, m in model.named_modules()
-        if n and isinstance(m, (nn.Linear, ForaLoraLinear)) and name_matches(n, target_modules) and not n.startswith(inside)
+        if n and (is_target_layer(m) or isinstance(m, ForaLoraLinear)) and name_matches(n, target_modules) and not n.startswith(inside)
     }
     if matched != set(existing):
         raise ValueError(
