@@ -18,7 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from fora_lightning import FORA, ForaLoRA, merge_lora
-from fora_lightning.core.projection import project, project_weight_, relative_leakage, right_project
+from fora_lightning.core.projection import project, project_weight_, right_project
+from fora_lightning.eval.metrics import leakage
 from fora_lightning.core.subspace_file import load_subspaces
 from fora_lightning.core.targets import DEFAULT_TARGETS, find_targets, is_transposed, quantization_of, weight_matrix
 from fora_lightning.lora import export_lora_adapter, fora_lora_layers
@@ -118,7 +119,7 @@ def test_fora_full_fine_tuning_keeps_gpt2_leakage_below_1e5(tmp_path, caplog):
         d = module.weight.detach().T.double() - w0
         u, v = sub.u.double(), sub.v.double()
         channel = u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T
-        leaks.append(relative_leakage(d - channel, w0, x_span))
+        leaks.append(leakage(d - channel, w0, x_span))
         moved.append(float(d.norm() / w0.norm()))
     assert max(leaks) <= 1e-5
     assert min(moved) > 1e-3  # every layer did train

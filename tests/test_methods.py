@@ -22,7 +22,7 @@ def test_each_method_callback_is_named_back_to_its_method(name):
 def test_all_methods_have_distinct_labels_and_plain_callbacks_are_no_method():
     assert sorted(LABELS) == sorted(METHODS) and len(set(LABELS.values())) == len(METHODS)
     assert method_of(Callback()) is None
-    assert method_of(ForaLoRA(rank=0, weight_rank=2, source="random")) == "fora_lora"  # a channel kept: not plain LoRA
+    assert method_of(ForaLoRA(weight_rank=2, source="none")) == "fora_lora"  # a channel kept: not plain LoRA
     assert trainer_method([Callback(), FORA(source="weights")]) == "weight_projection"
     assert trainer_method([Callback()]) == "plain_ft"
 
