@@ -29,7 +29,7 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, n
     when a matched module is not an ``nn.Linear``.
     """
     if not isinstance(target_modules, str) and (not target_modules or isinstance(target_modules, bytes)):
-        raise ValueError("target_modules is empty: give module-name suffixes (e.g. ['q_proj', 'up_proj']) or a regex")
+        raise ValueError("no target name patterns (an empty list): give module-name suffixes (e.g. ['q_proj', 'up_proj']) or a regex")
     found: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
         if not name or not name_matches(name, target_modules):
@@ -37,14 +37,14 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, n
         if not isinstance(module, nn.Linear):
             raise TypeError(
                 f"target module '{name}' is a {type(module).__name__}, not an nn.Linear; "
-                "FORA protects linear layers only: narrow target_modules"
+                "FORA protects linear layers only: narrow the target name patterns to linear layers"
             )
         found[name] = module
     if not found:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         sample = ", ".join(linears[:12]) + (", ..." if len(linears) > 12 else "")
         raise ValueError(
-            f"target_modules={target_modules!r} matched no module of {type(model).__name__}. "
+            f"target name patterns {target_modules!r} matched no module of {type(model).__name__}. "
             f"Linear layers available ({len(linears)}): {sample or 'none'}"
         )
     return found
