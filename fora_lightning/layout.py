@@ -2,7 +2,8 @@
 
 - whole ``d_out x d_in`` tensors (one process, DDP);
 - FSDP2 row shards (DTensor ``Shard(0)``): ``G Q`` on the local rows, ``U^T G`` summed over the shard group;
-- FSDP1 flat parameters: one FSDP unit gathered at a time, its 2-D views projected, the local shard written back.
+- FSDP1 flat parameters (:mod:`fora_lightning.fsdp1`): one FSDP unit gathered at a time, its 2-D views projected,
+  the local shard written back.
 
 The math is :mod:`fora_lightning.core.projection`; this module only chooses which rows it sees.
 """
@@ -14,9 +15,10 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from fora_lightning.core.distributed import FlatUnit, RowShard, flat_units, local_tensor, row_shard
+from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.fsdp1 import FlatUnit, flat_units
 
 Subspaces = Mapping[str, LayerSubspace]
 
