@@ -23,7 +23,7 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ("core", "eval", "llm", "lora"))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
     from fora_lightning.callback import FORA
