@@ -22,9 +22,8 @@ PRIVATES = (
     "_unpadded_unsharded_size", "_get_unflat_views", "_no_split_modules",
 )
 REPLACED_BY_PUBLIC = {"_local_tensor"}  # DTensor.to_local()
-# Files the lead is rewriting: they move to the _compat functions there (then this becomes empty).
+# module.py is the lead's to move onto the _compat functions (then this becomes empty).
 NOT_YET_MOVED = {
-    "callback.py": {"_ForwardRedirection"},
     "module.py": {"_current_fx_name", "_device_mesh", "_hparams", "_set_hparams", "_hparams_initial", "_hparams_name"},
 }
 
