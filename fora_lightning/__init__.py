@@ -25,13 +25,13 @@ __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:
-    from fora_lightning.callback import FORA
-    from fora_lightning.config import ForaConfig
-    from fora_lightning.llm.causal_lm import CausalLMModule
-    from fora_lightning.llm.data import TextDataModule
-    from fora_lightning.llm.sources import TextSource
-    from fora_lightning.lora.callback import ForaLoRA
-    from fora_lightning.lora.export import export_lora_adapter
-    from fora_lightning.lora.merge import merge_lora
-    from fora_lightning.module import ForaModule
+if TYPE_CHECKING:  # the same names, for IDEs and type checkers
+    from fora_lightning.callback import FORA  # noqa: F401
+    from fora_lightning.config import ForaConfig  # noqa: F401
+    from fora_lightning.llm.causal_lm import CausalLMModule  # noqa: F401
+    from fora_lightning.llm.data import TextDataModule  # noqa: F401
+    from fora_lightning.llm.sources import TextSource  # noqa: F401
+    from fora_lightning.lora.callback import ForaLoRA  # noqa: F401
+    from fora_lightning.lora.export import export_lora_adapter  # noqa: F401
+    from fora_lightning.lora.merge import merge_lora  # noqa: F401
+    from fora_lightning.module import ForaModule  # noqa: F401

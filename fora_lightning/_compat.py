@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 
 # ------------------------------------------------------------------------------------------------ Lightning
-def forward_redirection(wrapper: nn.Module, module: LightningModule, method_name: str, *args: Any, **kwargs: Any) -> Any:
+def forward_redirection(
+    wrapper: nn.Module, module: LightningModule, method_name: str, *args: Any, **kwargs: Any
+) -> Any:
     """``module.<method_name>(*args, **kwargs)`` routed through ``wrapper.forward`` (DDP, FSDP1), as Lightning routes
     ``training_step``: the wrapper's forward hooks (all-gather, buffer sync) run around the call."""
     # Checked: lightning 2.6.6, lightning.pytorch.strategies.strategy._ForwardRedirection (since 2.1).

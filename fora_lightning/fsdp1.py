@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fora_lightning._compat import flat_param_local, flat_param_members, flat_param_sizes, flat_param_views, fsdp1_handles
+from fora_lightning._compat import (
+    flat_param_local,
+    flat_param_members,
+    flat_param_sizes,
+    flat_param_views,
+    fsdp1_handles,
+)
 
 
 class FlatUnit:
@@ -68,7 +74,9 @@ class FlatUnit:
             local.copy_(full[dist.get_rank(group) * n : (dist.get_rank(group) + 1) * n])
 
 
-def flat_units(root: nn.Module, modules: Mapping[str, nn.Module], param: str = "weight") -> list[tuple[FlatUnit, dict[int, str]]]:
+def flat_units(
+    root: nn.Module, modules: Mapping[str, nn.Module], param: str = "weight"
+) -> list[tuple[FlatUnit, dict[int, str]]]:
     """The FSDP1 units holding ``modules[name].<param>``: ``(unit, {view index: name})``, in model order.
 
     Empty when ``root`` contains no FSDP1 module. Raises ``ValueError`` naming targets found in no unit.

@@ -12,14 +12,32 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fora_lightning._compat import forward_redirection, hparams_name, no_split_module_names, reset_hparams, sync_trainer_state
+from fora_lightning._compat import (
+    forward_redirection,
+    hparams_name,
+    no_split_module_names,
+    reset_hparams,
+    sync_trainer_state,
+)
 from tests.tiny_lm import tiny_llama_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fora_lightning"
 PRIVATES = (
-    "_ForwardRedirection", "_current_fx_name", "_device_mesh", "_hparams", "_set_hparams", "_hparams_initial",
-    "_hparams_name", "_handle", "_param_infos", "_local_shard", "_local_tensor", "_padded_unsharded_size",
-    "_unpadded_unsharded_size", "_get_unflat_views", "_no_split_modules",
+    "_ForwardRedirection",
+    "_current_fx_name",
+    "_device_mesh",
+    "_hparams",
+    "_set_hparams",
+    "_hparams_initial",
+    "_hparams_name",
+    "_handle",
+    "_param_infos",
+    "_local_shard",
+    "_local_tensor",
+    "_padded_unsharded_size",
+    "_unpadded_unsharded_size",
+    "_get_unflat_views",
+    "_no_split_modules",
 )
 REPLACED_BY_PUBLIC = {"_local_tensor"}  # DTensor.to_local()
 # module.py is the lead's to move onto the _compat functions (then this becomes empty).
@@ -90,8 +108,13 @@ class Outer(pl.LightningModule):
 def test_sync_trainer_state_lets_a_wrapped_module_log_and_see_the_mesh(tmp_path):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3)), batch_size=4)
     trainer = pl.Trainer(
-        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
     )
     trainer.fit(Outer(), data)
     assert "inner_loss" in trainer.callback_metrics

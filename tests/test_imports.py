@@ -102,7 +102,9 @@ def test_core_imports_and_runs_with_torch_and_safetensors_only():
         FRAMEWORKS + HF,
     )
     assert out["blocker_works"]
-    expected = sorted(f"fora_lightning.core.{p.stem}" for p in (ROOT / "fora_lightning" / "core").glob("*.py") if p.stem != "__init__")
+    expected = sorted(
+        f"fora_lightning.core.{p.stem}" for p in (ROOT / "fora_lightning" / "core").glob("*.py") if p.stem != "__init__"
+    )
     assert out["modules"] == expected
     assert out["loaded"] == [] and not out["compat"]
     assert out["k"] == 3

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-Progress = Callable[[Iterable[Any]], Iterable[Any]]  # wraps the batches, e.g. a progress bar; must yield each one unchanged
+# Wraps the batches (e.g. a progress bar); must yield each one unchanged.
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
 
 
 @dataclass

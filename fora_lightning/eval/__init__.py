@@ -24,11 +24,11 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:
-    from fora_lightning.eval.baselines import TrainTargetsOnly
-    from fora_lightning.eval.ewc import EWC
-    from fora_lightning.eval.generation import evaluate_exact_match, exact_match, generate_greedy
-    from fora_lightning.eval.l2sp import L2SP
-    from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL
-    from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation
-    from fora_lightning.eval.report import ExactMatchReport
+if TYPE_CHECKING:  # the same names, for IDEs and type checkers
+    from fora_lightning.eval.baselines import TrainTargetsOnly  # noqa: F401
+    from fora_lightning.eval.ewc import EWC  # noqa: F401
+    from fora_lightning.eval.generation import evaluate_exact_match, exact_match, generate_greedy  # noqa: F401
+    from fora_lightning.eval.l2sp import L2SP  # noqa: F401
+    from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL  # noqa: F401
+    from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation  # noqa: F401
+    from fora_lightning.eval.report import ExactMatchReport  # noqa: F401

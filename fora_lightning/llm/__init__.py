@@ -14,7 +14,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:
-    from fora_lightning.llm.causal_lm import CausalLMModule
-    from fora_lightning.llm.data import TextDataModule
-    from fora_lightning.llm.sources import TextSource
+if TYPE_CHECKING:  # the same names, for IDEs and type checkers
+    from fora_lightning.llm.causal_lm import CausalLMModule  # noqa: F401
+    from fora_lightning.llm.data import TextDataModule  # noqa: F401
+    from fora_lightning.llm.sources import TextSource  # noqa: F401

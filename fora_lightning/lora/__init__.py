@@ -22,9 +22,14 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:
-    from fora_lightning.lora.callback import ForaLoRA
-    from fora_lightning.lora.export import export_lora_adapter
-    from fora_lightning.lora.layer import ForaLoraLinear
-    from fora_lightning.lora.merge import merge_lora
-    from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
+if TYPE_CHECKING:  # the same names, for IDEs and type checkers
+    from fora_lightning.lora.callback import ForaLoRA  # noqa: F401
+    from fora_lightning.lora.export import export_lora_adapter  # noqa: F401
+    from fora_lightning.lora.layer import ForaLoraLinear  # noqa: F401
+    from fora_lightning.lora.merge import merge_lora  # noqa: F401
+    from fora_lightning.lora.model import (  # noqa: F401
+        fora_lora_layers,
+        inject_fora_lora,
+        mark_only_lora_trainable,
+        trainable_parameters,
+    )
