@@ -74,7 +74,7 @@ def test_core_imports_and_runs_with_torch_and_safetensors_only():
         from fora_lightning.core.projection import project
         from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces
         from fora_lightning.core.targets import find_targets
-        from tests.reference import dense_pi
+        from fora_lightning.core.reference import dense_pi
 
         gen = torch.Generator().manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4))
