@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from torch import nn
 
+from fora_lightning._compat import forward_redirection
 from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
 from fora_lightning.core.distributed import RankShare
+from fora_lightning.progress import progress_bar
 
 CalibrationSource = Iterable[Any] | Mapping[str, Iterable[Any]] | Callable[[], Iterable[Any]] | None
 COVARIANCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -54,7 +55,8 @@ def calibrate(
             forward(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))  # bf16-true: cast inputs
 
     share = RankShare(loader, trainer.global_rank, trainer.world_size)
-    covariances = collect_covariances(pl_module, targets, share, step, dtype=dtype, progress=progress and trainer.is_global_zero)
+    bar = progress_bar("FORA calibration", progress and trainer.is_global_zero)
+    covariances = collect_covariances(pl_module, targets, share, step, dtype=dtype, progress=bar)
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
         for o in covariances.sums:
             covariances.sums[o].zero_()
@@ -79,7 +81,7 @@ def calibration_forward(pl_module: LightningModule, wrapper: nn.Module | None = 
     if callable(step):
         if call is pl_module:
             return step
-        return lambda batch: _ForwardRedirection()(call, pl_module, "calibration_step", batch)
+        return lambda batch: forward_redirection(call, pl_module, "calibration_step", batch)
 
     def forward(batch: Any) -> Any:
         if isinstance(batch, Mapping):

@@ -3,7 +3,8 @@
 - whole ``d_out x d_in`` tensors (one process, DDP); a GPT-2 ``Conv1D`` stores ``W^T``, read through
   :func:`~fora_lightning.core.targets.weight_matrix` (its ``d_out x d_in`` view) everywhere below;
 - FSDP2 row shards (DTensor ``Shard(0)``): ``G Q`` on the local rows, ``U^T G`` summed over the shard group;
-- FSDP1 flat parameters: one FSDP unit gathered at a time, its 2-D views projected, the local shard written back.
+- FSDP1 flat parameters (:mod:`fora_lightning.fsdp1`): one FSDP unit gathered at a time, its 2-D views projected,
+  the local shard written back.
 
 The math is :mod:`fora_lightning.core.projection`; this module only chooses which rows it sees.
 """
@@ -15,10 +16,11 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from fora_lightning.core.distributed import FlatUnit, RowShard, flat_units, local_tensor, row_shard
+from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.targets import features, is_transposed, weight_matrix
+from fora_lightning.fsdp1 import FlatUnit, flat_units
 
 Subspaces = Mapping[str, LayerSubspace]
 

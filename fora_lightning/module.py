@@ -16,6 +16,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.core.hooks import DataHooks, ModelHooks
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from fora_lightning._compat import hparams_name, reset_hparams, sync_trainer_state
 from fora_lightning.callback import FORA
 from fora_lightning.config import ForaConfig
 
@@ -74,8 +75,7 @@ class ForaModule(LightningModule):
 
         @functools.wraps(target)
         def delegated(*args: Any, **kwargs: Any) -> Any:
-            self.module._current_fx_name = self._current_fx_name  # what self.log() checks
-            self.module._device_mesh = self._device_mesh  # set by ModelParallelStrategy before configure_model
+            sync_trainer_state(self.module, self)  # the hook being run (what self.log() checks), the device mesh
             return target(*args, **kwargs)
 
         object.__setattr__(self, name, delegated)
@@ -119,7 +119,7 @@ class ForaModule(LightningModule):
             checkpoint.pop(key, None)
         if self.module.hparams:
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = dict(self.module.hparams)
-            checkpoint[self.CHECKPOINT_HYPER_PARAMS_NAME] = getattr(self.module, "_hparams_name", "kwargs")
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_NAME] = hparams_name(self.module)
         checkpoint[CHECKPOINT_KEY] = {"class_path": _class_path(type(self.module)), "config": self.config.to_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -219,14 +219,12 @@ def _restore_own_hparams(module: LightningModule) -> None:
         if name != "self" and p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
     own = {**defaults, **dict(nested.get("init_args") or {})}
-    module._hparams = type(hp)()
-    module._set_hparams(own)
-    module._hparams_initial = type(hp)(own)
+    reset_hparams(module, own)
 
 
 def _imported_class(class_path: str, checkpoint_path: str | Path) -> type[LightningModule]:
     module_name, _, name = class_path.rpartition(".")
-    if module_name not in sys.modules:
+    if module_name not in sys.modules and not module_name.startswith("fora_lightning."):  # ours: imported lazily
         raise ValueError(
             f"{checkpoint_path}: the wrapped class {class_path!r} is not imported; import {module_name!r} first "
             "or pass module_class= (a checkpoint may not import code by itself)"

@@ -8,22 +8,20 @@
   (DTensor ``Shard(0)``, rows split as ``torch.chunk`` does, uneven sizes included). The right
   projection ``G Q`` is row-local; ``U^T G`` is the one cross-row quantity, summed by
   :meth:`RowShard.all_reduce` (an ``r x d_in`` tensor).
-* :class:`FlatUnit` gathers one FSDP1 ``FlatParameter`` (one wrapped unit) at a time: the local
-  1-D shard of the data or the gradient is all-gathered into the unit's full flat buffer, the
-  original parameters are viewed 2-D, edited in place, and the local shard is written back.
-  Peak extra memory: one unit's full flat buffer (``numel x element size``).
+* :class:`RankShare` deals the calibration batches over ranks.
+
+Public torch APIs only; FSDP1's flat parameters (private internals) are handled by :mod:`fora_lightning.fsdp1`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.subspace import spectrum
@@ -142,88 +140,12 @@ def row_shard(param: Tensor) -> RowShard | None:
 
 
 def local_tensor(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (the storage itself, edits persist), else ``t``."""
-    return t._local_tensor if hasattr(t, "_local_tensor") else t
-
-
-# ---------------------------------------------------------------------------- FSDP1 flat parameters
-class FlatUnit:
-    """One FSDP1 ``FlatParameter``: gather it (or its gradient) whole, edit the 2-D views, write back the shard.
-
-    Works for ``use_orig_params`` true and false: it reads the handle's local shard and the
-    flat-parameter metadata (private FSDP1 attributes of torch 2.x), not the original parameters.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.flat = handle.flat_param
-
-    @property
-    def members(self) -> list[tuple[nn.Module, str]]:
-        """``(module, parameter name)`` of every original parameter, in flat order."""
-        return [(info.module, info.param_name) for info in self.flat._param_infos]
-
-    def _local(self, which: Literal["data", "grad"]) -> Tensor | None:
-        if which == "grad":
-            return self.flat.grad
-        return getattr(self.flat, "_local_shard", self.flat.data) if self.handle.uses_sharded_strategy else self.flat.data
-
-    @contextlib.contextmanager
-    @torch.no_grad()
-    def gathered(self, which: Literal["data", "grad"], writeback: bool = False) -> Iterator[list[Tensor] | None]:
-        """Yield full 2-D views of every original parameter (or gradient); ``None`` if no rank has a gradient.
-
-        A collective over the unit's process group: call it on every rank in the same order.
-        With ``writeback``, this rank's slice of the edited buffer is copied back into its shard.
-        """
-        local = self._local(which)
-        sharded = self.handle.uses_sharded_strategy
-        if sharded:
-            group = self.handle.process_group
-            missing = torch.tensor([local is None], dtype=torch.int32, device=self.flat.device)
-            dist.all_reduce(missing, group=group)
-            if int(missing) == dist.get_world_size(group):
-                yield None
-                return
-            if local is None:
-                raise RuntimeError("FORA (FSDP1): some ranks have a gradient for a flat parameter and others none")
-            full = local.new_empty(self.flat._padded_unsharded_size)
-            dist.all_gather_into_tensor(full, local.contiguous(), group=group)
-        elif local is None:
-            yield None
-            return
-        else:
-            full = local
-        unpadded = full[: self.flat._unpadded_unsharded_size.numel()]
-        yield list(self.handle._get_unflat_views(unpadded))
-        if writeback and sharded:
-            n = local.numel()
-            local.copy_(full[dist.get_rank(group) * n : (dist.get_rank(group) + 1) * n])
-
-
-def flat_units(root: nn.Module, modules: Mapping[str, nn.Module], param: str = "weight") -> list[tuple[FlatUnit, dict[int, str]]]:
-    """The FSDP1 units holding ``modules[name].<param>``: ``(unit, {view index: name})``, in model order.
-
-    Empty when ``root`` contains no FSDP1 module. Raises ``ValueError`` naming targets found in no unit.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    by_id = {id(m): n for n, m in modules.items()}
-    out: list[tuple[FlatUnit, dict[int, str]]] = []
-    seen: set[str] = set()
-    for fsdp in FSDP.fsdp_modules(root):
-        handle = getattr(fsdp, "_handle", None)
-        if handle is None:
-            continue
-        unit = FlatUnit(handle)
-        members = {i: by_id[id(m)] for i, (m, p) in enumerate(unit.members) if p == param and id(m) in by_id}
-        if members:
-            out.append((unit, members))
-            seen.update(members.values())
-    if out and len(seen) != len(modules):
-        missing = sorted(set(modules) - seen)
-        raise ValueError(f"FORA (FSDP1): target weights {missing[:5]} are in no FSDP flat parameter")
-    return out
+    """The local shard of a DTensor (``to_local()``: a view of its storage, edits persist), else ``t``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return t
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class RankShare:

@@ -119,7 +119,7 @@ class LayerSubspace:
         """Store ``A0 = W0 Q`` and ``B0 = U^T W0`` (:func:`~fora_lightning.core.projection.anchors`) from the
         weight at fit start. For a row shard of W0 pass its rows of ``U`` and the shard group's ``all_reduce``."""
         if self.complement:
-            raise ValueError("anchors need Q itself, not its complement (use mode='update' bases)")
+            raise ValueError("anchors need Q itself, not its complement: estimate this subspace with allow_complement=False")
         self.anchor_q, self.anchor_u = anchors(weight, self.basis, self.u if u is None else u, all_reduce=all_reduce)
 
 

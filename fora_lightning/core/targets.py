@@ -100,7 +100,7 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, n
     when a matched module is neither.
     """
     if not isinstance(target_modules, str) and (not target_modules or isinstance(target_modules, bytes)):
-        raise ValueError("target_modules is empty: give module-name suffixes (e.g. ['q_proj', 'up_proj']) or a regex")
+        raise ValueError("no target name patterns (an empty list): give module-name suffixes (e.g. ['q_proj', 'up_proj']) or a regex")
     target_modules = resolve_target_modules(model, target_modules)
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -109,14 +109,14 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, n
         if not is_target_layer(module):
             raise TypeError(
                 f"target module '{name}' is a {type(module).__name__}, not an nn.Linear or a transformers Conv1D; "
-                "FORA protects linear layers only: narrow target_modules"
+                "FORA protects linear layers only: narrow the target name patterns to linear layers"
             )
         found[name] = module
     if not found:
         linears = [n for n, m in model.named_modules() if is_target_layer(m)]
         sample = ", ".join(linears[:12]) + (", ..." if len(linears) > 12 else "")
         raise ValueError(
-            f"target_modules={target_modules!r} matched no module of {type(model).__name__}. "
+            f"target name patterns {target_modules!r} matched no module of {type(model).__name__}. "
             f"Linear layers available ({len(linears)}): {sample or 'none'}"
         )
     return found

@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fora_lightning._compat import no_split_module_names
 from fora_lightning.llm.encoding import IGNORE_INDEX
 from fora_lightning.lora import export_lora_adapter, fora_lora_layers, merge_lora
 
@@ -165,7 +166,7 @@ class CausalLMModule(LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        block_names = set(getattr(self.model, "_no_split_modules", None) or [])
+        block_names = no_split_module_names(self.model)
         for module in self.model.modules():
             if type(module).__name__ in block_names:
                 fully_shard(module, mesh=mesh)
