@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from fora_lightning.core.distributed import FlatUnit, RowShard, flat_units, local_tensor, row_shard
+from fora_lightning.core.distributed import (
+    FlatUnit,
+    RowShard,
+    flat_units,
+    local_tensor,
+    row_shard,
+)
 from fora_lightning.core.precision import project_cheap, project_weight_mixed_
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace

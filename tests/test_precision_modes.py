@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import calibration_loader, span_inputs, task_loader, tiny_trainer
@@ -12,9 +10,20 @@ from hypothesis import strategies as st
 from reference import dense_pi, orthonormal
 
 from fora_lightning import FORA, ForaConfig
-from fora_lightning.core.precision import LEAK_TOLERANCE, project_cheap, project_weight_mixed_, resolve_precision, weight_coords
+from fora_lightning.core.precision import (
+    LEAK_TOLERANCE,
+    project_cheap,
+    project_weight_mixed_,
+    resolve_precision,
+    weight_coords,
+)
 from fora_lightning.core.projection import relative_leakage, right_project
-from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace, spectrum
+from fora_lightning.core.subspace import (
+    LayerSubspace,
+    SubspaceConfig,
+    build_subspace,
+    spectrum,
+)
 from fora_lightning.layout import TargetLayout
 
 
