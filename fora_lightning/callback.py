@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from fora_lightning.calibration import CalibrationSource
 from fora_lightning.config import ForaConfig
+from fora_lightning.core.precision import resolve_precision, split_supported
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.protection import Protection
 from fora_lightning.support import refuse_unsupported_strategy
@@ -62,6 +63,8 @@ class FORA(Callback):
         self.extend_calibration = extend_calibration
         self.protection = self._protection()
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.precision = "float32"  # resolved from config.precision at fit start (core.precision.resolve_precision)
+        self._split = False
 
     def _protection(self) -> Protection:
         return Protection(self.config, self.calibration, anchors=self.config.mode == "update", who="FORA")
@@ -118,18 +121,21 @@ class FORA(Callback):
         """Estimate (or load) the subspaces before the first step, unless a checkpoint restored them."""
         self.protection.prepare(trainer, pl_module)
         self.protection.summarize(trainer, pl_module)
+        flat = bool(self.protection.layout is not None and self.protection.layout.flat)
+        self.precision = resolve_precision(self.config.precision, pl_module.device, self.config.mode, flat=flat)
+        self._split = split_supported(self.precision, pl_module.device)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         """``grad <- Pi(grad)`` for every target weight (local rows + one ``r x d_in`` all-reduce under FSDP2;
         one FSDP1 unit gathered at a time)."""
-        self.protection.layout.project_grads(self.subspaces)
+        self.protection.layout.project_grads(self.subspaces, self.precision)
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """``W <- W0 + Pi(W - W0)`` from the anchors (fires only for steps the optimizer really took)."""
         if self.protection.layout is not None:
-            self.protection.layout.reproject(self.subspaces)
+            self.protection.layout.reproject(self.subspaces, self.precision, self._split)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

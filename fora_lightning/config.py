@@ -42,6 +42,13 @@ class ForaConfig(SubspaceConfig):
         default="update",
         metadata=_help("'update': project gradients and re-project weights after each step; 'gradient': gradients only"),
     )
+    precision: Literal["auto", "float32", "tf32", "bf16"] = field(
+        default="auto",
+        metadata=_help(
+            "GEMM arithmetic of the projections: 'float32' (exact), 'tf32', 'bf16' (cheap GEMMs only on small products), "
+            "'auto': the fastest of them whose leakage stays <= 1e-5 on this device (CUDA sm80+: tf32; CPU with bf16 GEMMs: bf16)"
+        ),
+    )
     freeze_other: bool = field(
         default=True, metadata=_help("freeze every parameter that is not a target weight (biases, norms, embeddings)")
     )
@@ -79,6 +86,7 @@ class ForaConfig(SubspaceConfig):
         if self.capability_weights is not None:
             self.capability_weights = dict(self.capability_weights)
         _choice("mode", self.mode, ("update", "gradient"))
+        _choice("precision", self.precision, ("auto", "float32", "tf32", "bf16"))
         _choice("covariance_dtype", self.covariance_dtype, ("float32", "float64"))
         _choice("combine", self.combine, ("covariance", "union"))
         for name in ("subspaces", "extend_to"):

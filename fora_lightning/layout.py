@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
+from fora_lightning.core.precision import project_cheap, project_weight_mixed_
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.targets import features, is_transposed, weight_matrix
@@ -41,8 +42,8 @@ class TargetLayout:
                 "d_in, which the row-sharded projection does not handle: use DDP or FSDP1 for GPT-2-family models"
             )
 
-    def project_grads(self, subspaces: Subspaces) -> None:
-        """``grad <- Pi(grad)`` for every target weight that has a gradient."""
+    def project_grads(self, subspaces: Subspaces, precision: str = "float32") -> None:
+        """``grad <- Pi(grad)`` for every target weight that has a gradient (GEMMs in ``precision``; FSDP1: float32)."""
         if self.flat:
             for unit, members in self.flat:
                 with unit.gathered("grad", writeback=True) as views:
@@ -55,11 +56,15 @@ class TargetLayout:
                 continue
             grad, sub = weight_matrix(module, local_tensor(module.weight.grad)), subspaces[name]
             u, reduce = self._rows_of_u(name, sub)
-            grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
+            if precision == "float32":
+                grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
+            else:
+                grad.copy_(project_cheap(grad, sub.basis, u, sub.v, precision=precision, complement=sub.complement, all_reduce=reduce))
 
     @torch.no_grad()
-    def reproject(self, subspaces: Subspaces) -> None:
-        """``W <- W0 + Pi(W - W0)`` from the anchors, for every target whose anchors are set."""
+    def reproject(self, subspaces: Subspaces, precision: str = "float32", split: bool = False) -> None:
+        """``W <- W0 + Pi(W - W0)`` from the anchors, for every target whose anchors are set
+        (:func:`~fora_lightning.core.precision.project_weight_mixed_` unless ``precision="float32"``; FSDP1: float32)."""
         if self.flat:
             for unit, members in self.flat:
                 with unit.gathered("data", writeback=True) as views:
@@ -73,7 +78,11 @@ class TargetLayout:
             if sub is None or sub.anchor_q is None:
                 continue
             u, reduce = self._rows_of_u(name, sub)
-            project_weight_(weight_matrix(module, local_tensor(module.weight.data)), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
+            w = weight_matrix(module, local_tensor(module.weight.data))
+            if precision == "float32":
+                project_weight_(w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
+            else:
+                project_weight_mixed_(w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, precision=precision, split=split, all_reduce=reduce)
 
     def attach_anchors(self, subspaces: Subspaces) -> None:
         """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""

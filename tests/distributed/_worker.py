@@ -171,7 +171,7 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
 def make_fora(calibration: Any, freeze_other: bool) -> FORA:
     return FORA(
         calibration=calibration, target_modules=["fc1", "fc2"], rank={"fc1": SPAN, "fc2": 8}, weight_rank=2,
-        freeze_other=freeze_other, progress=False,
+        freeze_other=freeze_other, progress=False, precision="float32",  # FSDP1 runs float32: compare like with like
     )
 
 
