@@ -57,13 +57,18 @@ class FORA(Callback):
         **settings: Any,
     ) -> None:
         self.config = ForaConfig.resolve(config, settings)
-        self.calibration = calibration
         self.extend_calibration = extend_calibration
-        self.protection = self._protection()
+        self.protection = Protection(self.config, calibration, anchors=self.config.mode == "update", who="FORA")
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _protection(self) -> Protection:
-        return Protection(self.config, self.calibration, anchors=self.config.mode == "update", who="FORA")
+    @property
+    def calibration(self) -> CalibrationSource:
+        """The calibration source; assigning a new one before another ``fit`` re-estimates the bases there."""
+        return self.protection.calibration
+
+    @calibration.setter
+    def calibration(self, value: CalibrationSource) -> None:
+        self.protection.calibration = value
 
     @property
     def subspaces(self) -> dict[str, LayerSubspace]:
@@ -138,6 +143,8 @@ class FORA(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if stage == "fit":
+            self.protection.finish()
         restore_configure_model(pl_module)
 
     # ------------------------------------------------------------------ the bases

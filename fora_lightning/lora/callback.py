@@ -108,6 +108,8 @@ class ForaLoRA(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.protection.finish()
         restore_configure_model(pl_module)
 
     @override
