@@ -13,7 +13,9 @@ from typing_extensions import override
 from fora_lightning.calibration import CalibrationSource
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.core.targets import find_targets
 from fora_lightning.protection import Protection
+from fora_lightning.safety import companions, refuse_incompatible, refuse_overlap, warn_at_fit_start
 from fora_lightning.targeting import restore_configure_model, when_targets_exist
 
 
@@ -97,6 +99,11 @@ class FORA(Callback):
     @property
     @override
     def state_key(self) -> str:
+        """``FORA{'target_modules': [...]}``: two instances on different layers checkpoint side by side."""
+        return self._generate_state_key(target_modules=self.config.target_modules)
+
+    @property
+    def _legacy_state_key(self) -> str:  # Lightning's fallback lookup: checkpoints saved under the bare name
         return "FORA"
 
     # ------------------------------------------------------------------ fit lifecycle
@@ -105,13 +112,22 @@ class FORA(Callback):
         """Find the targets and freeze the rest, before the strategy wraps the model."""
         if stage != "fit":
             return
-        when_targets_exist(pl_module, self.config.target_modules, lambda: self.protection.select(pl_module))
+        when_targets_exist(pl_module, self.config.target_modules, lambda: self._select(trainer, pl_module))
+
+    def _select(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Select this callback's targets, leaving those of other FORA callbacks (disjoint layers) trainable."""
+        others = companions(trainer, self)
+        refuse_incompatible(self, others)
+        theirs = {n: m for cb in others for n, m in find_targets(pl_module, cb.config.target_modules).items()}
+        refuse_overlap(find_targets(pl_module, self.config.target_modules), theirs)
+        self.protection.select(pl_module, keep=theirs.values())
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Register the post-step re-projection on every optimizer (once per fit)."""
         self._remove_hooks()
         self.protection.find(pl_module)  # FSDP1 keeps the Linear objects
+        warn_at_fit_start(trainer, pl_module, self.config, self.protection.targets, "FORA")
         if self.config.mode == "update":
             for optimizer in trainer.optimizers:
                 self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))

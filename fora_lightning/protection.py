@@ -33,6 +33,7 @@ from fora_lightning.core.subspace_file import (
 from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
 from fora_lightning.reuse import config_differences, data_differences, fingerprint_source, weights_checksum
+from fora_lightning.safety import warn_extreme_ranks
 from fora_lightning.targeting import select_targets
 
 
@@ -65,9 +66,9 @@ class Protection:
         return Path(self.config.subspaces) if self.config.subspaces is not None else None
 
     # ------------------------------------------------------------------ targets
-    def select(self, pl_module: nn.Module) -> dict[str, nn.Linear]:
-        """Find the targets and (``freeze_other``) freeze every other parameter."""
-        self.targets = select_targets(pl_module, self.config.target_modules, self.config.freeze_other, self.who)
+    def select(self, pl_module: nn.Module, keep: Iterable[nn.Linear] = ()) -> dict[str, nn.Linear]:
+        """Find the targets and (``freeze_other``) freeze every other parameter but ``keep`` (another FORA's targets)."""
+        self.targets = select_targets(pl_module, self.config.target_modules, self.config.freeze_other, self.who, keep)
         return self.targets
 
     def find(self, pl_module: nn.Module) -> None:
@@ -234,6 +235,7 @@ class Protection:
         """The per-layer table in the log (rank 0) and each layer's k to the logger."""
         param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
         rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes))
+        warn_extreme_ranks(self.subspaces, self.config, self.who)
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"fora/k/{n}": float(s.k) for n, s in self.subspaces.items()}, step=0)
 

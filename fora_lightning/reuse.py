@@ -15,7 +15,7 @@ spend that very cost to learn whether it was needed).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch

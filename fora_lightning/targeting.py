@@ -6,7 +6,7 @@ method of a comparison trains exactly the same parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from fora_lightning.core.targets import TargetModules, find_targets, name_matches
+from fora_lightning.safety import refuse_shared_weights
 
 
 def when_targets_exist(pl_module: LightningModule, target_modules: TargetModules, select: Callable[[], None]) -> None:
@@ -43,16 +44,21 @@ def restore_configure_model(pl_module: LightningModule) -> None:
     pl_module.__dict__.pop("configure_model", None)
 
 
-def select_targets(pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str) -> dict[str, nn.Linear]:
-    """:func:`~fora_lightning.core.targets.find_targets`, then (``freeze_other``) :func:`freeze_non_targets`."""
+def select_targets(
+    pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str, keep: Iterable[nn.Linear] = ()
+) -> dict[str, nn.Linear]:
+    """:func:`~fora_lightning.core.targets.find_targets` (refusing tied target weights), then (``freeze_other``)
+    :func:`freeze_non_targets`; ``keep``: another callback's targets, left trainable."""
     targets = find_targets(pl_module, target_modules)
+    refuse_shared_weights(pl_module, targets, who)
     if freeze_other:
-        freeze_non_targets(pl_module, targets, who)
+        freeze_non_targets(pl_module, targets, who, keep)
     return targets
 
 
-def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Linear], who: str) -> None:
-    """``requires_grad=False`` on every parameter that is not a target weight, with counts in the log."""
+def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Linear], who: str, keep: Iterable[nn.Linear] = ()) -> None:
+    """``requires_grad=False`` on every parameter that is not a target weight (nor a ``keep`` weight), with counts in the log."""
+    kept_ids = {id(m.weight) for m in keep}
     target_ids = {id(m.weight) for m in targets.values()}
     frozen = kept = frozen_numel = kept_numel = 0
     for p in pl_module.parameters():
@@ -61,7 +67,7 @@ def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Line
             kept_numel += p.numel()
             if not p.requires_grad:
                 rank_zero_warn(f"{who}: a target weight has requires_grad=False; it will not train")
-        elif p.requires_grad:
+        elif p.requires_grad and id(p) not in kept_ids:
             p.requires_grad_(False)
             frozen += 1
             frozen_numel += p.numel()
