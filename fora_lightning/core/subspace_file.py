@@ -158,6 +158,8 @@ def save_subspaces(
     ``layer_metadata[name]`` is merged into that layer's entry (e.g. ``capability_energy``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"subspace file {path} is a directory; give a file path such as {path / 'subspaces.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     layers = {}
