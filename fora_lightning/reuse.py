@@ -78,10 +78,17 @@ def data_differences(saved: Mapping[str, Mapping[str, Any]] | None, current: Map
 
 
 def weights_checksum(targets: Mapping[str, nn.Linear]) -> Tensor:
-    """Per target ``[sum w, sum w^2, sum w * ramp]`` in float64 on CPU (this rank's shard): a change detector."""
+    """Per target ``[sum w, sum w^2, sum w * ramp]`` in float64 on CPU (this rank's shard): a change detector.
+
+    A weight not held here (an FSDP1 flat-parameter view outside forward) gives NaN, which equals nothing.
+    """
     rows = []
     for module in targets.values():
-        w = local_tensor(module.weight.detach()).reshape(-1).double()
+        w = local_tensor(module.weight.detach())
+        if w.untyped_storage().nbytes() < (w.storage_offset() + w.numel()) * w.element_size():
+            rows.append(torch.full((3,), float("nan"), dtype=torch.float64))  # an FSDP1 view whose storage is freed: never "unchanged"
+            continue
+        w = w.reshape(-1).double()
         ramp = torch.linspace(-1.0, 1.0, w.numel(), dtype=w.dtype, device=w.device)
         rows.append(torch.stack([w.sum(), w.square().sum(), (w * ramp).sum()]).cpu())
     return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
