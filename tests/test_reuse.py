@@ -7,7 +7,15 @@ import copy
 
 import pytest
 import torch
-from conftest import MLP, SPAN, calibration_loader, span_basis, span_inputs, task_loader, tiny_trainer
+from conftest import (
+    MLP,
+    SPAN,
+    calibration_loader,
+    span_basis,
+    span_inputs,
+    task_loader,
+    tiny_trainer,
+)
 from torch.utils.data import DataLoader
 
 from fora_lightning import FORA, ForaLoRA

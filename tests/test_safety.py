@@ -4,7 +4,6 @@ or a ``FORA:`` warning naming the layer, the value and the fix."""
 from __future__ import annotations
 
 import copy
-import json
 
 import lightning.pytorch as pl
 import pytest
