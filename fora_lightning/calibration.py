@@ -90,4 +90,18 @@ def calibration_forward(pl_module: LightningModule, wrapper: nn.Module | None = 
             return call(*batch)
         return call(batch)
 
-    return forward
+    def explained(batch: Any) -> Any:
+        try:
+            return forward(batch)
+        except TypeError as e:
+            kind = "a mapping" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+            if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes, torch.Tensor)):
+                kind += f" of {len(batch)}"
+            raise TypeError(
+                f"FORA calibration: {type(pl_module).__name__}'s forward rejected a calibration batch ({e}). Batches reach "
+                f"the model as module(**batch) for a mapping, module(*batch) for a tuple/list, module(batch) otherwise; "
+                f"this one is {kind}. A training loader of (x, y) passes y too: give a loader of inputs only, or define "
+                f"calibration_step(self, batch) on the LightningModule"
+            ) from e
+
+    return explained

@@ -14,8 +14,10 @@ from fora_lightning.calibration import CalibrationSource
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.precision import resolve_precision, split_supported
 from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.core.targets import find_targets
 from fora_lightning.protection import Protection
 from fora_lightning.support import refuse_unsupported_strategy
+from fora_lightning.safety import companions, refuse_incompatible, refuse_overlap, warn_at_fit_start
 from fora_lightning.targeting import restore_configure_model, when_targets_exist
 
 
@@ -59,15 +61,20 @@ class FORA(Callback):
         **settings: Any,
     ) -> None:
         self.config = ForaConfig.resolve(config, settings)
-        self.calibration = calibration
         self.extend_calibration = extend_calibration
-        self.protection = self._protection()
+        self.protection = Protection(self.config, calibration, anchors=self.config.mode == "update", who="FORA")
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.precision = "float32"  # resolved from config.precision at fit start (core.precision.resolve_precision)
         self._split = False
 
-    def _protection(self) -> Protection:
-        return Protection(self.config, self.calibration, anchors=self.config.mode == "update", who="FORA")
+    @property
+    def calibration(self) -> CalibrationSource:
+        """The calibration source; assigning a new one before another ``fit`` re-estimates the bases there."""
+        return self.protection.calibration
+
+    @calibration.setter
+    def calibration(self, value: CalibrationSource) -> None:
+        self.protection.calibration = value
 
     @property
     def subspaces(self) -> dict[str, LayerSubspace]:
@@ -96,6 +103,11 @@ class FORA(Callback):
     @property
     @override
     def state_key(self) -> str:
+        """``FORA{'target_modules': [...]}``: two instances on different layers checkpoint side by side."""
+        return self._generate_state_key(target_modules=self.config.target_modules)
+
+    @property
+    def _legacy_state_key(self) -> str:  # Lightning's fallback lookup: checkpoints saved under the bare name
         return "FORA"
 
     # ------------------------------------------------------------------ fit lifecycle
@@ -105,13 +117,22 @@ class FORA(Callback):
         if stage != "fit":
             return
         refuse_unsupported_strategy(trainer, "FORA")
-        when_targets_exist(pl_module, self.config.target_modules, lambda: self.protection.select(pl_module))
+        when_targets_exist(pl_module, self.config.target_modules, lambda: self._select(trainer, pl_module))
+
+    def _select(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Select this callback's targets, leaving those of other FORA callbacks (disjoint layers) trainable."""
+        others = companions(trainer, self)
+        refuse_incompatible(self, others)
+        theirs = {n: m for cb in others for n, m in find_targets(pl_module, cb.config.target_modules).items()}
+        refuse_overlap(find_targets(pl_module, self.config.target_modules), theirs)
+        self.protection.select(pl_module, keep=theirs.values())
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Register the post-step re-projection on every optimizer (once per fit)."""
         self._remove_hooks()
         self.protection.find(pl_module)  # FSDP1 keeps the Linear objects
+        warn_at_fit_start(trainer, pl_module, self.config, self.protection.targets, "FORA")
         if self.config.mode == "update":
             for optimizer in trainer.optimizers:
                 self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -146,6 +167,8 @@ class FORA(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if stage == "fit":
+            self.protection.finish()
         restore_configure_model(pl_module)
 
     # ------------------------------------------------------------------ the bases

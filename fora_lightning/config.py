@@ -55,6 +55,13 @@ class ForaConfig(SubspaceConfig):
     subspaces: str | None = field(
         default=None, metadata=_help("a subspace file to load bases from when it exists, else to save them to")
     )
+    subspaces_reuse: Literal["auto", "strict", "force"] = field(
+        default="auto",
+        metadata=_help(
+            "stored bases (subspaces file, checkpoint) made with other basis settings or calibration data: 'auto' "
+            "re-estimates and overwrites the file (a checkpoint: refuses), 'strict' refuses, 'force' uses them anyway"
+        ),
+    )
     covariance_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata=_help("dtype of the covariance accumulators")
     )
@@ -87,6 +94,7 @@ class ForaConfig(SubspaceConfig):
             self.capability_weights = dict(self.capability_weights)
         _choice("mode", self.mode, ("update", "gradient"))
         _choice("precision", self.precision, ("auto", "float32", "tf32", "bf16"))
+        _choice("subspaces_reuse", self.subspaces_reuse, ("auto", "strict", "force"))
         _choice("covariance_dtype", self.covariance_dtype, ("float32", "float64"))
         _choice("combine", self.combine, ("covariance", "union"))
         for name in ("subspaces", "extend_to"):

@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             parser.error(str(e))
     path = Path(args.subspaces)
-    subspaces, meta = load_subspaces(path)
+    try:
+        subspaces, meta = load_subspaces(path)
+    except (ValueError, FileNotFoundError) as e:  # a corrupt or inconsistent file: the message names file and layer
+        parser.error(str(e))
     rows = [layer_report(n, s, (meta["layers"][n] or {}).get("capability_energy")) for n, s in subspaces.items()]
     print(format_table(rows, meta))
     if args.json:

@@ -6,7 +6,7 @@ method of a comparison trains exactly the same parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from fora_lightning.core.targets import TargetModules, find_targets, name_matches, resolve_target_modules
+from fora_lightning.safety import refuse_shared_weights
 
 
 def when_targets_exist(pl_module: LightningModule, target_modules: TargetModules, select: Callable[[], None]) -> None:
@@ -43,19 +44,24 @@ def restore_configure_model(pl_module: LightningModule) -> None:
     pl_module.__dict__.pop("configure_model", None)
 
 
-def select_targets(pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str) -> dict[str, nn.Module]:
-    """:func:`~fora_lightning.core.targets.find_targets`, then (``freeze_other``) :func:`freeze_non_targets`."""
+def select_targets(
+    pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str, keep: Iterable[nn.Module] = ()
+) -> dict[str, nn.Module]:
+    """:func:`~fora_lightning.core.targets.find_targets` (refusing tied target weights), then (``freeze_other``)
+    :func:`freeze_non_targets`; ``keep``: another callback's targets, left trainable."""
     resolved = resolve_target_modules(pl_module, target_modules)
     if resolved != target_modules:
         rank_zero_info(f"{who}: the default target_modules match nothing; this is a GPT-2-family model, targeting {resolved}")
     targets = find_targets(pl_module, resolved)
+    refuse_shared_weights(pl_module, targets, who)
     if freeze_other:
-        freeze_non_targets(pl_module, targets, who)
+        freeze_non_targets(pl_module, targets, who, keep)
     return targets
 
 
-def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Module], who: str) -> None:
-    """``requires_grad=False`` on every parameter that is not a target weight, with counts in the log."""
+def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Module], who: str, keep: Iterable[nn.Module] = ()) -> None:
+    """``requires_grad=False`` on every parameter that is not a target weight (nor a ``keep`` weight), with counts in the log."""
+    kept_ids = {id(m.weight) for m in keep}
     target_ids = {id(m.weight) for m in targets.values()}
     frozen = kept = frozen_numel = kept_numel = 0
     for p in pl_module.parameters():
@@ -64,7 +70,7 @@ def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Modu
             kept_numel += p.numel()
             if not p.requires_grad:
                 rank_zero_warn(f"{who}: a target weight has requires_grad=False; it will not train")
-        elif p.requires_grad:
+        elif p.requires_grad and id(p) not in kept_ids:
             p.requires_grad_(False)
             frozen += 1
             frozen_numel += p.numel()

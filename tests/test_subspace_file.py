@@ -31,7 +31,7 @@ def _sub(d_out: int = 6, d_in: int = 5, k: int = 2, r: int = 1, complement: bool
     u, _ = torch.linalg.qr(torch.randn(d_out, r, generator=gen))
     basis = q[:, k:] if complement else q[:, :k]
     return LayerSubspace(
-        d_out, d_in, k, basis.contiguous(), complement, u, torch.rand(r, generator=gen), q[:, :r].contiguous(),
+        d_out, d_in, k, basis.contiguous(), complement, u, torch.rand(r, generator=gen).sort(descending=True).values, q[:, :r].contiguous(),
         energy=0.9, spectrum=torch.linspace(1, 0, d_in),
     )
 

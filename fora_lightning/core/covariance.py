@@ -78,6 +78,8 @@ class CovarianceCollector:
         self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._unmasked: set[str] = set()
+        self.finite: dict[str, Tensor] = {}  # owner -> all inputs finite so far (a device flag: no sync per batch)
+        self.batches = 0
 
     def __enter__(self) -> CovarianceCollector:
         for name, module in self.modules.items():
@@ -95,6 +97,7 @@ class CovarianceCollector:
         """Scope one forward pass: tokens where ``attention_mask == 0`` are excluded."""
         self._mask = attention_mask
         self._seen.clear()
+        self.batches += 1
         try:
             yield
         finally:
@@ -134,6 +137,8 @@ class CovarianceCollector:
                     tokens.shape[1], tokens.shape[1], dtype=self.dtype, device=tokens.device
                 )
                 self.result.counts[owner] = 0
+            finite = torch.isfinite(tokens).all()
+            self.finite[owner] = finite if owner not in self.finite else self.finite[owner] & finite
             acc.addmm_(tokens.T, tokens)
             self.result.counts[owner] += tokens.shape[0]
 
@@ -177,6 +182,12 @@ def collect_covariances(
             with collector.batch(attention_mask_of(batch)):
                 forward(batch)
     cov = collector.result
+    if collector.batches and not cov.sums:
+        raise ValueError(
+            f"FORA calibration ran {collector.batches} batches, but the forward pass never reached target layer(s) "
+            f"{list(modules)[:5]}: their forward is never called (e.g. nn.MultiheadAttention.out_proj, whose weight "
+            "is read directly by F.multi_head_attention_forward); leave them out of target_modules"
+        )
     if not cov.sums or sum(cov.counts.values()) == 0:
         raise ValueError(
             "FORA calibration saw no tokens: the calibration loader is empty (or every position is padding). "
@@ -186,6 +197,13 @@ def collect_covariances(
     if missing:
         raise ValueError(f"FORA calibration: the forward pass never reached {missing[:5]}; are they used by the model?")
     bad = [n for n, o in cov.owner.items() if not torch.isfinite(cov.sums[o]).all()]
+    nonfinite = [n for n in bad if not bool(collector.finite[cov.owner[n]])]
+    if nonfinite:
+        raise ValueError(f"FORA calibration: non-finite (NaN/inf) inputs reached layer(s) {nonfinite[:5]}")
     if bad:
-        raise ValueError(f"FORA calibration: non-finite (NaN/inf) inputs reached layer(s) {bad[:5]}")
+        raise ValueError(
+            f"FORA calibration: the inputs of layer(s) {bad[:5]} are finite, but their {str(dtype).replace('torch.', '')} "
+            "covariance accumulator overflowed (sum x x^T exceeds the dtype's range): set covariance_dtype='float64', "
+            "or rescale the inputs"
+        )
     return cov

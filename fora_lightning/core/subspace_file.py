@@ -158,6 +158,8 @@ def save_subspaces(
     ``layer_metadata[name]`` is merged into that layer's entry (e.g. ``capability_energy``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"subspace file {path} is a directory; give a file path such as {path / 'subspaces.safetensors'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     layers = {}
@@ -236,8 +238,9 @@ def load_subspaces(path: str | Path, device: torch.device | str = "cpu") -> tupl
     """Read a subspace file: ``(layer -> LayerSubspace, metadata)``.
 
     Checks the file against itself: every layer's header entry has its tensors, with the shapes
-    its ``d_out, d_in, k, r, complement`` imply, and k, r within the weight's shape (``ValueError``
-    naming the file, layer and values).
+    its ``d_out, d_in, k, r, complement`` imply, and k, r within the weight's shape; the tensors are
+    finite, ``basis``, ``u``, ``v`` orthonormal and ``s`` descending (``ValueError`` naming the file,
+    layer and values).
     """
     meta = read_metadata(path)
     flat = load_file(str(path), device=str(device))
@@ -256,6 +259,9 @@ def load_subspaces(path: str | Path, device: torch.device | str = "cpu") -> tupl
                 problems.append(f"layer '{name}': '{field}' is {tuple(t[field].shape)}, the header implies {shape}")
         if problems:
             continue
+        problems += _value_problems(name, t)
+        if problems:
+            continue
         energy = info.get("energy")
         subspaces[name] = LayerSubspace(
             d_out=d_out, d_in=d_in, k=k, complement=bool(info["complement"]),
@@ -266,6 +272,32 @@ def load_subspaces(path: str | Path, device: torch.device | str = "cpu") -> tupl
     if problems:
         raise ValueError(f"{path} is inconsistent: " + "; ".join(problems))
     return subspaces, meta
+
+
+def _orthonormality_error(m: Tensor, probes: int = 4) -> float:
+    """``max ||M^T M z - z|| / ||z||`` over a few Gaussian ``z`` (0 for orthonormal columns; costs ``4 d k``)."""
+    if m.shape[1] == 0:
+        return 0.0
+    z = torch.randn(m.shape[1], probes, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    m64 = m.double()
+    return float(((m64.T @ (m64 @ z) - z).norm(dim=0) / z.norm(dim=0)).max())
+
+
+def _value_problems(name: str, t: Mapping[str, Tensor]) -> list[str]:
+    """Finite tensors, orthonormal ``basis``/``u``/``v`` columns, ``s`` non-negative and descending."""
+    bad = [f for f in sorted(t) if not torch.isfinite(t[f]).all()]
+    if bad:
+        return [f"layer '{name}': {bad} hold NaN or inf"]
+    out = []
+    for field in ("basis", "u", "v"):
+        tol = 1e-3 if t[field].dtype in (torch.float32, torch.float64) else 5e-2
+        err = _orthonormality_error(t[field])
+        if err > tol:
+            out.append(f"layer '{name}': '{field}' columns are not orthonormal (|M^T M - I| ~ {err:.3g})")
+    s = t["s"].double()
+    if (s < 0).any() or (s[1:] > s[:-1] * (1 + 1e-6) + 1e-12).any():
+        out.append(f"layer '{name}': singular values 's' are not non-negative and descending ({s[:4].tolist()} ...)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- validation

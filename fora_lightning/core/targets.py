@@ -115,8 +115,14 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, n
     if not found:
         linears = [n for n, m in model.named_modules() if is_target_layer(m)]
         sample = ", ".join(linears[:12]) + (", ..." if len(linears) > 12 else "")
+        regex = (
+            f" A single string is a regular expression matched against the whole module name (re.fullmatch): "
+            f"{target_modules!r} matches only a module named exactly so; give a list ([{target_modules!r}]) to match "
+            f"name suffixes, or a pattern such as {'.*' + target_modules!r}."
+            if isinstance(target_modules, str) else ""
+        )
         raise ValueError(
-            f"target name patterns {target_modules!r} matched no module of {type(model).__name__}. "
+            f"target name patterns {target_modules!r} matched no module of {type(model).__name__}.{regex} "
             f"Linear layers available ({len(linears)}): {sample or 'none'}"
         )
     return found

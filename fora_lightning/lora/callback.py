@@ -16,6 +16,7 @@ from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
 from fora_lightning.protection import Protection
 from fora_lightning.support import refuse_unsupported_strategy
+from fora_lightning.safety import companions, refuse_incompatible, warn_at_fit_start
 from fora_lightning.targeting import restore_configure_model, when_targets_exist
 
 DEFAULT_LORA_RANK = 8
@@ -66,6 +67,11 @@ class ForaLoRA(Callback):
     @property
     @override
     def state_key(self) -> str:
+        """``ForaLoRA{'target_modules': [...]}``, as :class:`~fora_lightning.FORA`'s."""
+        return self._generate_state_key(target_modules=self.config.target_modules)
+
+    @property
+    def _legacy_state_key(self) -> str:  # Lightning's fallback lookup: checkpoints saved under the bare name
         return "ForaLoRA"
 
     @override
@@ -74,6 +80,7 @@ class ForaLoRA(Callback):
         if stage != "fit":
             return
         refuse_unsupported_strategy(trainer, "FORA-LoRA")
+        refuse_incompatible(self, companions(trainer, self))
         when_targets_exist(pl_module, self.config.target_modules, lambda: self._inject(pl_module))
 
     def _inject(self, pl_module: LightningModule) -> None:
@@ -91,6 +98,7 @@ class ForaLoRA(Callback):
         """Nothing to register: the LoRA parametrisation keeps the update feasible by construction."""
         self._layers = fora_lora_layers(pl_module)
         self.protection.targets = {name: layer.base_layer for name, layer in self._layers.items()}
+        warn_at_fit_start(trainer, pl_module, self.config, self.protection.targets, "FORA-LoRA")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -110,6 +118,8 @@ class ForaLoRA(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.protection.finish()
         restore_configure_model(pl_module)
 
     @override
