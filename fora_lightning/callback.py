@@ -116,6 +116,17 @@ class FORA(Callback):
         """Estimate (or load) the subspaces before the first step, unless a checkpoint restored them."""
         self.protection.prepare(trainer, pl_module)
         self.protection.summarize(trainer, pl_module)
+        self.protection.monitor.start(trainer, pl_module, self.protection.targets, self.subspaces)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """``fora/leakage_max``, ``fora/leakage_mean`` (and per layer, less often) to every logger (:mod:`~fora_lightning.monitor`)."""
+        self.protection.monitor.step(trainer)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fora_report.json`` and ``fora_report.md`` in ``trainer.log_dir``."""
+        self.protection.monitor.finish(trainer, pl_module, self.subspaces)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:

@@ -31,6 +31,7 @@ from fora_lightning.core.subspace_file import (
 )
 from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
+from fora_lightning.monitor import ProtectionMonitor
 from fora_lightning.targeting import select_targets
 
 
@@ -54,6 +55,7 @@ class Protection:
         self.capability_energy: dict[str, dict[str, float]] = {}  # layer -> capability -> tr(Q^T C_c Q) / tr(C_c)
         self.chain: list[dict[str, Any]] = []
         self._capability_covariances: dict[str, Covariances] = {}
+        self.monitor = ProtectionMonitor(who, calibration)  # the leakage probe and fora_report.{json,md}
 
     @property
     def path(self) -> Path | None:
@@ -251,6 +253,7 @@ class Protection:
                 for name, s in self.subspaces.items()
             },
             "capabilities": self.capabilities, "chain": self.chain, "capability_energy": self.capability_energy,
+            "probe": self.monitor.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -261,6 +264,7 @@ class Protection:
         self.capabilities = dict(state_dict.get("capabilities", {}))
         self.chain = list(state_dict.get("chain", []))
         self.capability_energy = dict(state_dict.get("capability_energy", {}))
+        self.monitor.load_state_dict(state_dict.get("probe", {}))
 
     def to(self, device: torch.device) -> None:
         for sub in self.subspaces.values():
