@@ -79,7 +79,7 @@ def model_benchmark(hidden: int, layers: int, n_batches: int, batch: int, seq: i
                 model(input_ids=ids[None])
 
     def cov(impl=collect_covariances, dtype=torch.float32, batches=None) -> object:
-        return impl(model, targets, batches or data, lambda b: model(**b), dtype=dtype, progress=False)
+        return impl(model, targets, batches or data, lambda b: model(**b), dtype=dtype)
 
     row_batches = [{"input_ids": ids[None]} for ids in rows]
     fns = {

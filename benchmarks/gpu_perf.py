@@ -204,7 +204,7 @@ def calibration_benchmark(args: argparse.Namespace, device: str) -> tuple[str, d
                 model(**b)
 
     def cov() -> None:
-        collect_covariances(model, targets, data, lambda b: model(**b), progress=False)
+        collect_covariances(model, targets, data, lambda b: model(**b))
 
     with Precision("fp32", device):
         times = interleaved({"no_grad forward": forward, "covariance pass (float32)": cov}, args.repeats, warmup=1)

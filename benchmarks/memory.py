@@ -77,7 +77,7 @@ def tiny_persistent(hidden: int, layers: int, energy: float, r: int) -> dict:
     model = tiny_causal_lm(hidden, layers, vocab=vocab)
     targets = find_targets(model, TARGETS)
     data = token_batches(8, 4, 256, vocab, seed=1)
-    cov = collect_covariances(model, targets, data, lambda b: model(**b), progress=False)
+    cov = collect_covariances(model, targets, data, lambda b: model(**b))
     weights = {n: m.weight.detach() for n, m in targets.items()}
     out = {"hidden": hidden, "layers": layers, "energy": energy, "r": r}
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -112,7 +112,7 @@ def _child(job: str, hidden: int, layers: int) -> None:
         for b in data:
             model(**b)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    cov = collect_covariances(model, targets, data, lambda b: model(**b), progress=False)
+    cov = collect_covariances(model, targets, data, lambda b: model(**b))
     after_cov = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if job == "estimate":
         estimate_subspaces({n: m.weight.detach() for n, m in targets.items()}, SubspaceConfig(), cov)

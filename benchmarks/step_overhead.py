@@ -261,7 +261,7 @@ def tiny_model_benchmark(hidden: int, n_layers: int, repeats: int, train_steps: 
     model = tiny_causal_lm(hidden, n_layers, vocab=vocab)
     targets = find_targets(model, list(TARGETS))
     calib = token_batches(4, 8, 128, vocab, seed=1)
-    cov = collect_covariances(model, targets, calib, lambda b: model(**b), progress=False)
+    cov = collect_covariances(model, targets, calib, lambda b: model(**b))
     subs = estimate_subspaces({n: m.weight.detach() for n, m in targets.items()}, SubspaceConfig(), cov)
     for n, s in subs.items():
         s.attach_anchors(targets[n].weight)

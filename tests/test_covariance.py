@@ -33,7 +33,7 @@ def test_covariance_matches_dense_reference_masks_padding_and_shares_inputs():
         x[mask == 0] = 1e3  # padding must not reach the sums
         batches.append({"x": x, "attention_mask": mask})
     targets = find_targets(model, ["q", "k", "v", "o"])
-    cov = collect_covariances(model, targets, batches, lambda b: model(**b), dtype=torch.float64, progress=False)
+    cov = collect_covariances(model, targets, batches, lambda b: model(**b), dtype=torch.float64)
     assert cov.owner == {"q": "q", "k": "q", "v": "q", "o": "o"}
     xs = torch.cat([b["x"][b["attention_mask"] != 0] for b in batches]).double()
     torch.testing.assert_close(cov.covariance("k"), xs.T @ xs / xs.shape[0])
@@ -49,9 +49,37 @@ def test_calibration_restores_each_submodule_training_flag():
     model.v.eval()  # the user left this one in eval
     seen = []
     model.q.register_forward_pre_hook(lambda m, a: seen.append(m.training))
-    collect_covariances(model, {"q": model.q}, [torch.randn(3, 6)], model, progress=False)
+    collect_covariances(model, {"q": model.q}, [torch.randn(3, 6)], model)
     assert seen == [False]
     assert model.training and model.q.training and not model.v.training
+
+
+def test_progress_wraps_the_batches_and_changes_no_sum():
+    torch.manual_seed(0)
+    model = SharedInput()
+    batches = [torch.randn(3, 6) for _ in range(4)]
+    passed: list[torch.Tensor] = []
+
+    def progress(it):
+        for b in it:
+            passed.append(b)
+            yield b
+
+    wrapped = collect_covariances(model, {"q": model.q}, batches, model, dtype=torch.float64, progress=progress)
+    plain = collect_covariances(model, {"q": model.q}, batches, model, dtype=torch.float64)
+    assert [id(b) for b in passed] == [id(b) for b in batches]
+    xs = torch.cat(batches).double()
+    torch.testing.assert_close(wrapped.covariance("q"), xs.T @ xs / xs.shape[0])
+    torch.testing.assert_close(wrapped.covariance("q"), plain.covariance("q"))
+
+
+def test_progress_bar_yields_every_batch_and_is_off_when_disabled():
+    from fora_lightning.progress import progress_bar
+
+    assert progress_bar("FORA calibration", enabled=False) is None
+    bar = progress_bar("FORA calibration")
+    assert bar is not None
+    assert list(bar(iter(range(5)))) == [0, 1, 2, 3, 4]
 
 
 def test_eval_mode_restores_on_error():
@@ -65,11 +93,11 @@ def test_empty_loader_nan_inputs_and_unreached_layers_raise():
     model = SharedInput()
     targets = find_targets(model, ["q", "o"])
     with pytest.raises(ValueError, match="calibration loader is empty"):
-        collect_covariances(model, targets, [], model, progress=False)
+        collect_covariances(model, targets, [], model)
     with pytest.raises(ValueError, match=r"non-finite.*'q'"):
-        collect_covariances(model, targets, [torch.full((2, 6), float("nan"))], model, progress=False)
+        collect_covariances(model, targets, [torch.full((2, 6), float("nan"))], model)
     with pytest.raises(ValueError, match="never reached"):
-        collect_covariances(model, targets, [torch.randn(2, 6)], model.q, progress=False)
+        collect_covariances(model, targets, [torch.randn(2, 6)], model.q)
 
 
 def test_target_matching_on_dot_boundaries_and_regex():

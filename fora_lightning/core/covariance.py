@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+Progress = Callable[[Iterable[Any]], Iterable[Any]]  # wraps the batches, e.g. a progress bar; must yield each one unchanged
 
 
 @dataclass
@@ -162,27 +163,23 @@ def collect_covariances(
     forward: Callable[[Any], Any],
     *,
     dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    description: str = "FORA calibration",
+    progress: Progress | None = None,
 ) -> Covariances:
     """Run ``forward(batch)`` for every batch under ``no_grad`` and ``eval`` and return the sums.
 
-    ``forward`` receives the batch as given (move it to the device there). Raises ``ValueError``
-    for an empty ``batches`` and for non-finite inputs (naming the layers).
+    ``forward`` receives the batch as given (move it to the device there). ``progress`` wraps the
+    batches (the glue passes a progress bar; ``None``: none). Raises ``ValueError`` for an empty
+    ``batches`` and for non-finite inputs (naming the layers).
     """
-    try:
-        total: int | None = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
     with CovarianceCollector(modules, dtype) as collector, eval_mode(model), torch.no_grad():
-        for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
+        for batch in progress(batches) if progress is not None else batches:
             with collector.batch(attention_mask_of(batch)):
                 forward(batch)
     cov = collector.result
     if not cov.sums or sum(cov.counts.values()) == 0:
         raise ValueError(
             "FORA calibration saw no tokens: the calibration loader is empty (or every position is padding). "
-            "Give FORA(calibration=...) a DataLoader with at least one batch of the capability to keep"
+            "It needs at least one batch with a non-padding position of the capability to keep"
         )
     missing = [n for n in modules if n not in cov.owner]
     if missing:
