@@ -4,13 +4,14 @@
 
 * ``start`` (``on_train_start``, weights still ``W0``): the probe's inputs come from the first batch of the
   held-out preserved loader (``trainer.datamodule.preserve_val_dataloader()``, rows ``TextDataModule`` keeps out
-  of calibration), else from the first calibration batch (then in-sample: the report says ``held_out: false``).
+  of calibration, not used for the covariances). Without one there is no probe (calibration rows would be
+  in-sample), and the report holds the bases only.
   With a held-out loader the base model's logits on its first ``report_batches`` batches are kept on the CPU
   (float32, ``tokens x vocab``): the cheapest exact reference for ``KL(base || tuned)``, since FORA keeps no copy
   of ``W0`` (one extra forward pass per batch, no second model in memory).
 * ``step`` (``on_train_batch_end``): ``fora/leakage_max`` and ``fora/leakage_mean`` to every attached logger each
   ``trainer.log_every_n_steps`` optimizer steps, ``fora/leakage/<layer>`` every ``per_layer_every`` times that.
-* ``finish`` (``on_train_end``): ``fora_report.json`` and ``fora_report.md`` in ``trainer.log_dir`` (rank 0).
+* ``finish`` (``on_train_end``): ``fora_report.json`` and ``fora_report.md`` in ``trainer.log_dir`` (rank 0; with a logger).
 
 Every rank runs the same batches (forwards are collectives under FSDP), so the metrics need no cross-rank sum.
 A run resumed from a checkpoint restores the probe's inputs (saved with the bases); the base logits are not
@@ -25,10 +26,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from fora_lightning.calibration import calibration_forward, resolve_calibration
+from fora_lightning.calibration import calibration_forward
 from fora_lightning.core.distributed import row_shard
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.fora_report import layer_rows, write_report
@@ -54,9 +56,9 @@ class ProtectionMonitor:
     """The probe and the report of one fit (``rows`` probe tokens per layer; ``report_batches`` preserved batches)."""
 
     def __init__(
-        self, who: str, calibration: Any = None, rows: int = 64, per_layer_every: int = 10, report_batches: int = 4
+        self, who: str, rows: int = 64, per_layer_every: int = 10, report_batches: int = 4
     ) -> None:
-        self.who, self.calibration = who, calibration  # the Callback's calibration source, for the in-sample fallback
+        self.who = who
         self.rows, self.per_layer_every, self.report_batches = rows, per_layer_every, report_batches
         self.probe: ProtectionProbe | None = None
         self.held_out = False
@@ -75,7 +77,7 @@ class ProtectionMonitor:
         if any(is_lora(m) and row_shard(_base(m)) is not None for m in modules.values()):
             rank_zero_warn(f"FORA: {self.who}'s leakage probe is off for FORA-LoRA layers sharded by FSDP2 (not implemented)")
             return
-        if any(tuple(_base(m).shape) != (subspaces[n].d_out, subspaces[n].d_in) for n, m in modules.items()):
+        if isinstance(trainer.strategy, FSDPStrategy):
             rank_zero_warn(f"FORA: {self.who}'s leakage probe is off under FSDP1 (flat parameters): use FSDP2 or DDP")
             return
         probe = ProtectionProbe(modules, subspaces)
@@ -89,14 +91,12 @@ class ProtectionMonitor:
         forward = calibration_forward(pl_module, trainer.strategy.model)
         move = lambda b: trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b))
         loader = preserved_loader(trainer)
-        self.held_out = loader is not None
-        if loader is None:
-            source = resolve_calibration(self.calibration, trainer, pl_module)
-            loader = next(iter(source.values())) if isinstance(source, Mapping) else source
+        if loader is None:  # no held-out inputs: drawing calibration batches again would be in-sample (and extra I/O)
+            return
+        self.held_out = True
         with trainer.precision_plugin.forward_context():
             probe.capture(trainer.strategy.model, (move(b) for b in loader), forward, self.rows)
-            if self.held_out:
-                self._reference = self._base_logits(trainer, loader, forward, move)
+            self._reference = self._base_logits(trainer, loader, forward, move)
         self.probe = probe
 
     @torch.no_grad()
@@ -132,11 +132,11 @@ class ProtectionMonitor:
         leakage = self.probe.leakage() if self.probe is not None else {}
         model_metrics = self._model_metrics(trainer, pl_module) if self._reference else {}
         log_dir = trainer.log_dir  # a broadcast: every rank asks
-        if log_dir is None or not trainer.is_global_zero:
+        if not trainer.loggers or log_dir is None or not trainer.is_global_zero:  # logger=False: nothing in the cwd
             return None
         summary = {
             "who": self.who, "step": trainer.global_step, "probe_rows": self.rows,
-            "probe_inputs": "held-out preserved batch" if self.held_out else "first calibration batch (in-sample)",
+            "probe_inputs": "held-out preserved batch" if self.held_out else "none (no preserve_val_dataloader)",
             "held_out": self.held_out, **model_metrics,
         }
         if leakage:

@@ -55,7 +55,7 @@ class Protection:
         self.capability_energy: dict[str, dict[str, float]] = {}  # layer -> capability -> tr(Q^T C_c Q) / tr(C_c)
         self.chain: list[dict[str, Any]] = []
         self._capability_covariances: dict[str, Covariances] = {}
-        self.monitor = ProtectionMonitor(who, calibration)  # the leakage probe and fora_report.{json,md}
+        self.monitor = ProtectionMonitor(who)  # the leakage probe and fora_report.{json,md}
 
     @property
     def path(self) -> Path | None:
