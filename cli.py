@@ -1,6 +1,6 @@
 """Command line: ``python cli.py fit --config configs/X.yaml`` (LightningCLI), plus ``inspect`` and ``compare``.
 
-* ``fit`` / ``validate`` / ``test`` / ``predict``: LightningCLI in subclass mode (``model`` and ``data`` are
+* ``fit`` / ``validate`` (``test`` / ``predict`` with modules that define them): LightningCLI in subclass mode (``model`` and ``data`` are
   ``class_path`` + ``init_args``, any LightningModule / LightningDataModule), YAML read with OmegaConf so
   ``${model.init_args.module.init_args.model}``-style interpolation works (resolved when the file is read, so
   a command-line override of the source key does not reach the interpolated one); command-line overrides such

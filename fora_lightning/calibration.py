@@ -17,7 +17,7 @@ from torch import nn
 from fora_lightning._compat import forward_redirection
 from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
 from fora_lightning.core.distributed import RankShare
-from fora_lightning.progress import progress_bar
+from fora_lightning.trainer_progress import calibration_progress
 
 CalibrationSource = Iterable[Any] | Mapping[str, Iterable[Any]] | Callable[[], Iterable[Any]] | None
 COVARIANCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -55,8 +55,7 @@ def calibrate(
             forward(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))  # bf16-true: cast inputs
 
     share = RankShare(loader, trainer.global_rank, trainer.world_size)
-    bar = progress_bar("FORA calibration", progress and trainer.is_global_zero)
-    covariances = collect_covariances(pl_module, targets, share, step, dtype=dtype, progress=bar)
+    covariances = collect_covariances(pl_module, targets, share, step, dtype=dtype, progress=calibration_progress(trainer, progress))
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
         for o in covariances.sums:
             covariances.sums[o].zero_()

@@ -145,6 +145,17 @@ class FORA(Callback):
         flat = bool(self.protection.layout is not None and self.protection.layout.flat)
         self.precision = resolve_precision(self.config.precision, pl_module.device, self.config.mode, flat=flat)
         self._split = split_supported(self.precision, pl_module.device)
+        self.protection.monitor.start(trainer, pl_module, self.protection.targets, self.subspaces)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """``fora/leakage_max``, ``fora/leakage_mean`` (and per layer, less often) to every logger (:mod:`~fora_lightning.monitor`)."""
+        self.protection.monitor.step(trainer)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fora_report.json`` and ``fora_report.md`` in ``trainer.log_dir``."""
+        self.protection.monitor.finish(trainer, pl_module, self.subspaces)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:

@@ -36,6 +36,7 @@ from fora_lightning.layout import TargetLayout
 from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.reuse import config_differences, data_differences, fingerprint_source, weights_checksum
 from fora_lightning.safety import warn_extreme_ranks
+from fora_lightning.monitor import ProtectionMonitor
 from fora_lightning.targeting import select_targets
 
 
@@ -62,6 +63,7 @@ class Protection:
         self._restored = False  # subspaces came from a checkpoint in this fit (checked against the settings in prepare)
         self._restored_config: dict[str, Any] | None = None
         self._ended: dict[str, Any] | None = None  # the model and weights the last fit ended with
+        self.monitor = ProtectionMonitor(who)  # the leakage probe and fora_report.{json,md}
 
     @property
     def path(self) -> Path | None:
@@ -390,6 +392,7 @@ class Protection:
                 for name, s in self.subspaces.items()
             },
             "capabilities": self.capabilities, "chain": self.chain, "capability_energy": self.capability_energy,
+            "probe": self.monitor.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -401,6 +404,7 @@ class Protection:
         self.chain = list(state_dict.get("chain", []))
         self.capability_energy = dict(state_dict.get("capability_energy", {}))
         self._restored, self._restored_config = bool(self.subspaces), state_dict.get("config")
+        self.monitor.load_state_dict(state_dict.get("probe", {}))
 
     def to(self, device: torch.device) -> None:
         for sub in self.subspaces.values():

@@ -94,3 +94,11 @@ def test_inspect_subcommand_is_dispatched(capsys):
         load_cli().main(["inspect", "--help"])
     assert exit_info.value.code == 0
     assert "--subspaces" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", QWEN_CONFIGS)
+def test_paper_configs_checkpoint_for_resuming(name, capsys):
+    cfg = print_config(["fit", "--config", str(ROOT / f"configs/{name}.yaml")], capsys)
+    checkpoints = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(checkpoints) == 1 and checkpoints[0]["init_args"]["save_last"] is True
+    assert cfg["trainer"]["enable_checkpointing"] is not False

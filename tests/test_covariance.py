@@ -73,15 +73,6 @@ def test_progress_wraps_the_batches_and_changes_no_sum():
     torch.testing.assert_close(wrapped.covariance("q"), plain.covariance("q"))
 
 
-def test_progress_bar_yields_every_batch_and_is_off_when_disabled():
-    from fora_lightning.progress import progress_bar
-
-    assert progress_bar("FORA calibration", enabled=False) is None
-    bar = progress_bar("FORA calibration")
-    assert bar is not None
-    assert list(bar(iter(range(5)))) == [0, 1, 2, 3, 4]
-
-
 def test_eval_mode_restores_on_error():
     model = SharedInput()
     with pytest.raises(RuntimeError), eval_mode(model):

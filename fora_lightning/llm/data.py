@@ -182,6 +182,12 @@ class TextDataModule(LightningDataModule):
         keys = [k for k in ("task_val", "preserve_val") if k in self.splits]
         return [self._loader(self.splits[k], self.eval_batch_size) for k in keys]
 
+    def preserve_val_dataloader(self) -> DataLoader | None:
+        """The held-out rows of ``preserve`` (with labels; ``None`` without ``preserve_val_size``): FORA's leakage
+        probe and its report's KL(base || tuned) and perplexity read it."""
+        self.setup()
+        return self._loader(self.splits["preserve_val"], self.eval_batch_size) if "preserve_val" in self.splits else None
+
     def calibration_dataloader(self) -> DataLoader:
         """Label-free batches (``input_ids``, ``attention_mask``) of the capability to keep."""
         self.setup()

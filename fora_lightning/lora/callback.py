@@ -115,6 +115,17 @@ class ForaLoRA(Callback):
         self.protection.summarize(trainer, pl_module)
         for name, layer in self._layers.items():
             layer.set_subspace(self.subspaces[name])
+        self.protection.monitor.start(trainer, pl_module, self._layers, self.subspaces)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The leakage probe to every logger (:mod:`~fora_lightning.monitor`)."""
+        self.protection.monitor.step(trainer)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``fora_report.json`` and ``fora_report.md`` in ``trainer.log_dir``."""
+        self.protection.monitor.finish(trainer, pl_module, self.subspaces)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
