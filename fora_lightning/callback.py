@@ -30,7 +30,8 @@ class FORA(Callback):
     by projecting every gradient (``on_before_optimizer_step``) and, with ``mode="update"``,
     re-projecting the weight right after each optimizer step (Adam's scaling and weight decay
     leave ``S``). For inputs in span(Q) the layer's output then changes only through the
-    ``r``-dimensional spectral channel.
+    ``r``-dimensional spectral channel; with ``channel_bound = tau`` the re-projection also clamps
+    ``|delta_i| <= tau S_i``, so ``||(W - W0) x|| <= tau ||W0 x||`` for every x in span(Q).
 
     Args:
         calibration: a DataLoader (or a callable returning one) of the capability to keep, or a mapping
@@ -57,6 +58,11 @@ class FORA(Callback):
         **settings: Any,
     ) -> None:
         self.config = ForaConfig.resolve(config, settings)
+        if self.config.channel_bound is not None and self.config.mode != "update":
+            raise ValueError(
+                f"FORA(channel_bound={self.config.channel_bound}) needs mode='update': the bound is enforced by the "
+                f"post-step re-projection, which mode={self.config.mode!r} does not run. Use mode='update' or channel_bound=None"
+            )
         self.calibration = calibration
         self.extend_calibration = extend_calibration
         self.protection = self._protection()
@@ -127,7 +133,7 @@ class FORA(Callback):
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """``W <- W0 + Pi(W - W0)`` from the anchors (fires only for steps the optimizer really took)."""
         if self.protection.layout is not None:
-            self.protection.layout.reproject(self.subspaces)
+            self.protection.layout.reproject(self.subspaces, self.config.channel_bound)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -42,11 +42,25 @@ class ForaConfig(SubspaceConfig):
         default="update",
         metadata=_help("'update': project gradients and re-project weights after each step; 'gradient': gradients only"),
     )
+    channel_bound: float | None = field(
+        default=None,
+        metadata=_help(
+            "tau: keep each spectral-channel coordinate |delta_i| <= tau S_i after every step, so that "
+            "||(W - W0) x|| <= tau ||W0 x|| for x in span(Q) (FORA needs mode='update'); None: unbounded"
+        ),
+    )
     freeze_other: bool = field(
         default=True, metadata=_help("freeze every parameter that is not a target weight (biases, norms, embeddings)")
     )
     subspaces: str | None = field(
         default=None, metadata=_help("a subspace file to load bases from when it exists, else to save them to")
+    )
+    calibration_generate: int = field(
+        default=0,
+        metadata=_help(
+            "N > 0: extend each calibration prompt by the base model's own greedy continuation of up to N tokens "
+            "(label-free, batched; the module's generate_continuations) before collecting covariances; 0: prompts as given"
+        ),
     )
     covariance_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata=_help("dtype of the covariance accumulators")
@@ -87,6 +101,14 @@ class ForaConfig(SubspaceConfig):
                 setattr(self, name, str(value))
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1):
             raise ValueError(f"lora_rank must be an int >= 1 (or None for full fine-tuning), got {self.lora_rank!r}")
+        if isinstance(self.calibration_generate, bool) or not isinstance(self.calibration_generate, int) or self.calibration_generate < 0:
+            raise ValueError(f"calibration_generate must be an int >= 0 (new tokens per calibration prompt; 0: off), got {self.calibration_generate!r}")
+        if self.channel_bound is not None:
+            if isinstance(self.channel_bound, bool) or not isinstance(self.channel_bound, (int, float)):
+                raise TypeError(f"channel_bound must be a number tau >= 0 (or None: unbounded), got {self.channel_bound!r}")
+            if not 0.0 <= self.channel_bound < float("inf"):
+                raise ValueError(f"channel_bound must be a finite tau >= 0 (0 freezes the channel; None: unbounded), got {self.channel_bound}")
+            self.channel_bound = float(self.channel_bound)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 

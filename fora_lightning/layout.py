@@ -48,22 +48,28 @@ class TargetLayout:
             grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
 
     @torch.no_grad()
-    def reproject(self, subspaces: Subspaces) -> None:
-        """``W <- W0 + Pi(W - W0)`` from the anchors, for every target whose anchors are set."""
+    def reproject(self, subspaces: Subspaces, channel_bound: float | None = None) -> None:
+        """``W <- W0 + Pi(W - W0)`` from the anchors, for every target whose anchors are set; with
+        ``channel_bound = tau`` the channel is clamped to ``|delta_i| <= tau S_i`` in the same pass."""
         if self.flat:
             for unit, members in self.flat:
                 with unit.gathered("data", writeback=True) as views:
                     for i, name in members.items():
                         sub = subspaces.get(name)
                         if sub is not None and sub.anchor_q is not None:
-                            project_weight_(views[i], sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
+                            project_weight_(
+                                views[i], sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u, s=sub.s, channel_bound=channel_bound
+                            )
             return
         for name, module in self.targets.items():
             sub = subspaces.get(name)
             if sub is None or sub.anchor_q is None:
                 continue
             u, reduce = self._rows_of_u(name, sub)
-            project_weight_(local_tensor(module.weight.data), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
+            project_weight_(
+                local_tensor(module.weight.data), sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u,
+                all_reduce=reduce, s=sub.s, channel_bound=channel_bound,
+            )
 
     def attach_anchors(self, subspaces: Subspaces) -> None:
         """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""

@@ -103,7 +103,7 @@ class Protection:
     def summarize(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The per-layer table in the log (rank 0) and each layer's k to the logger."""
         param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
-        rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes))
+        rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes, self.config.channel_bound))
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"fora/k/{n}": float(s.k) for n, s in self.subspaces.items()}, step=0)
 
@@ -152,7 +152,7 @@ class Protection:
             combined, self._capability_covariances, self.capabilities = self._calibrate_capabilities(trainer, pl_module, source, 1)
             return combined
         dtype = COVARIANCE_DTYPES[self.config.covariance_dtype]
-        return calibrate(trainer, pl_module, self.targets, loader, dtype, self.config.progress)
+        return calibrate(trainer, pl_module, self.targets, loader, dtype, self.config.progress, self.config.calibration_generate)
 
     def _calibrate_capabilities(
         self, trainer: Trainer, pl_module: LightningModule, source: Any, step: int

@@ -18,6 +18,10 @@ temporaries and no copy of ``Q^T``. Both projections also accept a leading batch
 of equal shape, bases zero-padded to a common k: zero columns leave ``P_Q`` unchanged); the library
 projects layer by layer, the benchmarks time the batched form (``benchmarks/_bench.py``).
 
+The bounded channel (``channel_bound = tau``): :func:`bound_channel` clamps ``delta_i`` to
+``[-tau S_i, tau S_i]``; then for every x in span(Q), ``||(W - W0) x|| = ||diag(delta) V_r^T x||
+<= tau ||S_r V_r^T x|| <= tau ||W0 x||`` (the last step since ``U_r^T (W0 - U_r S_r V_r^T) = 0``).
+
 Sharded use (FSDP2 rows): pass the *local rows* of ``G``/``W``/``U``/``A0`` and an
 ``all_reduce`` callable that sums an ``r x d_in`` tensor over the shard group; the right
 projection is row-local, and ``U^T G`` is the only cross-row quantity.
@@ -95,6 +99,12 @@ def project(
     return out.to(grad.dtype)
 
 
+def bound_channel(delta: Tensor, s: Tensor, tau: float) -> Tensor:
+    """``clamp(delta, -tau S, tau S)``: the spectral channel's coordinates inside the certified box (a new tensor)."""
+    limit = tau * s.to(delta.dtype).abs()
+    return torch.maximum(torch.minimum(delta, limit), -limit)
+
+
 @torch.no_grad()
 def anchors(weight: Tensor, basis: Tensor, u: Tensor, *, all_reduce: AllReduce | None = None) -> tuple[Tensor, Tensor]:
     """The re-projection's anchors from W0 (float32): ``A0 = W0 Q`` (rows as ``weight``) and ``B0 = U^T W0``
@@ -113,6 +123,8 @@ def project_weight_(
     anchor_u: Tensor | None = None,
     *,
     all_reduce: AllReduce | None = None,
+    s: Tensor | None = None,
+    channel_bound: float | None = None,
 ) -> Tensor:
     """In place: ``W <- W0 + Pi(W - W0)`` from anchors, with no copy of ``W0``.
 
@@ -122,7 +134,9 @@ def project_weight_(
 
         D - Pi(D) = (D Q) Q^T + U [ U^T D - (U^T D Q) Q^T - diag(diag(U^T D V)) V^T ].
 
-    Returns ``weight``.
+    With ``channel_bound = tau`` (and ``s = S_r``) the channel is clamped in the same pass, no extra
+    collective: with ``delta = diag(U^T D V)``, ``M += diag(delta - bound_channel(delta, S, tau)) V^T``, so
+    the result holds ``|delta_i| <= tau S_i``. Returns ``weight``.
     """
     dt = _compute_dtype(weight)
     w = weight.to(dt)  # ``weight`` itself when it already is float32/float64
@@ -131,7 +145,13 @@ def project_weight_(
     m = None
     if u is not None and u.shape[-1] > 0:
         u, v = u.to(dt), v.to(dt)
-        m = _channel_free(_left_coords(u, w, all_reduce) - anchor_u.to(dt), q, v, False)  # from U^T D
+        utd = _left_coords(u, w, all_reduce) - anchor_u.to(dt)  # U^T D
+        m = _channel_free(utd, q, v, False)
+        if channel_bound is not None:
+            if s is None:
+                raise ValueError("project_weight_: channel_bound needs the singular values s = S_r")
+            delta = (utd * v.mT).sum(dim=-1)  # diag(U^T D V)
+            m.add_((delta - bound_channel(delta, s, channel_bound)).unsqueeze(-1) * v.mT)
     _sub_mm(w, dq, q.mT, inplace=True)  # W <- W - (D Q) Q^T - U M
     if m is not None:
         _sub_mm(w, u, m, inplace=True)
