@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from fora_lightning import FORA, ForaConfig, ForaLoRA
 from fora_lightning.core.projection import anchors, bound_channel, project_weight_
 from fora_lightning.core.subspace import LayerSubspace, complement_basis, format_summary
+from fora_lightning.core.subspace_file import read_metadata
 from fora_lightning.lora import fora_lora_layers
 
 TAU = 0.05
@@ -140,3 +141,12 @@ def test_tiny_llama_bound_holds_on_span_inputs(callback_cls):
     bounded = _llama_fit(callback_cls, TAU)
     assert unbounded > TAU, f"without the bound the channel should move span outputs by more than tau, got {unbounded:.4f}"
     assert bounded <= TAU + 1e-5
+
+
+def test_bound_is_recorded_in_the_subspace_file_and_the_checkpoint(mlp, tmp_path):
+    path = tmp_path / "keep.safetensors"
+    cb = FORA(calibration=calibration_loader(), target_modules=["fc1", "fc2"], weight_rank=2, channel_bound=0.03,
+              subspaces=str(path), progress=False)
+    tiny_trainer(callbacks=[cb], max_steps=2).fit(mlp, task_loader())
+    assert read_metadata(path)["config"]["channel_bound"] == 0.03
+    assert cb.state_dict()["config"]["channel_bound"] == 0.03
