@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,12 @@ class FORA(Callback):
         **settings: Any,
     ) -> None:
         self.config = ForaConfig.resolve(config, settings)
-        if self.config.channel_bound is not None and self.config.mode != "update":
-            raise ValueError(
-                f"FORA(channel_bound={self.config.channel_bound}) needs mode='update': the bound is enforced by the "
-                f"post-step re-projection, which mode={self.config.mode!r} does not run. Use mode='update' or channel_bound=None"
+        if self.config.channel_bound is not None and self.config.mode != "update" and self.config.weight_rank > 0:
+            warnings.warn(
+                f"FORA: channel_bound={self.config.channel_bound:g} is not enforced in mode={self.config.mode!r} (the bound is "
+                "kept by the post-step re-projection, which only mode='update' runs): the spectral channel is unbounded. "
+                "Use mode='update' for the certified bound, or channel_bound=None (or weight_rank=0) to silence this",
+                stacklevel=2,
             )
         self.calibration = calibration
         self.extend_calibration = extend_calibration
@@ -69,7 +72,8 @@ class FORA(Callback):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def _protection(self) -> Protection:
-        return Protection(self.config, self.calibration, anchors=self.config.mode == "update", who="FORA")
+        update = self.config.mode == "update"
+        return Protection(self.config, self.calibration, anchors=update, who="FORA", bounds_channel=update)
 
     @property
     def subspaces(self) -> dict[str, LayerSubspace]:

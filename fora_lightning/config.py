@@ -43,10 +43,11 @@ class ForaConfig(SubspaceConfig):
         metadata=_help("'update': project gradients and re-project weights after each step; 'gradient': gradients only"),
     )
     channel_bound: float | None = field(
-        default=None,
+        default=0.05,
         metadata=_help(
             "tau: keep each spectral-channel coordinate |delta_i| <= tau S_i after every step, so that "
-            "||(W - W0) x|| <= tau ||W0 x|| for x in span(Q) (FORA needs mode='update'); None: unbounded"
+            "||(W - W0) x|| <= tau ||W0 x|| for x in span(Q) (FORA needs mode='update'); None: unbounded. "
+            "Default 0.05: results/demo_bounded"
         ),
     )
     freeze_other: bool = field(

@@ -40,11 +40,12 @@ class Protection:
 
     ``anchors``: the bases must be Q itself with anchors ``W0 Q``, ``U_r^T W0`` attached (FORA's update
     mode); otherwise a complement basis is allowed where it is smaller (gradient mode, FORA-LoRA).
-    ``who`` names the owner in log lines and errors.
+    ``who`` names the owner in log lines and errors; ``bounds_channel``: the owner enforces ``config.channel_bound``.
     """
 
-    def __init__(self, config: ForaConfig, calibration: CalibrationSource, anchors: bool, who: str) -> None:
+    def __init__(self, config: ForaConfig, calibration: CalibrationSource, anchors: bool, who: str, bounds_channel: bool = True) -> None:
         self.config = config
+        self.bounds_channel = bounds_channel  # whether the owner enforces config.channel_bound (FORA: mode='update' only)
         self.calibration = calibration
         self.anchors = anchors
         self.who = who
@@ -103,7 +104,8 @@ class Protection:
     def summarize(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The per-layer table in the log (rank 0) and each layer's k to the logger."""
         param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
-        rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes, self.config.channel_bound))
+        bound = self.config.channel_bound if self.bounds_channel else None
+        rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes, bound))
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"fora/k/{n}": float(s.k) for n, s in self.subspaces.items()}, step=0)
 

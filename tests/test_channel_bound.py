@@ -72,9 +72,10 @@ def test_bad_channel_bound_fails_at_construction(bad: float):
         ForaConfig(channel_bound=bad)
 
 
-def test_gradient_mode_refuses_a_bound():
-    with pytest.raises(ValueError, match="needs mode='update'"):
-        FORA(calibration=[], mode="gradient", channel_bound=0.05)
+def test_gradient_mode_warns_that_the_bound_is_not_enforced():
+    with pytest.warns(UserWarning, match="FORA: channel_bound=0.05 is not enforced in mode='gradient'"):
+        cb = FORA(calibration=[], mode="gradient", channel_bound=0.05)
+    assert not cb.protection.bounds_channel
 
 
 def test_summary_prints_the_bound():
