@@ -46,8 +46,13 @@ def calibrate(
     loader: Iterable[Any],
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    generate: int = 0,
 ) -> Covariances:
-    """Covariances of every target's input over this rank's share of ``loader``, summed over ranks."""
+    """Covariances of every target's input over this rank's share of ``loader``, summed over ranks.
+
+    ``generate > 0``: each batch is first extended by the model's own greedy continuation of up to that many
+    tokens (:func:`_with_continuations`), so the covariances see what the capability reads while it answers.
+    """
     forward = calibration_forward(pl_module, trainer.strategy.model)
 
     def step(batch: Any) -> None:
@@ -55,7 +60,10 @@ def calibrate(
             forward(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))  # bf16-true: cast inputs
 
     share = RankShare(loader, trainer.global_rank, trainer.world_size)
-    covariances = collect_covariances(pl_module, targets, share, step, dtype=dtype, progress=calibration_progress(trainer, progress))
+    batches: Iterable[Any] = share
+    if generate > 0:
+        batches = _with_continuations(trainer, pl_module, share, generate)
+    covariances = collect_covariances(pl_module, targets, batches, step, dtype=dtype, progress=calibration_progress(trainer, progress))
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
         for o in covariances.sums:
             covariances.sums[o].zero_()
@@ -67,6 +75,35 @@ def calibrate(
     if share.sharded:
         covariances.all_reduce_()
     return covariances
+
+
+def _with_continuations(trainer: Trainer, pl_module: LightningModule, share: RankShare, max_new_tokens: int) -> list[Any]:
+    """This rank's batches, each extended by ``pl_module.generate_continuations(batch, max_new_tokens)`` before any
+    covariance is collected (the generation's own forwards are not counted).
+
+    The call goes through the strategy's wrapped model (as ``calibration_step``), and a rank with fewer batches
+    generates ``share.padding`` more times (discarded): under FSDP generation is a collective.
+    """
+    hook = getattr(pl_module, "generate_continuations", None)
+    if not callable(hook):
+        raise ValueError(
+            f"calibration_generate={max_new_tokens} needs {type(pl_module).__name__}.generate_continuations(batch, max_new_tokens) "
+            "returning the batch extended by the model's own continuations (CausalLMModule has it); or set calibration_generate=0"
+        )
+    wrapper = trainer.strategy.model
+
+    def extend(batch: Any) -> Any:
+        batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+        with trainer.precision_plugin.forward_context(), torch.no_grad():
+            if wrapper is None or wrapper is pl_module:
+                return hook(batch, max_new_tokens)
+            return forward_redirection(wrapper, pl_module, "generate_continuations", batch, max_new_tokens)
+
+    with eval_mode(wrapper if wrapper is not None else pl_module):
+        extended = [extend(b) for b in share]
+        for _ in range(share.padding):
+            extend(share.filler())
+    return extended
 
 
 def calibration_forward(pl_module: LightningModule, wrapper: nn.Module | None = None) -> Callable[[Any], Any]:

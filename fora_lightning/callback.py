@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ class FORA(Callback):
     by projecting every gradient (``on_before_optimizer_step``) and, with ``mode="update"``,
     re-projecting the weight right after each optimizer step (Adam's scaling and weight decay
     leave ``S``). For inputs in span(Q) the layer's output then changes only through the
-    ``r``-dimensional spectral channel.
+    ``r``-dimensional spectral channel; with ``channel_bound = tau`` the re-projection also clamps
+    ``|delta_i| <= tau S_i``, so ``||(W - W0) x|| <= tau ||W0 x||`` for every x in span(Q).
 
     Args:
         calibration: a DataLoader (or a callable returning one) of the capability to keep, or a mapping
@@ -61,8 +63,16 @@ class FORA(Callback):
         **settings: Any,
     ) -> None:
         self.config = ForaConfig.resolve(config, settings)
+        if self.config.channel_bound is not None and self.config.mode != "update" and self.config.weight_rank > 0:
+            warnings.warn(
+                f"FORA: channel_bound={self.config.channel_bound:g} is not enforced in mode={self.config.mode!r} (the bound is "
+                "kept by the post-step re-projection, which only mode='update' runs): the spectral channel is unbounded. "
+                "Use mode='update' for the certified bound, or channel_bound=None (or weight_rank=0) to silence this",
+                stacklevel=2,
+            )
         self.extend_calibration = extend_calibration
-        self.protection = Protection(self.config, calibration, anchors=self.config.mode == "update", who="FORA")
+        update = self.config.mode == "update"
+        self.protection = Protection(self.config, calibration, anchors=update, who="FORA", bounds_channel=update)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.precision = "float32"  # resolved from config.precision at fit start (core.precision.resolve_precision)
         self._split = False
@@ -167,7 +177,7 @@ class FORA(Callback):
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """``W <- W0 + Pi(W - W0)`` from the anchors (fires only for steps the optimizer really took)."""
         if self.protection.layout is not None:
-            self.protection.layout.reproject(self.subspaces, self.precision, self._split)
+            self.protection.layout.reproject(self.subspaces, self.precision, self._split, self.config.channel_bound)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -18,7 +18,9 @@ from fora_lightning.core.targets import DEFAULT_TARGETS
 
 Mode = Literal["update", "gradient"]
 # settings that change which bases are estimated or how the update is constrained (compared on reuse)
-BASIS_SETTINGS = ("target_modules", "energy", "rank", "max_rank", "weight_rank", "source", "seed", "mode", "combine")
+BASIS_SETTINGS = (
+    "target_modules", "energy", "rank", "max_rank", "weight_rank", "source", "seed", "mode", "combine", "calibration_generate",
+)
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
 
 
@@ -49,6 +51,14 @@ class ForaConfig(SubspaceConfig):
             "'auto': the fastest of them whose leakage stays <= 1e-5 on this device (CUDA sm80+: tf32; CPU with bf16 GEMMs: bf16)"
         ),
     )
+    channel_bound: float | None = field(
+        default=0.05,
+        metadata=_help(
+            "tau: keep each spectral-channel coordinate |delta_i| <= tau S_i after every step, so that "
+            "||(W - W0) x|| <= tau ||W0 x|| for x in span(Q) (FORA needs mode='update'); None: unbounded. "
+            "Default 0.05: results/demo_bounded"
+        ),
+    )
     freeze_other: bool = field(
         default=True, metadata=_help("freeze every parameter that is not a target weight (biases, norms, embeddings)")
     )
@@ -60,6 +70,13 @@ class ForaConfig(SubspaceConfig):
         metadata=_help(
             "stored bases (subspaces file, checkpoint) made with other basis settings or calibration data: 'auto' "
             "re-estimates and overwrites the file (a checkpoint: refuses), 'strict' refuses, 'force' uses them anyway"
+        ),
+    )
+    calibration_generate: int = field(
+        default=0,
+        metadata=_help(
+            "N > 0: extend each calibration prompt by the base model's own greedy continuation of up to N tokens "
+            "(label-free, batched; the module's generate_continuations) before collecting covariances; 0: prompts as given"
         ),
     )
     covariance_dtype: Literal["float32", "float64"] = field(
@@ -103,6 +120,14 @@ class ForaConfig(SubspaceConfig):
                 setattr(self, name, str(value))
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1):
             raise ValueError(f"lora_rank must be an int >= 1 (or None for full fine-tuning), got {self.lora_rank!r}")
+        if isinstance(self.calibration_generate, bool) or not isinstance(self.calibration_generate, int) or self.calibration_generate < 0:
+            raise ValueError(f"calibration_generate must be an int >= 0 (new tokens per calibration prompt; 0: off), got {self.calibration_generate!r}")
+        if self.channel_bound is not None:
+            if isinstance(self.channel_bound, bool) or not isinstance(self.channel_bound, (int, float)):
+                raise TypeError(f"channel_bound must be a number tau >= 0 (or None: unbounded), got {self.channel_bound!r}")
+            if not 0.0 <= self.channel_bound < float("inf"):
+                raise ValueError(f"channel_bound must be a finite tau >= 0 (0 freezes the channel; None: unbounded), got {self.channel_bound}")
+            self.channel_bound = float(self.channel_bound)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 

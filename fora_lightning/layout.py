@@ -62,16 +62,22 @@ class TargetLayout:
                 grad.copy_(project_cheap(grad, sub.basis, u, sub.v, precision=precision, complement=sub.complement, all_reduce=reduce))
 
     @torch.no_grad()
-    def reproject(self, subspaces: Subspaces, precision: str = "float32", split: bool = False) -> None:
+    def reproject(
+        self, subspaces: Subspaces, precision: str = "float32", split: bool = False, channel_bound: float | None = None
+    ) -> None:
         """``W <- W0 + Pi(W - W0)`` from the anchors, for every target whose anchors are set
-        (:func:`~fora_lightning.core.precision.project_weight_mixed_` unless ``precision="float32"``; FSDP1: float32)."""
+        (:func:`~fora_lightning.core.precision.project_weight_mixed_` unless ``precision="float32"``; FSDP1: float32);
+        with ``channel_bound = tau`` the channel is clamped to ``|delta_i| <= tau S_i`` in the same pass."""
         if self.flat:
             for unit, members in self.flat:
                 with unit.gathered("data", writeback=True) as views:
                     for i, name in members.items():
                         sub = subspaces.get(name)
                         if sub is not None and sub.anchor_q is not None:
-                            project_weight_(weight_matrix(self.targets[name], views[i]), sub.basis, sub.anchor_q, sub.u, sub.v, sub.anchor_u)
+                            project_weight_(
+                                weight_matrix(self.targets[name], views[i]), sub.basis, sub.anchor_q, sub.u, sub.v,
+                                sub.anchor_u, s=sub.s, channel_bound=channel_bound,
+                            )
             return
         for name, module in self.targets.items():
             sub = subspaces.get(name)
@@ -79,10 +85,13 @@ class TargetLayout:
                 continue
             u, reduce = self._rows_of_u(name, sub)
             w = weight_matrix(module, local_tensor(module.weight.data))
+            bound = {"s": sub.s, "channel_bound": channel_bound}
             if precision == "float32":
-                project_weight_(w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce)
+                project_weight_(w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce, **bound)
             else:
-                project_weight_mixed_(w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, precision=precision, split=split, all_reduce=reduce)
+                project_weight_mixed_(
+                    w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, precision=precision, split=split, all_reduce=reduce, **bound
+                )
 
     def attach_anchors(self, subspaces: Subspaces) -> None:
         """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""

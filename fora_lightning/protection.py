@@ -45,11 +45,12 @@ class Protection:
 
     ``anchors``: the bases must be Q itself with anchors ``W0 Q``, ``U_r^T W0`` attached (FORA's update
     mode); otherwise a complement basis is allowed where it is smaller (gradient mode, FORA-LoRA).
-    ``who`` names the owner in log lines and errors.
+    ``who`` names the owner in log lines and errors; ``bounds_channel``: the owner enforces ``config.channel_bound``.
     """
 
-    def __init__(self, config: ForaConfig, calibration: CalibrationSource, anchors: bool, who: str) -> None:
+    def __init__(self, config: ForaConfig, calibration: CalibrationSource, anchors: bool, who: str, bounds_channel: bool = True) -> None:
         self.config = config
+        self.bounds_channel = bounds_channel  # whether the owner enforces config.channel_bound (FORA: mode='update' only)
         self.calibration = calibration
         self.anchors = anchors
         self.who = who
@@ -239,7 +240,8 @@ class Protection:
     def summarize(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The per-layer table in the log (rank 0) and each layer's k to the logger."""
         param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
-        rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes))
+        bound = self.config.channel_bound if self.bounds_channel else None
+        rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes, bound))
         warn_extreme_ranks(self.subspaces, self.config, self.who)
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"fora/k/{n}": float(s.k) for n, s in self.subspaces.items()}, step=0)
@@ -292,7 +294,7 @@ class Protection:
             combined, self._capability_covariances, self.capabilities = self._calibrate_capabilities(trainer, pl_module, source, 1)
             return combined
         dtype = COVARIANCE_DTYPES[self.config.covariance_dtype]
-        return calibrate(trainer, pl_module, self.targets, loader, dtype, self.config.progress)
+        return calibrate(trainer, pl_module, self.targets, loader, dtype, self.config.progress, self.config.calibration_generate)
 
     def _calibrate_capabilities(
         self, trainer: Trainer, pl_module: LightningModule, source: Any, step: int

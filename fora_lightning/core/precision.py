@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fora_lightning.core.projection import AllReduce, _channel_free, _left_coords
+from fora_lightning.core.projection import AllReduce, _channel_free, _left_coords, left_correction
 
 Precision = Literal["auto", "float32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "tf32", "bf16")
@@ -164,18 +164,17 @@ def project_weight_mixed_(
     precision: str = "bf16",
     split: bool = False,
     all_reduce: AllReduce | None = None,
+    s: Tensor | None = None,
+    channel_bound: float | None = None,
 ) -> Tensor:
     """In place ``W <- W0 + Pi(W - W0)`` from the anchors, as
     :func:`~fora_lightning.core.projection.project_weight_` but with ``(D Q) Q^T`` in ``precision`` and
     ``D Q = W Q - A0`` from :func:`weight_coords`. Leaves ``~ u |D Q|`` (not ``u |W|``) outside S, removed again
     next step; the cheap correction is used only while ``2 u ||D Q||_F <= LEAK_TOLERANCE ||A0||_F`` (else float32;
-    one host sync per layer). ``all_reduce`` as in ``project_weight_`` (the norms are then of local rows). Returns ``weight``."""
+    one host sync per layer). ``all_reduce``, ``s``, ``channel_bound`` as in ``project_weight_`` (the norms are then of local rows). Returns ``weight``."""
     w = weight.float() if weight.dtype != torch.float64 else weight
     dq = weight_coords(w, basis, precision, split).sub_(anchor_q.to(w.dtype))
-    m = None
-    if u is not None and u.shape[-1] > 0:
-        u32, v32 = u.to(w.dtype), v.to(w.dtype)
-        m = _channel_free(_left_coords(u32, w, all_reduce) - anchor_u.to(w.dtype), basis.to(w.dtype), v32, False)
+    m = left_correction(w, basis, u, v, anchor_u, all_reduce=all_reduce, s=s, channel_bound=channel_bound)
     # the cheap (D Q) Q^T errs by ~2u ||D Q||: where that exceeds the tolerance (a large leak this step), float32
     cheap = 2 * UNIT_ROUNDOFF[precision] * float(dq.norm()) <= LEAK_TOLERANCE * float(anchor_q.norm())
     low = _gemm_dtype(precision, w) if cheap else w.dtype

@@ -18,6 +18,10 @@ temporaries and no copy of ``Q^T``. Both projections also accept a leading batch
 of equal shape, bases zero-padded to a common k: zero columns leave ``P_Q`` unchanged); the library
 projects layer by layer, the benchmarks time the batched form (``benchmarks/_bench.py``).
 
+The bounded channel (``channel_bound = tau``): :func:`bound_channel` clamps ``delta_i`` to
+``[-tau S_i, tau S_i]``; then for every x in span(Q), ``||(W - W0) x|| = ||diag(delta) V_r^T x||
+<= tau ||S_r V_r^T x|| <= tau ||W0 x||`` (the last step since ``U_r^T (W0 - U_r S_r V_r^T) = 0``).
+
 Sharded use (FSDP2 rows): pass the *local rows* of ``G``/``W``/``U``/``A0`` and an
 ``all_reduce`` callable that sums an ``r x d_in`` tensor over the shard group; the right
 projection is row-local, and ``U^T G`` is the only cross-row quantity.
@@ -95,6 +99,40 @@ def project(
     return out.to(grad.dtype)
 
 
+def bound_channel(delta: Tensor, s: Tensor, tau: float) -> Tensor:
+    """``clamp(delta, -tau S, tau S)``: the spectral channel's coordinates inside the certified box (a new tensor)."""
+    limit = tau * s.to(delta.dtype).abs()
+    return torch.maximum(torch.minimum(delta, limit), -limit)
+
+
+def left_correction(
+    w: Tensor,
+    q: Tensor,
+    u: Tensor | None,
+    v: Tensor | None,
+    anchor_u: Tensor | None,
+    *,
+    all_reduce: AllReduce | None = None,
+    s: Tensor | None = None,
+    channel_bound: float | None = None,
+) -> Tensor | None:
+    """``M = U^T D - (U^T D Q) Q^T - diag(diag(U^T D V)) V^T`` with ``U^T D = U^T W - B0`` (``None`` when r = 0), so that
+    ``W <- W - (D Q) Q^T - U M`` re-projects; with ``channel_bound = tau`` also ``+ diag(delta - clamp(delta)) V^T``
+    (``delta = diag(U^T D V)``), which leaves ``|delta_i| <= tau S_i``. In ``w``'s dtype."""
+    if u is None or u.shape[-1] == 0:
+        return None
+    dt = w.dtype
+    u, v = u.to(dt), v.to(dt)
+    utd = _left_coords(u, w, all_reduce) - anchor_u.to(dt)  # U^T D
+    m = _channel_free(utd, q.to(dt), v, False)
+    if channel_bound is not None:
+        if s is None:
+            raise ValueError("channel_bound needs the singular values s = S_r")
+        delta = (utd * v.mT).sum(dim=-1)  # diag(U^T D V)
+        m.add_((delta - bound_channel(delta, s, channel_bound)).unsqueeze(-1) * v.mT)
+    return m
+
+
 @torch.no_grad()
 def anchors(weight: Tensor, basis: Tensor, u: Tensor, *, all_reduce: AllReduce | None = None) -> tuple[Tensor, Tensor]:
     """The re-projection's anchors from W0 (float32): ``A0 = W0 Q`` (rows as ``weight``) and ``B0 = U^T W0``
@@ -113,6 +151,8 @@ def project_weight_(
     anchor_u: Tensor | None = None,
     *,
     all_reduce: AllReduce | None = None,
+    s: Tensor | None = None,
+    channel_bound: float | None = None,
 ) -> Tensor:
     """In place: ``W <- W0 + Pi(W - W0)`` from anchors, with no copy of ``W0``.
 
@@ -122,19 +162,18 @@ def project_weight_(
 
         D - Pi(D) = (D Q) Q^T + U [ U^T D - (U^T D Q) Q^T - diag(diag(U^T D V)) V^T ].
 
-    Returns ``weight``.
+    With ``channel_bound = tau`` (and ``s = S_r``) the channel is clamped in the same pass, no extra
+    collective: with ``delta = diag(U^T D V)``, ``M += diag(delta - bound_channel(delta, S, tau)) V^T``, so
+    the result holds ``|delta_i| <= tau S_i``. Returns ``weight``.
     """
     dt = _compute_dtype(weight)
     w = weight.to(dt)  # ``weight`` itself when it already is float32/float64
     q = basis.to(dt)
     dq = (w @ q).sub_(anchor_q.to(dt))  # D Q  (rows local)
-    m = None
-    if u is not None and u.shape[-1] > 0:
-        u, v = u.to(dt), v.to(dt)
-        m = _channel_free(_left_coords(u, w, all_reduce) - anchor_u.to(dt), q, v, False)  # from U^T D
+    m = left_correction(w, q, u, v, anchor_u, all_reduce=all_reduce, s=s, channel_bound=channel_bound)
     _sub_mm(w, dq, q.mT, inplace=True)  # W <- W - (D Q) Q^T - U M
     if m is not None:
-        _sub_mm(w, u, m, inplace=True)
+        _sub_mm(w, u.to(dt), m, inplace=True)
     if w is not weight:
         weight.copy_(w)
     return weight

@@ -287,8 +287,10 @@ def nbytes_summary(subspaces: Mapping[str, LayerSubspace]) -> int:
     return sum(s.nbytes() for s in subspaces.values())
 
 
-def format_summary(subspaces: Mapping[str, LayerSubspace], model_param_bytes: int | None = None) -> str:
-    """A one-screen table: layer, d_out x d_in, k (or complement), r, energy kept, bytes."""
+def format_summary(
+    subspaces: Mapping[str, LayerSubspace], model_param_bytes: int | None = None, channel_bound: float | None = None
+) -> str:
+    """A one-screen table: layer, d_out x d_in, k (or complement), r, energy kept, bytes; then the channel's bound."""
     rows = [f"{'layer':<48} {'d_out x d_in':>13} {'k':>6} {'r':>4} {'energy':>8} {'MiB':>8}"]
     for name, s in subspaces.items():
         k = f"{s.k}{'c' if s.complement else ''}"
@@ -299,7 +301,19 @@ def format_summary(subspaces: Mapping[str, LayerSubspace], model_param_bytes: in
     if model_param_bytes:
         tail += f" ({100 * total / model_param_bytes:.2f}% of the model's parameter bytes)"
     rows.append(tail)
+    if any(s.r > 0 for s in subspaces.values()):
+        rows.append(channel_line(channel_bound))
     return "\n".join(rows)
+
+
+def channel_line(channel_bound: float | None) -> str:
+    """What the spectral channel guarantees on span(Q) under ``channel_bound``."""
+    if channel_bound is None:
+        return "spectral channel unbounded (channel_bound=None): on span(Q) the output moves by U_r diag(delta) V_r^T x, delta free"
+    return (
+        f"spectral channel bounded: |delta_i| <= {channel_bound:g} S_i, so ||(W - W0) x|| <= {channel_bound:g} ||W0 x|| "
+        "for every x in span(Q), every layer"
+    )
 
 
 def _is_int(value: object) -> bool:

@@ -65,6 +65,52 @@ def generate_greedy(
     return outputs
 
 
+@torch.no_grad()
+def greedy_extend(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    synced: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row followed by the model's own greedy continuation (up to ``max_new_tokens``, through its first EOS).
+
+    Rows come right-padded (``attention_mask`` 1 on real tokens, as :class:`~fora_lightning.llm.encoding.PadCollator`
+    makes them); a trailing EOS is dropped first (a prompt that ends the text has nothing to continue). The rows are
+    generated left-padded in one batched ``model.generate`` call and returned right-padded: ``(input_ids,
+    attention_mask)``. ``synced``: ``synced_gpus=True`` (every rank runs the same number of forwards, as FSDP needs).
+    """
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    rows = [ids[m.bool()] for ids, m in zip(input_ids, mask, strict=True)]
+    rows = [r[:-1] if eos_token_id is not None and r.numel() > 1 and int(r[-1]) == eos_token_id else r for r in rows]
+    width = max(r.numel() for r in rows)
+    left = input_ids.new_full((len(rows), width), pad_token_id)
+    left_mask = torch.zeros_like(left)
+    for i, r in enumerate(rows):
+        left[i, width - r.numel() :], left_mask[i, width - r.numel() :] = r, 1
+    was_training = model.training
+    model.eval()
+    try:
+        generated = model.generate(
+            input_ids=left, attention_mask=left_mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad_token_id, eos_token_id=eos_token_id, synced_gpus=synced,
+        )
+    finally:
+        model.train(was_training)
+    out = []
+    for r, new in zip(rows, generated[:, width:], strict=True):
+        stop = (new == eos_token_id).nonzero() if eos_token_id is not None else new[:0]
+        out.append(torch.cat([r, new[: int(stop[0]) + 1] if stop.numel() else new]))
+    longest = max(o.numel() for o in out)
+    ids = input_ids.new_full((len(out), longest), pad_token_id)
+    new_mask = torch.zeros_like(ids)
+    for i, o in enumerate(out):
+        ids[i, : o.numel()], new_mask[i, : o.numel()] = o, 1
+    return ids, new_mask
+
+
 @dataclass
 class ExactMatchResult:
     """Accuracy over ``n`` items, with the generations kept for inspection."""

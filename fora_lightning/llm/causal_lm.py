@@ -32,7 +32,8 @@ class CausalLMModule(LightningModule):
     * Validation/test: per dataloader, ``{stage}/{name}_loss`` (token-weighted mean NLL over the epoch) and
       ``{stage}/{name}_ppl = exp(loss)``; ``name`` from the datamodule's ``val_dataloader_names``, else ``dl{i}``,
       and no prefix for a single unnamed loader (``val/loss``, ``val/ppl``).
-    * ``calibration_step``: a forward with ``input_ids`` and ``attention_mask`` (what FORA calibrates on).
+    * ``calibration_step``: a forward with ``input_ids`` and ``attention_mask`` (what FORA calibrates on);
+      ``generate_continuations``: a calibration batch extended by the model's own greedy continuations.
     * ``save_dir``: at the end of fit, ``save_pretrained`` of the tuned model (and tokenizer) there. A model holding
       FORA-LoRA layers is saved merged (plain weights ``W0 + update``), its adapter (PEFT layout) in ``save_dir/adapter``.
 
@@ -100,6 +101,22 @@ class CausalLMModule(LightningModule):
     def calibration_step(self, batch: dict[str, torch.Tensor]) -> Any:
         """The forward FORA runs on label-free calibration batches."""
         return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+    def generate_continuations(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> dict[str, torch.Tensor]:
+        """``batch`` with each row followed by the model's own greedy continuation (label-free; what FORA's
+        ``calibration_generate`` calibrates on): :func:`~fora_lightning.eval.generation.greedy_extend` through
+        ``self.model.generate``, ``synced_gpus`` when several processes run."""
+        from fora_lightning.eval.generation import greedy_extend
+
+        config = self.model.generation_config
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else config.pad_token_id
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        if pad is None:
+            pad = eos if eos is not None else 0
+        synced = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        ids, mask = greedy_extend(self.model, batch["input_ids"], batch.get("attention_mask"), max_new_tokens, pad, eos, synced)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of next-token NLL over labelled positions, and their count."""

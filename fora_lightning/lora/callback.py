@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -42,6 +43,11 @@ class ForaLoRA(Callback):
     k > d_in/2; no anchors). With ``freeze_other=False`` the non-target parameters keep their
     ``requires_grad`` (and train unprotected); the wrapped base weights always stay frozen.
 
+    ``channel_bound = tau``: after every optimizer step ``delta`` is clamped into ``[-tau S_r, tau S_r]``, the box's
+    Euclidean projection, as FORA re-projects its weights (one formula, :func:`~fora_lightning.core.projection.bound_channel`).
+    Clamping rather than a parametrisation ``delta = tau S tanh(raw)``: inside the box the gradient is untouched (tanh
+    would damp it near the bound), and ``lora_delta`` keeps its meaning in merges, adapters and state dicts.
+
     Example::
 
         trainer = Trainer(callbacks=[ForaLoRA(calibration=keep_loader, target_modules=["q_proj", "v_proj"], lora_rank=8)])
@@ -58,6 +64,7 @@ class ForaLoRA(Callback):
         # bases only (a complement where smaller), no anchors: the layer keeps the update feasible
         self.protection = Protection(self.config, calibration, anchors=False, who="FORA-LoRA")
         self._layers: dict[str, ForaLoraLinear] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def subspaces(self) -> dict[str, LayerSubspace]:
@@ -95,10 +102,22 @@ class ForaLoRA(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Nothing to register: the LoRA parametrisation keeps the update feasible by construction."""
+        """The LoRA parametrisation keeps the update feasible by construction; with ``channel_bound`` a post-step
+        hook on every optimizer clamps ``delta`` into ``[-tau S_r, tau S_r]`` (the box's Euclidean projection)."""
         self._layers = fora_lora_layers(pl_module)
         self.protection.targets = {name: layer.base_layer for name, layer in self._layers.items()}
         warn_at_fit_start(trainer, pl_module, self.config, self.protection.targets, "FORA-LoRA")
+        self._remove_hooks()
+        if self.config.channel_bound is not None:
+            for optimizer in trainer.optimizers:
+                self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    @torch.no_grad()
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """``delta <- clamp(delta, -tau S_r, tau S_r)`` in every layer whose bases are set."""
+        for layer in self._layers.values():
+            if layer.ready:
+                layer.bound_channel_(self.config.channel_bound)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -131,7 +150,13 @@ class ForaLoRA(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.protection.finish()
+        self._remove_hooks()
         restore_configure_model(pl_module)
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fora_lightning.core.projection import right_project
+from fora_lightning.core.distributed import local_tensor, row_shard
+from fora_lightning.core.projection import bound_channel, right_project
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.targets import features, is_target_layer, weight_matrix
 
@@ -110,6 +111,15 @@ class ForaLoraLinear(nn.Module):
         self.fora_complement.fill_(bool(sub.complement))
         self.fora_ready.fill_(True)
         self._ready, self._complement = True, bool(sub.complement)
+
+    @torch.no_grad()
+    def bound_channel_(self, tau: float) -> None:
+        """``delta <- clamp(delta, -tau S_r, tau S_r)`` in place (this rank's entries of a row-sharded ``delta``),
+        after which ``||(W - W0) x|| <= tau ||W0 x||`` for every x in span(Q)."""
+        self._require_ready("bound its channel")
+        delta, shard = local_tensor(self.lora_delta.data), row_shard(self.lora_delta)
+        s = self.fora_s if shard is None else shard.rows(self.fora_s)
+        delta.copy_(bound_channel(delta, s, tau))
 
     def subspace(self) -> LayerSubspace:
         """The bases held by this layer, as a :class:`LayerSubspace` (float32, energy unknown)."""
