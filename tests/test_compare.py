@@ -45,6 +45,7 @@ def setting_file(tmp_path_factory):
             "fora": {"energy": 0.9, "weight_rank": 2}, "plain_ft": {}, "lora": {"lora_rank": 2, "model": {"lr": 5e-2}},
             "l2sp": {"lambda_": 0.1}, "ewc": {"lambda_": 0.1}, "weight_projection": {"weight_rank": 2},
             "random": {"weight_rank": 2}, "fora_lora": {"lora_rank": 2, "energy": 0.9, "weight_rank": 2},
+            "peft_lora": {"lora_rank": 2, "model": {"lr": 5e-2}}, "osf": {}, "corda_kpm": {"lora_rank": 2},
         },
     }
     path = root / "compare.yaml"
@@ -60,7 +61,7 @@ def test_compare_runs_every_method_and_writes_the_issue_shape(setting_file):
     assert results["higher_is_better"] == {"preserved": True, "new_task": True}
     assert set(results["methods"]) == set(METHODS)
     fields = {"preserved": float, "preserved_base": float, "new_task": float, "kl": float, "leakage": float,
-              "trainable_params": int, "wall_s": float, "k_mean": float}
+              "heldout_loss_delta": float, "trainable_params": int, "wall_s": float, "k_mean": float}
     for name, row in results["methods"].items():
         assert set(row) == set(fields), name
         for key, kind in fields.items():
