@@ -1,17 +1,20 @@
 """Compare FORA with the baselines on one setting: same model, data, seed and step budget for every method.
 
-``python cli.py compare --config configs/compare_demo.yaml [--max-steps N] [--methods fora,plain_ft] [--output DIR]``
+``python cli.py compare --config configs/compare_demo.yaml [--max-steps N] [--methods fora,plain_ft] [--output DIR]
+[--seeds 0 1 2] [--sweep]``
 
 Methods (:mod:`~fora_lightning.eval.methods`) run in the order of ``METHODS``; ``fora`` first, since
-``weight_projection`` and ``random`` copy its k per layer. The setting is :mod:`~fora_lightning.eval.setting`,
-the outputs :mod:`~fora_lightning.eval.compare_output`.
+``weight_projection``, ``random`` and ``osf`` copy its k per layer. The setting is :mod:`~fora_lightning.eval.setting`,
+the outputs :mod:`~fora_lightning.eval.compare_output` (one seed) and :mod:`~fora_lightning.eval.sweep_output`
+(``--sweep``: each method's own knob over the config's ``sweeps:`` values, :mod:`~fora_lightning.eval.sweep`;
+``--seeds``: every point under each seed, mean and spread).
 
 Each run: ``seed_everything(seed)``, a fresh :class:`~fora_lightning.CausalLMModule` (per-method ``model``
 overrides, e.g. a LoRA learning rate), the shared :class:`~fora_lightning.TextDataModule`, ``Trainer.fit``
-with a progress bar; then LoRA adapters are merged and the tuned model is scored: the new task's and the
-kept capability's metric (greedy exact match, or perplexity), ``KL(base || tuned)`` per token and the mean
-layer leakage on held-out preserved text. Writes ``results.json`` (the issue's shape), ``details.json``
-(per-layer k and leakage, perplexities, extra metrics, the config), ``table.md`` and ``plot.png``.
+with a progress bar; then LoRA adapters are merged (FORA-LoRA by ``merge_lora``, the PEFT peers by peft's
+``merge_and_unload``) and the tuned model is scored: the new task's and the kept capability's metric (greedy
+exact match, or perplexity), ``KL(base || tuned)`` per token, PEFT's forgetting measure (the change in mean
+per-token loss over every held-out token) and the mean layer leakage on held-out preserved text.
 """
 
 from __future__ import annotations
