@@ -57,9 +57,9 @@ def test_pareto_mask_by_hand():
 def test_pareto_mask_front_is_nondominated_and_dominates_the_rest(pts):
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     mask = pareto_mask(xs, ys)
-    front = [p for p, m in zip(pts, mask) if m]
+    front = [p for p, m in zip(pts, mask, strict=True) if m]
     assert front
-    for p, on in zip(pts, mask):
+    for p, on in zip(pts, mask, strict=True):
         beaten = any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts)
         assert on == (not beaten)
 

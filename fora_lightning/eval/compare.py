@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from fora_lightning.eval.compare_output import format_table, plot, results_json, run_row
 from fora_lightning.eval.generation import generate_greedy, read_pairs
-from fora_lightning.eval.methods import LABELS, METHODS, build_callback
+from fora_lightning.eval.methods import METHODS, build_callback
 from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch
 from fora_lightning.eval.peft_methods import PeftPeer
 from fora_lightning.eval.preservation import evaluate_preservation, model_target_names

@@ -47,7 +47,8 @@ class PeftPeer(Callback):
             return
         from peft import get_peft_model
 
-        from fora_lightning.eval.preservation import model_target_names  # not at import: preservation -> report -> methods -> here
+        # imported here, not at the top: preservation -> report -> methods -> this module
+        from fora_lightning.eval.preservation import model_target_names
         from fora_lightning.eval.report import find_hf_model
 
         model = find_hf_model(pl_module)

@@ -30,7 +30,7 @@ def sweep_results(setting: Setting, base: Mapping[str, Any], points: Sequence[Po
            for p in order]
     mask = pareto_mask([p["stats"]["new_task"]["mean"] for p in out], [p["stats"]["preserved"]["mean"] for p in out],
                        setting.new_task.higher_is_better, setting.preserved.higher_is_better)
-    for p, on_front in zip(out, mask):
+    for p, on_front in zip(out, mask, strict=True):
         p["pareto"] = on_front
     return {**metric_names(setting), "seeds": list(seeds), "base": dict(base), "points": out}
 
@@ -108,7 +108,7 @@ def pareto_plot(results: Mapping[str, Any], setting: Setting, path: Path) -> Non
     front = sorted((p["stats"]["new_task"]["mean"] * sx, p["stats"]["preserved"]["mean"] * sy)
                    for p in results["points"] if p["pareto"])
     if len(front) > 1:
-        ax.plot(*zip(*front), color="black", linewidth=1, linestyle=":", zorder=1, label="Pareto front (filled)")
+        ax.plot(*zip(*front, strict=True), color="black", linewidth=1, linestyle=":", zorder=1, label="Pareto front (filled)")
     ax.axhline(results["base"]["preserved"] * sy, color="grey", linestyle="--", linewidth=1, label="base model (preserved)")
     unit = {"exact_match": " (%)", "perplexity": ""}
     ax.set_xlabel(f"new task: {setting.new_task.label}{unit[setting.new_task.metric]}"
