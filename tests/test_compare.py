@@ -45,7 +45,9 @@ def setting_file(tmp_path_factory):
             "fora": {"energy": 0.9, "weight_rank": 2}, "plain_ft": {}, "lora": {"lora_rank": 2, "model": {"lr": 5e-2}},
             "l2sp": {"lambda_": 0.1}, "ewc": {"lambda_": 0.1}, "weight_projection": {"weight_rank": 2},
             "random": {"weight_rank": 2}, "fora_lora": {"lora_rank": 2, "energy": 0.9, "weight_rank": 2},
+            "peft_lora": {"lora_rank": 2, "model": {"lr": 5e-2}}, "osf": {}, "corda_kpm": {"lora_rank": 2},
         },
+        "sweeps": {"l2sp": {"lambda_": [0.1, 10.0]}, "corda_kpm": {"lora_rank": [4]}},  # run with --sweep only
     }
     path = root / "compare.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -60,7 +62,7 @@ def test_compare_runs_every_method_and_writes_the_issue_shape(setting_file):
     assert results["higher_is_better"] == {"preserved": True, "new_task": True}
     assert set(results["methods"]) == set(METHODS)
     fields = {"preserved": float, "preserved_base": float, "new_task": float, "kl": float, "leakage": float,
-              "trainable_params": int, "wall_s": float, "k_mean": float}
+              "heldout_loss_delta": float, "trainable_params": int, "wall_s": float, "k_mean": float}
     for name, row in results["methods"].items():
         assert set(row) == set(fields), name
         for key, kind in fields.items():
@@ -75,9 +77,38 @@ def test_compare_runs_every_method_and_writes_the_issue_shape(setting_file):
     assert k and details["methods"]["weight_projection"]["k"] == k == details["methods"]["random"]["k"]
     assert details["methods"]["fora_lora"]["k"] == k  # same calibration, same energy
     assert "extra/keep_ppl" in details["methods"]["fora"] and details["base"]["extra/keep_ppl"] > 1
+    # the PEFT peers: peft's own parameters counted, scored merged, OSF at FORA's k per layer
+    assert rows["peft_lora"]["trainable_params"] == rows["lora"]["trainable_params"] == rows["corda_kpm"]["trainable_params"]
+    assert 0 < rows["osf"]["trainable_params"] != rows["plain_ft"]["trainable_params"]
+    assert details["methods"]["osf"]["k"] == {n: max(1, v) for n, v in k.items()}
+    for peer in ("peft_lora", "osf", "corda_kpm"):
+        assert rows[peer]["kl"] > 0 and rows[peer]["leakage"] > 0, peer
+    assert rows["plain_ft"]["heldout_loss_delta"] != 0.0
     table = (out / "table.md").read_text()
-    assert all(label in table for label in ("FORA-LoRA", "weight-space projection", "L2-SP", "EWC", "LoRA"))
+    assert all(label in table for label in ("FORA-LoRA", "weight-space projection", "L2-SP", "EWC", "LoRA", "PEFT OSF",
+                                            "PEFT CorDA-KPM", "Δ held-out loss"))
     assert (out / "plot.png").stat().st_size > 1000
+
+
+def test_compare_sweep_over_seeds_writes_points_with_spread_and_a_pareto_plot(setting_file):
+    path, _ = setting_file
+    out = path.parent / "sweep"
+    argv = ["--config", str(path), "--methods", "l2sp,corda_kpm", "--sweep", "--seeds", "0", "1", "--output", str(out),
+            "--no-progress", "--max-steps", "1"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1]
+    keys = [p["key"] for p in results["points"]]
+    assert keys == ["l2sp", "l2sp[lambda_=10.0]", "corda_kpm", "corda_kpm[lora_rank=4]"]  # 0.1 is l2sp's own config
+    for p in results["points"]:
+        assert set(p["seeds"]) == {"0", "1"} and p["stats"]["new_task"]["n"] == 2
+        values = [row["kl"] for row in p["seeds"].values()]
+        assert p["stats"]["kl"]["min"] == min(values) and p["stats"]["kl"]["max"] == max(values)
+    assert any(p["pareto"] for p in results["points"])
+    by_key = {p["key"]: p for p in results["points"]}
+    assert by_key["corda_kpm[lora_rank=4]"]["stats"]["trainable_params"]["mean"] == 2 * by_key["corda_kpm"]["stats"]["trainable_params"]["mean"]
+    assert (out / "results.csv").read_text().count("\n") == 1 + len(keys)
+    assert "± " in (out / "table.md").read_text() and (out / "pareto.png").stat().st_size > 1000
 
 
 def test_compare_refuses_matched_k_without_fora(setting_file):

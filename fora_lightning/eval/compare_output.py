@@ -13,27 +13,36 @@ if TYPE_CHECKING:
     from fora_lightning.eval.compare import Run
 
 
-def results_json(setting: Setting, base: dict[str, Any], runs: Mapping[str, Run]) -> dict[str, Any]:
-    """The issue's shape: setting, metric names, directions and one entry per method."""
+def run_row(run: Run, base: Mapping[str, Any]) -> dict[str, Any]:
+    """One run's numbers; ``heldout_loss_delta`` is PEFT's forgetting measure: tuned minus base mean per-token
+    loss (nats) over every token of the held-out text."""
+    return {
+        "preserved": run.scores["preserved"],
+        "preserved_base": base["preserved"],
+        "new_task": run.scores["new_task"],
+        "kl": run.scores["preservation"]["kl"],
+        "leakage": run.scores["preservation"]["leakage_mean"],
+        "heldout_loss_delta": run.scores["heldout_loss"] - base["heldout_loss"],
+        "trainable_params": run.trainable_params,
+        "wall_s": round(run.wall_s, 2),
+        "k_mean": sum(run.ks.values()) / len(run.ks) if run.ks else 0.0,
+    }
+
+
+def metric_names(setting: Setting) -> dict[str, Any]:
+    """The setting's name, metric labels and directions (the head of every results.json)."""
     return {
         "setting": setting.setting,
         "preserved_metric": setting.preserved.label,
         "new_task_metric": setting.new_task.label,
         "higher_is_better": {"preserved": setting.preserved.higher_is_better, "new_task": setting.new_task.higher_is_better},
-        "methods": {
-            name: {
-                "preserved": run.scores["preserved"],
-                "preserved_base": base["preserved"],
-                "new_task": run.scores["new_task"],
-                "kl": run.scores["preservation"]["kl"],
-                "leakage": run.scores["preservation"]["leakage_mean"],
-                "trainable_params": run.trainable_params,
-                "wall_s": round(run.wall_s, 2),
-                "k_mean": sum(run.ks.values()) / len(run.ks) if run.ks else 0.0,
-            }
-            for name, run in sorted(runs.items(), key=lambda kv: DISPLAY_ORDER.index(kv[0]))
-        },
     }
+
+
+def results_json(setting: Setting, base: dict[str, Any], runs: Mapping[str, Run]) -> dict[str, Any]:
+    """The issue's shape: setting, metric names, directions and one entry per method."""
+    ordered = sorted(runs.items(), key=lambda kv: DISPLAY_ORDER.index(kv[0]))
+    return {**metric_names(setting), "methods": {name: run_row(run, base) for name, run in ordered}}
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -45,7 +54,7 @@ def format_table(results: dict[str, Any], setting: Setting, base: dict[str, Any]
     pm, nm = setting.preserved.metric, setting.new_task.metric
     extra = list(setting.extra.values())
     head = ["method", f"new task: {setting.new_task.label}", f"preserved: {setting.preserved.label}", "change"]
-    head += [f"preserved: {e.label}" for e in extra] + ["KL(base‖tuned)", "leakage", "trainable params", "wall s", "k mean"]
+    head += [f"preserved: {e.label}" for e in extra] + ["KL(base‖tuned)", "Δ held-out loss", "leakage", "trainable params", "wall s", "k mean"]
     lines = [
         f"Setting `{setting.setting}`, seed {setting.seed}, {steps} optimizer steps per method. "
         f"Base model: new task {_fmt(base['new_task'], nm)}, preserved {_fmt(base['preserved'], pm)}"
@@ -59,13 +68,18 @@ def format_table(results: dict[str, Any], setting: Setting, base: dict[str, Any]
         change_s = f"{100 * change:+.1f} pt" if pm == "exact_match" else f"{change:+.3f}"
         cells = [LABELS[name], _fmt(r["new_task"], nm), _fmt(r["preserved"], pm), change_s]
         cells += [_fmt(runs[name].scores[f"extra/{e.name}"], e.metric) for e in extra]
-        cells += [f"{r['kl']:.4f}", f"{r['leakage']:.4f}", f"{r['trainable_params']:,}", f"{r['wall_s']:.1f}",
+        cells += [f"{r['kl']:.4f}", f"{r['heldout_loss_delta']:+.4f}", f"{r['leakage']:.4f}", f"{r['trainable_params']:,}", f"{r['wall_s']:.1f}",
                   f"{r['k_mean']:.1f}" if r["k_mean"] else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "KL: mean per-token KL(base ‖ tuned) in nats on held-out preserved text; leakage: mean over target layers of "
-              "‖(W − W0) X‖ / ‖W0 X‖ with X the layer's inputs in the base model on that text; k mean: protected input "
-              "directions per layer (weight projection and random copy FORA's k layer by layer)."]
+    lines += ["", FOOTNOTE]
     return "\n".join(lines)
+
+
+FOOTNOTE = ("KL: mean per-token KL(base ‖ tuned) in nats on held-out preserved text; Δ held-out loss: PEFT's forgetting "
+            "measure, the change in mean per-token loss (nats, every token) on that text; leakage: mean over target layers of "
+            "‖(W − W0) X‖ / ‖W0 X‖ with X the layer's inputs in the base model on that text; k mean: protected input "
+            "directions per layer (weight projection, random and OSF copy FORA's k layer by layer; OSF's are frozen "
+            "singular triplets). PEFT peers are scored merged (merge_and_unload).")
 
 
 def plot(results: dict[str, Any], setting: Setting, path: Path) -> None:

@@ -8,6 +8,9 @@
 ``weight_projection``         FORA with ``source="weights"`` (top right singular vectors of W0), FORA's k per layer
 ``random``                    FORA with ``source="random"`` (a random k-frame), FORA's k per layer
 ``fora_lora``                 :class:`~fora_lightning.ForaLoRA`
+``peft_lora``                 PEFT's own LoRA (:class:`~fora_lightning.eval.peft_methods.PeftLoRA`)
+``osf``                       PEFT's OSF, effective rank = FORA's k per layer by default (``PeftOSF``)
+``corda_kpm``                 PEFT's CorDA, knowledge-preserved mode, on FORA's calibration data (``PeftCorDA``)
 ============================  ==============================================================================
 
 :func:`build_callback` turns a name into its Callback; :func:`method_of` names the method of a
@@ -25,16 +28,19 @@ from fora_lightning.callback import FORA
 from fora_lightning.eval.baselines import TrainTargetsOnly
 from fora_lightning.eval.ewc import EWC
 from fora_lightning.eval.l2sp import L2SP
+from fora_lightning.eval.peft_methods import PeftCorDA, PeftLoRA, PeftOSF
 from fora_lightning.lora import ForaLoRA
 
-METHODS = ("fora", "plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora_lora")
-DISPLAY_ORDER = ("plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora", "fora_lora")
+METHODS = ("fora", "plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora_lora", "peft_lora", "osf", "corda_kpm")
+DISPLAY_ORDER = ("plain_ft", "lora", "peft_lora", "l2sp", "ewc", "weight_projection", "random", "osf", "corda_kpm", "fora", "fora_lora")
 LABELS = {
     "plain_ft": "plain fine-tuning", "lora": "LoRA", "l2sp": "L2-SP", "ewc": "EWC",
     "weight_projection": "weight-space projection (matched k)", "random": "random subspace (matched k)",
-    "fora": "FORA", "fora_lora": "FORA-LoRA",
+    "fora": "FORA", "fora_lora": "FORA-LoRA", "peft_lora": "PEFT LoRA", "osf": "PEFT OSF", "corda_kpm": "PEFT CorDA-KPM",
 }
-MARKERS = {"plain_ft": "o", "lora": "s", "l2sp": "^", "ewc": "v", "weight_projection": "D", "random": "X", "fora": "*", "fora_lora": "P"}
+MARKERS = {"plain_ft": "o", "lora": "s", "l2sp": "^", "ewc": "v", "weight_projection": "D", "random": "X", "fora": "*",
+           "fora_lora": "P", "peft_lora": "h", "osf": "<", "corda_kpm": ">"}
+PEERS = {"peft_lora": PeftLoRA, "osf": PeftOSF, "corda_kpm": PeftCorDA}
 _FORA_SOURCES = {"activations": "fora", "weights": "weight_projection", "random": "random"}
 _PLAIN_LORA = {"source": "none", "weight_rank": 0}  # FORA-LoRA with no protected inputs (k = 0) and no channel
 
@@ -54,6 +60,10 @@ def build_callback(name: str, args: dict[str, Any], targets: list[str] | str, fo
         return FORA(**args)
     if name == "fora_lora":
         return ForaLoRA(**args)
+    if name == "osf":
+        return PeftOSF(**{**args, "fora_ks": fora_ks})
+    if name in PEERS:
+        return PEERS[name](**args)
     if name == "lora":  # plain LoRA: FORA-LoRA with an empty protected input span (k = 0) and no channel (r = 0)
         return ForaLoRA(**{**args, **_PLAIN_LORA})
     if fora_ks is None:
@@ -74,7 +84,7 @@ def method_of(callback: Callback) -> str | None:
         return "lora" if plain else "fora_lora"
     if isinstance(callback, FORA):
         return _FORA_SOURCES[callback.config.source]
-    for cls, name in ((EWC, "ewc"), (L2SP, "l2sp"), (TrainTargetsOnly, "plain_ft")):
+    for cls, name in ((PeftLoRA, "peft_lora"), (PeftOSF, "osf"), (PeftCorDA, "corda_kpm"), (EWC, "ewc"), (L2SP, "l2sp"), (TrainTargetsOnly, "plain_ft")):
         if isinstance(callback, cls):
             return name
     return None

@@ -63,6 +63,7 @@ class Setting:
     seed: int = 0
     output_dir: str = "results"
     threads: int | None = None
+    sweeps: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # method -> {knob: [values]} (``--sweep``)
 
     def cap_limits(self, limit: int) -> None:
         """At most ``limit`` items in every evaluation set."""
@@ -72,7 +73,7 @@ class Setting:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> Setting:
         cfg = dict(cfg)
-        unknown = set(cfg) - {"setting", "model", "data", "evaluation", "methods", "target_modules", "trainer", "seed", "output_dir", "threads"}
+        unknown = set(cfg) - {"setting", "model", "data", "evaluation", "methods", "target_modules", "trainer", "seed", "output_dir", "threads", "sweeps"}
         if unknown:
             raise ValueError(f"compare config: unknown keys {sorted(unknown)}")
         ev = dict(cfg.pop("evaluation"))
@@ -91,7 +92,14 @@ class Setting:
             raise ValueError(f"compare config: unknown methods {sorted(bad)}; choose from {METHODS}")
         if {"weight_projection", "random"} & set(methods) and "fora" not in methods:
             raise ValueError("weight_projection and random copy FORA's k per layer: include 'fora' in methods")
-        return cls(preserved=preserved, new_task=new_task, heldout=heldout, extra=extra, methods=methods, **cfg)
+        sweeps = {name: dict(knobs or {}) for name, knobs in (cfg.pop("sweeps", None) or {}).items()}
+        for name, knobs in sweeps.items():
+            if name not in methods:
+                raise ValueError(f"compare config: sweeps.{name} has no entry in methods; add methods.{name}")
+            for knob, values in knobs.items():
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"compare config: sweeps.{name}.{knob} must be a non-empty list of values, got {values!r}")
+        return cls(sweeps=sweeps, preserved=preserved, new_task=new_task, heldout=heldout, extra=extra, methods=methods, **cfg)
 
 
 def load_setting(path: str | Path) -> Setting:
