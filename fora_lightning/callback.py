@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from fora_lightning.calibration import CalibrationSource
+from fora_lightning.chain import extend_protection
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.precision import resolve_precision, split_supported
 from fora_lightning.core.subspace import LayerSubspace
@@ -208,7 +209,7 @@ class FORA(Callback):
         by ``max_rank``); ``U_r, S_r, V_r`` and the anchors come from the tuned weights, the next run's W0.
         Writes the merged file to ``path`` (rank 0) when given and keeps the result for a next ``fit``.
         """
-        return self.protection.extend(trainer, pl_module, calibration, path)
+        return extend_protection(self.protection, trainer, pl_module, calibration, path)
 
     # ------------------------------------------------------------------ state
     @override

@@ -21,9 +21,7 @@ from torch import nn
 
 from fora_lightning.calibration import COVARIANCE_DTYPES, CalibrationSource, calibrate, resolve_calibration
 from fora_lightning.config import ForaConfig
-from fora_lightning.core.capabilities import (
-    GrownBasis, capability_weights, combine_covariances, extend_subspace, grow_basis, union_spectra,
-)
+from fora_lightning.core.capabilities import capability_weights, combine_covariances, union_spectra
 from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.distributed import spread_spectra
 from fora_lightning.core.energy import captured_energy
@@ -31,7 +29,7 @@ from fora_lightning.core.subspace import LayerSubspace, estimate_subspaces, form
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
 )
-from fora_lightning.core.targets import find_targets, weight_matrix
+from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
 from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.reuse import config_differences, data_differences, fingerprint_source, weights_checksum
@@ -280,7 +278,7 @@ class Protection:
             subspaces = {n: built[n] for n in weights}
         else:
             subspaces = estimate_subspaces(weights, config, covariances, spectra, allow_complement=complement)
-        self._record_energy(subspaces, per)
+        self.record_energy(subspaces, per)
         method = config.combine if len(per) > 1 else config.source
         self.chain = [{"step": 1, "capabilities": list(per), "method": method, "created": now()}]
         self._capability_covariances = {}
@@ -291,12 +289,12 @@ class Protection:
         several capabilities are collected one by one and combined (:func:`~fora_lightning.core.capabilities.combine_covariances`)."""
         if loader is None:
             source = resolve_calibration(self.calibration, trainer, pl_module)
-            combined, self._capability_covariances, self.capabilities = self._calibrate_capabilities(trainer, pl_module, source, 1)
+            combined, self._capability_covariances, self.capabilities = self.calibrate_capabilities(trainer, pl_module, source, 1)
             return combined
         dtype = COVARIANCE_DTYPES[self.config.covariance_dtype]
         return calibrate(trainer, pl_module, self.targets, loader, dtype, self.config.progress, self.config.calibration_generate)
 
-    def _calibrate_capabilities(
+    def calibrate_capabilities(
         self, trainer: Trainer, pl_module: LightningModule, source: Any, step: int
     ) -> tuple[Covariances, dict[str, Covariances], dict[str, dict[str, Any]]]:
         """Collect each capability of ``source`` (a loader, named ``"default"``, or ``name -> loader``).
@@ -318,52 +316,7 @@ class Protection:
         combined = combine_covariances(per, weights) if len(per) > 1 else next(iter(per.values()))
         return combined, per, info
 
-    def extend(
-        self, trainer: Trainer, pl_module: LightningModule, calibration: CalibrationSource = None, path: str | Path | None = None
-    ) -> dict[str, LayerSubspace]:
-        """Chained fine-tunes: add the task just learned to the protected subspaces, GPM-style (see ``FORA.extend``)."""
-        if not self.subspaces:
-            raise ValueError("FORA.extend needs the subspaces of the capabilities already kept: fit first, or give subspaces=FILE")
-        if self.config.source != "activations":
-            raise ValueError(f"FORA.extend measures activations; source={self.config.source!r} has none to extend")
-        if calibration is None:
-            calibration = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-        if callable(calibration) and not hasattr(calibration, "__iter__"):
-            calibration = calibration()
-        step = len(self.chain) + 1
-        if not isinstance(calibration, Mapping):
-            calibration = {f"task{step}": calibration}
-        clash = [n for n in calibration if n in self.capabilities]
-        if clash:
-            raise ValueError(f"FORA.extend: capabilities {clash} are already protected ({list(self.capabilities)}); give new names")
-        self.targets = self.targets or find_targets(pl_module, self.config.target_modules)
-        combined, per, info = self._calibrate_capabilities(trainer, pl_module, calibration, step)
-        c = self.config
-        merged: dict[str, LayerSubspace] = {}
-        added: dict[str, int] = {}
-        grown: dict[tuple[str, int], GrownBasis] = {}  # layers reading one input with one basis tensor grow it once
-        for name, sub in self.subspaces.items():
-            weight = self.targets[name].weight.detach()
-            weight = weight_matrix(self.targets[name], weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
-            if tuple(weight.shape) != (sub.d_out, sub.d_in):
-                raise ValueError(f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process")
-            cov, key = combined.covariance(name), (combined.owner[name], sub.basis.data_ptr())
-            if key not in grown:
-                grown[key] = grow_basis(sub, cov, c.energy, c.max_rank, allow_complement=not self.anchors)
-            merged[name], added[name] = extend_subspace(sub, weight, cov, c.energy, c.weight_rank, c.max_rank, grown=grown[key])
-            if self.anchors:
-                merged[name].attach_anchors(weight)
-        self.subspaces = merged
-        self.capabilities = {**self.capabilities, **info}
-        self._record_energy(merged, per)
-        self.chain.append({"step": step, "capabilities": list(per), "method": "gpm", "created": now()})
-        rank_zero_info(f"FORA.extend: {list(per)} added {sum(added.values())} directions over {len(added)} layers")
-        if path is not None and trainer.is_global_zero:
-            self.save(Path(path), pl_module)
-            rank_zero_info(f"FORA: extended subspaces saved to {path}")
-        return merged
-
-    def _record_energy(self, subspaces: Mapping[str, LayerSubspace], per: Mapping[str, Covariances]) -> None:
+    def record_energy(self, subspaces: Mapping[str, LayerSubspace], per: Mapping[str, Covariances]) -> None:
         """``capability_energy[layer][c] = tr(Q^T C_c Q) / tr(C_c)`` for the capabilities just measured."""
         for name, sub in subspaces.items():
             entry = self.capability_energy.setdefault(name, {})
