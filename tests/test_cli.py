@@ -75,7 +75,25 @@ def test_overrides_and_interpolation(capsys):
     cfg = print_config(["fit", "--config", str(ROOT / "configs/wrap_existing.yaml"),
                         "--model.init_args.config.energy", "0.9", "--model.init_args.module.init_args.d_in", "12"], capsys)
     assert cfg["model"]["init_args"]["config"]["energy"] == 0.9
-    assert cfg["data"]["init_args"]["d_in"] == 16  # interpolated when the YAML was read, before the override
+    assert cfg["model"]["init_args"]["module"]["init_args"]["d_in"] == 12
+    assert cfg["data"]["init_args"]["d_in"] == 12  # ${...} resolved after the command line: the override reaches it
+
+
+def test_interpolation_follows_overrides_and_overlays_and_yields_to_its_own_key(capsys):
+    qwen = str(ROOT / "configs/qwen3_translation_keep_math.yaml")
+    cfg = print_config(["fit", "--config", qwen, "--model.init_args.module.init_args.model", "my/model"], capsys)
+    assert cfg["data"]["init_args"]["tokenizer"] == "my/model"
+    cfg = print_config(["fit", "--config", qwen, "--model.init_args.module.init_args.model", "my/model",
+                        "--data.init_args.tokenizer", "my/tokenizer"], capsys)
+    assert cfg["data"]["init_args"]["tokenizer"] == "my/tokenizer"
+    demo = ["fit", "--config", str(ROOT / "configs/demo.yaml")]
+    cfg = print_config(demo + ["--trainer.default_root_dir", "elsewhere"], capsys)
+    assert cfg["model"]["init_args"]["module"]["init_args"]["save_dir"] == "elsewhere/tuned_model"
+    # a later --config overlay (fsdp.yaml sets trainer keys only) keeps the interpolations resolvable
+    cfg = print_config(["fit", "--config", str(ROOT / "configs/wrap_existing.yaml"), "--config", str(ROOT / "configs/fsdp.yaml"),
+                        "--model.init_args.module.init_args.d_in", "12"], capsys)
+    assert cfg["data"]["init_args"]["d_in"] == 12
+    assert cfg["trainer"]["strategy"]["init_args"]["save_distributed_checkpoint"] is True
 
 
 @pytest.mark.parametrize("name", QWEN_CONFIGS)

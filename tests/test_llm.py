@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fora_lightning import FORA, ForaLoRA, ForaModule
@@ -120,12 +120,16 @@ def test_fora_lora_fit_saves_the_merged_model_and_the_adapter(data, tmp_path, wr
         torch.testing.assert_close(adapted(input_ids=ids).logits, tuned, atol=1e-5, rtol=0)
 
 
-def test_fora_lora_save_dir_is_refused_before_training_when_sharded():
+def test_fora_lora_save_dir_is_refused_before_training_under_fsdp1_only():
+    """FSDP2 (ModelParallelStrategy) gathers the FORA-LoRA model for its export (tests/distributed/test_llm_stack.py)."""
     module = CausalLMModule(config=tiny_llama_config(), save_dir="unused")
-    module._trainer = SimpleNamespace(strategy=ModelParallelStrategy())
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     module.on_fit_start()  # no FORA-LoRA layers: the gathered-state export works
     inject_fora_lora(module.model, ["q_proj"], lora_rank=2)
-    with pytest.raises(NotImplementedError, match="FORA-LoRA layers under ModelParallelStrategy"):
+    module._trainer = SimpleNamespace(strategy=ModelParallelStrategy())
+    module.on_fit_start()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(NotImplementedError, match="FORA-LoRA layers under FSDPStrategy"):
         module.on_fit_start()
 
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from fora_lightning._compat import no_split_module_names
 from fora_lightning.llm.encoding import IGNORE_INDEX
+from fora_lightning.llm.gather import full_state_dict, unsharded_copy
 from fora_lightning.lora import export_lora_adapter, fora_lora_layers, merge_lora
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,7 +36,8 @@ class CausalLMModule(LightningModule):
     * ``calibration_step``: a forward with ``input_ids`` and ``attention_mask`` (what FORA calibrates on);
       ``generate_continuations``: a calibration batch extended by the model's own greedy continuations.
     * ``save_dir``: at the end of fit, ``save_pretrained`` of the tuned model (and tokenizer) there. A model holding
-      FORA-LoRA layers is saved merged (plain weights ``W0 + update``), its adapter (PEFT layout) in ``save_dir/adapter``.
+      FORA-LoRA layers is saved merged (plain weights ``W0 + update``), its adapter (PEFT layout) in ``save_dir/adapter``;
+      under FSDP2 the shards are gathered to rank 0 first (FSDP1 with FORA-LoRA and ``save_dir`` is refused).
 
     The model is built in ``__init__`` (so FORA's ``setup`` finds and freezes its linear layers before any
     strategy wraps it); ``configure_model`` applies FSDP2 ``fully_shard`` per decoder block then the root when
@@ -192,12 +194,13 @@ class CausalLMModule(LightningModule):
 
     # ------------------------------------------------------------------ export
     def on_fit_start(self) -> None:
-        """Refuse, before training, a ``save_dir`` export of FORA-LoRA layers that are sharded (it merges an unsharded copy)."""
-        sharded = isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-        if self.hparams.save_dir and sharded and fora_lora_layers(self.model):
+        """Refuse, before training, a ``save_dir`` export of FORA-LoRA layers under FSDP1 (``FSDPStrategy``): only
+        FSDP2 (``ModelParallelStrategy``) models are gathered into an unsharded copy for the merge and the adapter."""
+        if self.hparams.save_dir and isinstance(self.trainer.strategy, FSDPStrategy) and fora_lora_layers(self.model):
             raise NotImplementedError(
-                f"CausalLMModule(save_dir=...) with FORA-LoRA layers under {type(self.trainer.strategy).__name__}: the merged "
-                "export needs unsharded layers; train without save_dir and merge_lora / export_lora_adapter a gathered model"
+                "CausalLMModule(save_dir=...) with FORA-LoRA layers under FSDPStrategy (FSDP1): the merged export is "
+                "gathered for ModelParallelStrategy (FSDP2) only; use ModelParallelStrategy, or train without save_dir "
+                "and merge_lora / export_lora_adapter a model loaded from a full checkpoint"
             )
 
     def on_fit_end(self) -> None:
@@ -209,17 +212,24 @@ class CausalLMModule(LightningModule):
 
         FORA-LoRA layers are merged into a copy of the model (a plain Hugging Face model, saved there) and also
         exported with :func:`~fora_lightning.export_lora_adapter` to ``directory/adapter``; the model keeps its layers.
+        Under ``ModelParallelStrategy`` (FSDP2) every rank calls this (the gather is a collective): the full state dict
+        goes to rank 0's CPU (:func:`~fora_lightning.llm.gather.full_state_dict`), which writes it.
         """
         directory = Path(directory)
         lora = bool(fora_lora_layers(self.model))
-        if not lora:
-            state = {k.removeprefix("model."): v for k, v in self.trainer.strategy.lightning_module_state_dict().items()}
+        strategy = self.trainer.strategy
+        state: dict[str, Any] | None = None
+        if isinstance(strategy, ModelParallelStrategy):
+            state = full_state_dict(self.model)
+        elif isinstance(strategy, FSDPStrategy):
+            state = {k.removeprefix("model."): v for k, v in strategy.lightning_module_state_dict().items()}
             state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
         if not self.trainer.is_global_zero:
             return
         if lora:
-            merge_lora(copy.deepcopy(self.model)).save_pretrained(directory)
-            adapter = export_lora_adapter(self.model, directory / "adapter")
+            tuned = copy.deepcopy(self.model) if state is None else unsharded_copy(self.model, state)
+            adapter = export_lora_adapter(tuned, directory / "adapter")
+            merge_lora(tuned).save_pretrained(directory)
             saved = f"the tuned model (FORA-LoRA merged) to {directory} and its adapter (PEFT layout) to {adapter}"
         else:
             self.model.save_pretrained(directory, state_dict=state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -15,6 +16,7 @@ from fora_lightning.config import LORA_SETTINGS, ForaConfig
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
+from fora_lightning.lora.resume import presize_before_load
 from fora_lightning.protection import Protection
 from fora_lightning.support import refuse_unsupported_strategy
 from fora_lightning.safety import companions, refuse_incompatible, warn_at_fit_start
@@ -65,6 +67,7 @@ class ForaLoRA(Callback):
         self.protection = Protection(self.config, calibration, anchors=False, who="FORA-LoRA")
         self._layers: dict[str, ForaLoraLinear] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo_presize: Callable[[], None] = lambda: None
 
     @property
     def subspaces(self) -> dict[str, LayerSubspace]:
@@ -106,6 +109,7 @@ class ForaLoRA(Callback):
         hook on every optimizer clamps ``delta`` into ``[-tau S_r, tau S_r]`` (the box's Euclidean projection)."""
         self._layers = fora_lora_layers(pl_module)
         self.protection.targets = {name: layer.base_layer for name, layer in self._layers.items()}
+        self._undo_presize = presize_before_load(trainer.strategy, self._layers)  # a sharded checkpoint loads in place
         warn_at_fit_start(trainer, pl_module, self.config, self.protection.targets, "FORA-LoRA")
         self._remove_hooks()
         if self.config.channel_bound is not None:
@@ -151,6 +155,7 @@ class ForaLoRA(Callback):
         if stage == "fit":
             self.protection.finish()
         self._remove_hooks()
+        self._undo_presize()
         restore_configure_model(pl_module)
 
     def _remove_hooks(self) -> None:

@@ -130,11 +130,15 @@ class ForaLoraLinear(nn.Module):
             u=self.fora_u.float().clone(), s=self.fora_s.float().clone(), v=self.fora_v.float().clone(),
         )
 
+    def resize_basis_(self, k: int) -> None:
+        """An uninitialised ``d_in x k`` ``fora_basis`` (same device, dtype), for a load of bases with that ``k``."""
+        self.fora_basis = torch.empty(self.in_features, k, device=self.fora_basis.device, dtype=self.fora_basis.dtype)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Resize ``fora_basis`` to the stored ``k`` before loading, and refresh the ready flag after."""
         basis = state_dict.get(prefix + "fora_basis")
         if isinstance(basis, Tensor) and basis.dim() == 2 and basis.shape[0] == self.in_features:
-            self.fora_basis = torch.empty(basis.shape, device=self.fora_basis.device, dtype=self.fora_basis.dtype)
+            self.resize_basis_(basis.shape[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready, self._complement = bool(self.fora_ready), bool(self.fora_complement)
 

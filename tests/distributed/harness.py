@@ -21,8 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: dict[str, Any], tmp: Path, timeout: float = 90) -> dict[str, Any]:
-    """Run ``cfg`` on ``cfg["world"]`` processes; return rank 0's results. Fails with the ranks' stderr tails."""
+def launch(cfg: dict[str, Any], tmp: Path, timeout: float = 90, worker: Path = WORKER) -> dict[str, Any]:
+    """Run ``cfg`` on ``cfg["world"]`` processes of ``worker``; return rank 0's results. Fails with the ranks' stderr tails."""
     world = cfg["world"]
     cfg = {**cfg, "out": str(tmp / f"out-{os.getpid()}-{free_port()}.pt")}
     cfg_path = tmp / f"cfg-{free_port()}.json"
@@ -37,7 +37,7 @@ def launch(cfg: dict[str, Any], tmp: Path, timeout: float = 90) -> dict[str, Any
         }
         log = open(tmp / f"rank{rank}-{port}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT))
     failed = []
     try:
         for rank, p in enumerate(procs):
