@@ -14,6 +14,8 @@ import torch
 
 WORKER = Path(__file__).with_name("_worker.py")
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,6 +36,8 @@ def launch(cfg: dict[str, Any], tmp: Path, timeout: float = 90, worker: Path = W
             **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
             "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "OMP_NUM_THREADS": "1",
             "PYTHONWARNINGS": "ignore",
+            # the checkout's root first: workers import this checkout's fora_lightning and ``tests.*`` helpers
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         }
         log = open(tmp / f"rank{rank}-{port}.log", "w+")
         logs.append(log)
