@@ -48,6 +48,32 @@ def weight_matrix(module: nn.Module, t: Tensor | None = None) -> Tensor:
     return t.T if is_transposed(module) else t
 
 
+def dense_weight(module: nn.Module) -> Tensor:
+    """``W0`` as a detached float ``d_out x d_in`` matrix, whatever the storage, for everything that reads the base weight.
+
+    bitsandbytes 4-bit (``Params4bit``, a ``quant_state``): ``dequantize_4bit(weight.data, quant_state)``;
+    8-bit (``Int8Params``, row scales ``SCB``): ``W0 = CB * SCB / 127`` (``int8_vectorwise_dequant``);
+    bitsandbytes is imported only then. Otherwise :func:`weight_matrix` (``W^T`` of a ``Conv1D``), detached.
+    """
+    w = module.weight
+    state, scb = getattr(w, "quant_state", None), getattr(w, "SCB", None)
+    if state is not None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(w.data, state).detach()
+    if scb is not None:
+        from bitsandbytes.functional import int8_vectorwise_dequant
+
+        return int8_vectorwise_dequant(w.data, scb).detach()
+    return weight_matrix(module).detach()
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is a bitsandbytes 4-bit/8-bit tensor that :func:`dense_weight` dequantizes."""
+    w = getattr(module, "weight", None)
+    return getattr(w, "quant_state", None) is not None or getattr(w, "SCB", None) is not None
+
+
 def features(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a target layer, from its attributes (valid when the weight is a flat FSDP shard)."""
     if is_transposed(module):
