@@ -20,7 +20,7 @@ from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
 from fora_lightning.core.precision import project_cheap, project_weight_mixed_
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.subspace import LayerSubspace
-from fora_lightning.core.targets import features, is_transposed, weight_matrix
+from fora_lightning.core.targets import dense_weight, features, is_quantized, is_transposed, weight_matrix
 from fora_lightning.fsdp1 import FlatUnit, flat_units
 
 Subspaces = Mapping[str, LayerSubspace]
@@ -122,8 +122,8 @@ class TargetLayout:
 
     def shape_targets(self) -> Mapping[str, nn.Module]:
         """Targets for shape checks (``d_out x d_in`` weights): a meta stand-in of each true shape under FSDP1 (a weight
-        is a flat shard) or for a ``Conv1D`` (stored transposed)."""
-        if not self.flat and not any(is_transposed(m) for m in self.targets.values()):
+        is a flat shard), for a ``Conv1D`` (stored transposed) or a bitsandbytes base (a packed weight)."""
+        if not self.flat and not any(is_transposed(m) or is_quantized(m) for m in self.targets.values()):
             return self.targets
         return {n: nn.Linear(features(m)[1], features(m)[0], bias=False, device="meta") for n, m in self.targets.items()}
 
@@ -156,8 +156,9 @@ class _FullWeights(Mapping[str, torch.Tensor]):
             if n == name:
                 return w
         module = self.layout.targets[name]
-        w = module.weight.detach()
-        return weight_matrix(module, w.full_tensor() if name in self.layout.shards else w)
+        if name in self.layout.shards:
+            return weight_matrix(module, module.weight.detach().full_tensor())
+        return dense_weight(module)  # a bitsandbytes base dequantized
 
     def items(self):  # type: ignore[override]
         if self.layout.flat:

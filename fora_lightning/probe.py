@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from fora_lightning.core.covariance import attention_mask_of, eval_mode
 from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
 from fora_lightning.core.subspace import LayerSubspace
-from fora_lightning.core.targets import weight_matrix
+from fora_lightning.core.targets import dense_weight, weight_matrix
 
 
 def is_lora(m: nn.Module) -> bool:
@@ -115,10 +115,9 @@ class ProtectionProbe:
             self.held[name] = _Held(x=x, y0=x @ w.T, c0=c0, shard=shard)
 
     def _base_weight(self, name: str) -> Tensor:
-        """The base weight as ``d_out x d_in`` (a transformers ``Conv1D`` stores its transpose)."""
+        """The base weight as ``d_out x d_in`` (a transformers ``Conv1D`` stores its transpose; bitsandbytes: dequantized)."""
         m = self.modules[name]
-        layer = m.base_layer if is_lora(m) else m
-        return weight_matrix(layer)
+        return dense_weight(m.base_layer if is_lora(m) else m)
 
     @staticmethod
     def _channel(w: Tensor, u: Tensor, v: Tensor, shard: RowShard | None) -> Tensor:

@@ -93,11 +93,16 @@ def test_fora_fit_refuses_a_quantized_target_before_training():
         tiny_trainer(max_steps=1, callbacks=[cb]).fit(model, data)
 
 
-def test_fora_lora_over_a_quantized_base_is_refused():
+@pytest.mark.parametrize(
+    ("layer", "why"),
+    [(TorchaoLinear(8, 4), "QuantizedTensor tensor subclass"), (Linear8bitLt(8, 4), "a Linear8bitLt")],
+)
+def test_fora_lora_over_a_base_it_cannot_dequantize_is_refused(layer, why):
+    """QLoRA over bitsandbytes bases works (tests/test_qlora.py); other formats, or a not yet quantized one, are refused."""
     from fora_lightning.lora import inject_fora_lora
 
     model = MLP()
-    model.fc1 = Linear4bit(model.fc1.in_features, model.fc1.out_features)
-    with pytest.raises(TypeError, match=r"QLoRA\) is not supported yet: 'fc1' is a Linear4bit"):
+    model.fc1 = layer
+    with pytest.raises(TypeError, match=rf"FORA-LoRA cannot read the base weight W0 of 'fc1': it is .*{why}"):
         inject_fora_lora(model, ["fc1", "fc2"], lora_rank=2)
     assert type(model.fc2) is nn.Linear  # nothing was wrapped

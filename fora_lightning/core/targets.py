@@ -9,9 +9,11 @@ import transformers, so a ``Conv1D`` is recognised by duck typing (:func:`is_tra
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 TargetModules = str | Sequence[str]
@@ -46,6 +48,44 @@ def weight_matrix(module: nn.Module, t: Tensor | None = None) -> Tensor:
     ``t`` itself for ``nn.Linear``, the view ``t.T`` for ``Conv1D`` (in-place writes reach the parameter)."""
     t = module.weight if t is None else t
     return t.T if is_transposed(module) else t
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """``W0`` as a detached float ``d_out x d_in`` matrix, whatever the storage, for everything that reads the base weight.
+
+    bitsandbytes 4-bit (``Params4bit``, a ``quant_state``): ``dequantize_4bit(weight.data, quant_state)``;
+    8-bit (``Int8Params``, row scales ``SCB``): ``W0 = CB * SCB / 127`` (``int8_vectorwise_dequant``);
+    bitsandbytes is imported only then (a weight its CPU eval forward repacked, ``packing_format_for_cpu``, is unpacked
+    on copies first). Otherwise :func:`weight_matrix` (``W^T`` of a ``Conv1D``), detached.
+    """
+    w = module.weight
+    state, scb = getattr(w, "quant_state", None), _int8_scales(module)
+    if state is not None:
+        from bitsandbytes import functional
+
+        data = w.data
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU eval forward: unpack copies
+            data, state = functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return functional.dequantize_4bit(data, state).detach()
+    if scb is not None:
+        from bitsandbytes.functional import int8_vectorwise_dequant
+
+        return int8_vectorwise_dequant(w.data, scb).detach()
+    return weight_matrix(module).detach()
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is a bitsandbytes 4-bit/8-bit tensor that :func:`dense_weight` dequantizes."""
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None or _int8_scales(module) is not None
+
+
+def _int8_scales(module: nn.Module) -> Tensor | None:
+    """An int8 weight's row scales ``SCB``: on the ``Int8Params``, or (after a ``Linear8bitLt`` forward) on its ``state``."""
+    w = getattr(module, "weight", None)
+    scb = getattr(w, "SCB", None)
+    if scb is None and isinstance(w, Tensor) and w.dtype == torch.int8:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    return scb
 
 
 def features(module: nn.Module) -> tuple[int, int]:

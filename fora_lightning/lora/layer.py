@@ -23,11 +23,14 @@ from torch import Tensor, nn
 from fora_lightning.core.distributed import local_tensor, row_shard
 from fora_lightning.core.projection import bound_channel, right_project
 from fora_lightning.core.subspace import LayerSubspace
-from fora_lightning.core.targets import features, is_target_layer, weight_matrix
+from fora_lightning.core.targets import dense_weight, features, is_quantized, is_target_layer, weight_matrix
 
 
 class ForaLoraLinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` (``base_layer``) with the FORA-LoRA update.
+
+    The base may be a quantized bitsandbytes ``Linear4bit``/``Linear8bitLt`` (QLoRA): ``W0 x + b`` is then its own
+    forward, and the bases are built from the dequantized ``W0`` (:func:`~fora_lightning.core.targets.dense_weight`).
 
     Trainable: ``lora_A`` (``r_lora x d_in``, kaiming-uniform as LoRA), ``lora_B`` (``d_out x r_lora``,
     zeros), ``lora_delta`` (``r``, zeros), in float32 (float64 if the base weight is float64).
@@ -89,9 +92,9 @@ class ForaLoraLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The frozen base weight ``W0`` as ``d_out x d_in`` (a ``Conv1D``'s stored ``W0^T``, transposed), for code
-        that reads ``module.weight`` (e.g. its dtype)."""
-        return weight_matrix(self.base_layer)
+        """The frozen base weight ``W0`` as ``d_out x d_in`` (a ``Conv1D``'s stored ``W0^T``, transposed; a bitsandbytes
+        4-bit/8-bit weight dequantized, a detached copy), for code that reads ``module.weight`` (e.g. its dtype)."""
+        return dense_weight(self.base_layer) if is_quantized(self.base_layer) else weight_matrix(self.base_layer)
 
     @torch.no_grad()
     def set_subspace(self, sub: LayerSubspace) -> None:

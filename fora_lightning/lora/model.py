@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from fora_lightning.core.targets import (
-    LORA_PARAMETERS, TargetModules, find_targets, is_target_layer, name_matches, quantization_of, resolve_target_modules,
+    LORA_PARAMETERS, TargetModules, find_targets, is_quantized, is_target_layer, name_matches, quantization_of,
+    resolve_target_modules,
 )
 from fora_lightning.lora.layer import ForaLoraLinear
-
 
 
 def fora_lora_layers(model: nn.Module) -> dict[str, ForaLoraLinear]:
@@ -29,6 +29,9 @@ def inject_fora_lora(
     """Replace each ``nn.Linear`` (or GPT-2 ``Conv1D``) matched by ``target_modules`` (as :func:`core.targets.find_targets`) by a
     :class:`ForaLoraLinear` wrapping it, in place; returns the wrappers by name (the replaced modules' names).
 
+    A quantized bitsandbytes base (``Linear4bit``/``Linear8bitLt``, QLoRA) is wrapped as is: its own forward stays the
+    frozen ``W0 x``, the bases read the dequantized weight (:func:`core.targets.dense_weight`).
+
     Idempotent: a model that already holds FORA-LoRA layers is returned as is when the patterns select
     exactly those layers and the LoRA settings agree; otherwise ``ValueError`` names the difference.
     """
@@ -37,13 +40,14 @@ def inject_fora_lora(
         _check_existing(model, existing, target_modules, lora_rank, lora_alpha, weight_rank)
         return existing
     targets = find_targets(model, target_modules)
-    quantized = {n: why for n, m in targets.items() if (why := quantization_of(m)) is not None}
-    if quantized:
-        name, why = next(iter(quantized.items()))
+    unreadable = {n: why for n, m in targets.items() if not is_quantized(m) and (why := quantization_of(m)) is not None}
+    if unreadable:
+        name, why = next(iter(unreadable.items()))
         raise TypeError(
-            f"FORA-LoRA over a quantized base (QLoRA) is not supported yet: '{name}' is {why} ({len(quantized)} such "
-            "target(s)). Its bases need the dequantized W0 and merge_lora a float weight. Load the base in "
-            "bfloat16/float32, or use PEFT's LoRA for a 4-bit base"
+            f"FORA-LoRA cannot read the base weight W0 of '{name}': it is {why} ({len(unreadable)} such target(s)). "
+            "QLoRA is supported over bitsandbytes Linear4bit/Linear8bitLt layers whose weight is already quantized "
+            "(a Params4bit with a quant_state, an Int8Params with SCB: move the model to its device first, bitsandbytes "
+            "quantizes on .to/.cuda); other quantization formats (torchao, ...): load the base in bfloat16/float32"
         )
     seen: dict[int, str] = {}
     for name, linear in targets.items():
