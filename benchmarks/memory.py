@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import resource
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import torch
 
 from _bench import environment, md_table, tiny_causal_lm, token_batches, write
 from fora_lightning.core.covariance import collect_covariances
-from fora_lightning.core.subspace import HOST_FIELDS, SubspaceConfig, estimate_subspaces, nbytes_summary
+from fora_lightning.core.subspace import HOST_FIELDS, SubspaceConfig, complement_basis, estimate_subspaces, nbytes_summary
 from fora_lightning.core.targets import find_targets
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,7 +112,7 @@ def device_bytes(subspaces: dict, host: bool) -> int:
     seen: dict[int, int] = {}
     for s in subspaces.values():
         for n, t in s.tensors().items():
-            if n != "spectrum" and (host or n not in HOST_FIELDS):
+            if n != "spectrum" and (host or not s.anchors_on_host or n not in HOST_FIELDS):
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
@@ -132,8 +133,10 @@ def smollm2(k_frac: float = 0.6, r: int = 8) -> tuple[dict, str]:
     floor = 4 * sum({cov.owner[n]: min(k, weights[n].shape[1] - k) * weights[n].shape[1] for n, k in ranks.items()}.values())
     out, rows = {"k_frac": k_frac, "r": r, "layers": len(targets), "target_bytes": target_bytes, "param_bytes": param_bytes,
                  "floor_bytes": floor}, []  # fmt: skip
-    for label, on_host in (("anchors on the device (default)", False), ("offload_anchors=True", True)):
-        subs = estimate_subspaces(weights, SubspaceConfig(rank=ranks, weight_rank=r), cov, allow_complement=on_host)
+    with_c = estimate_subspaces(weights, SubspaceConfig(rank=ranks, weight_rank=r), cov, allow_complement=True)
+    qs = {id(s.basis): complement_basis(s.basis) for s in with_c.values()}  # the Q-form, one Q per input as estimated
+    with_q = {n: replace(s, basis=qs[id(s.basis)], complement=False) for n, s in with_c.items()}
+    for label, on_host, subs in (("anchors on the device (default)", False, with_q), ("offload_anchors=True", True, with_c)):
         shared: dict = {}
         for n, s in subs.items():
             s.attach_anchors(weights[n], on_host=on_host, shared=shared)
@@ -189,6 +192,7 @@ def main() -> None:
         _child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
     if args.smollm2:
+        torch.set_num_threads(1)
         payload, table = smollm2()
         write("memory_smollm2", {"env": environment(), **payload}, table)
         return
