@@ -10,7 +10,8 @@ up, down; shapes from transformers' ``Qwen3Config``, random weights) with AdamW 
   ``--train-dtype``, bf16 autocast by default, float32 master weights) then ``AdamW.step()``;
 - ``fora <precision>``: the same step plus FORA's update-mode work as the Callback runs it
   (``TargetLayout.project_grads`` before the step, ``reproject`` after, ``channel_bound`` at its default), for
-  ``precision`` in float32, tf32, bf16 and auto (the default; the row names what it resolved to).
+  ``precision`` in float32, tf32, bf16 and auto (the default; the row names what it resolved to), and auto with
+  ``offload_anchors`` (anchors in host memory, copied per layer at each re-projection: device memory drops).
 
 The steps run round-robin (one of each variant per round), so load changes on a shared machine hit all alike;
 time = median over rounds, ratio = median of per-round ratios to ``plain``. Leakage after all those steps, on
@@ -28,9 +29,9 @@ import copy
 import csv
 
 import torch
+from _bench import RESULTS, environment, interleaved, log, md_table, med, ratio_stats, spread, write
 from torch import nn
 
-from _bench import RESULTS, environment, interleaved, log, md_table, med, ratio_stats, spread, write
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.precision import resolve_precision, split_supported
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace
@@ -78,7 +79,9 @@ def build(shapes: dict[str, tuple[int, int]], blocks: int, k_frac: float, r: int
 class Variant:
     """One training run: its own weights, AdamW state and (for FORA) layout and anchors."""
 
-    def __init__(self, layers: nn.ModuleDict, subs: dict[str, LayerSubspace] | None, precision: str, args: argparse.Namespace) -> None:
+    def __init__(
+        self, layers: nn.ModuleDict, subs: dict[str, LayerSubspace] | None, precision: str, args: argparse.Namespace, on_host: bool = False
+    ) -> None:
         self.layers = copy.deepcopy(layers)
         self.w0 = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         self.subs = copy.deepcopy(subs) if subs is not None else None  # one deepcopy: shared bases stay shared
@@ -87,7 +90,7 @@ class Variant:
         self.channel_bound = ForaConfig().channel_bound
         if self.subs is not None:
             self.layout = TargetLayout(dict(self.layers.items()), self.layers)
-            self.layout.attach_anchors(self.subs)
+            self.layout.attach_anchors(self.subs, on_host=on_host)
             self.split = split_supported(precision, args.device)
 
     def step(self, xs: dict[str, torch.Tensor], dys: dict[str, torch.Tensor]) -> None:
@@ -116,12 +119,13 @@ class Variant:
 
 
 def memory(subs: dict[str, LayerSubspace], layers: nn.ModuleDict) -> dict[str, float]:
-    """Persistent FORA bytes (each basis tensor once) vs protected float32 weight bytes and the basis floor."""
+    """Persistent FORA device bytes (each basis tensor once; host-resident anchors left out) vs protected float32
+    weight bytes and the basis floor."""
     seen: dict[int, torch.Tensor] = {}
     other = 0
     for s in subs.values():
         seen[id(s.basis)] = s.basis
-        other += sum(t.numel() * t.element_size() for f, t in s.tensors().items() if f not in ("basis", "spectrum"))
+        other += s.nbytes(host=False) - s.basis.numel() * s.basis.element_size()
     basis = sum(b.numel() * b.element_size() for b in seen.values())
     floor = sum(min(b.shape[1], b.shape[0] - b.shape[1]) * b.shape[0] * 4 for b in seen.values())
     weights = sum(m.weight.numel() * 4 for m in layers.values())
@@ -164,20 +168,22 @@ def main() -> None:
     for prec in ("float32", "tf32", "bf16", "auto"):
         resolved[prec] = resolve_precision(prec, args.device)
         variants[f"fora {prec}"] = Variant(layers, subs, resolved[prec], args)
+    variants["fora auto, offload_anchors"] = Variant(layers, subs, resolved["auto"], args, on_host=True)
     log("variants built; timing")
     times = interleaved({n: (lambda v=v: v.step(xs, dys)) for n, v in variants.items()}, repeats=args.steps - 1, warmup=1)
-    mem = memory(variants["fora float32"].subs, layers)  # with its anchors attached
+    mems = {n: memory(v.subs, layers) for n, v in variants.items() if v.subs is not None}  # with the anchors attached
+    mem = mems["fora float32"]
     rows, out = [], {}
     for n, v in variants.items():
         ratio, noise = ratio_stats(times[n], times["plain"])
-        prec = n.split(" ", 1)[1] if n != "plain" else "-"
+        prec = n.split(" ", 1)[1].split(",")[0] if n != "plain" else "-"
         note = "" if prec in ("-", resolved.get(prec)) else f"runs {resolved[prec]}"
         if prec == "tf32" and not cuda:
             note = "runs float32 (CPUs have no TF32)"
         leak = v.leak(subs, 256) if v.subs is not None else float("nan")
         out[n] = {"median_s": med(times[n]), "noise": spread(times[n]), "ratio_to_plain": ratio, "ratio_noise": noise,
                   "resolved": resolved.get(prec, "-"), "leakage": leak}  # fmt: skip
-        m = f"{mem['pct_of_weights']:.1f}% / {mem['pct_of_floor']:.0f}%" if v.subs is not None else "-"
+        m = f"{mems[n]['pct_of_weights']:.1f}% / {mems[n]['pct_of_floor']:.0f}%" if v.subs is not None else "-"
         rows.append([n + (f" ({note})" if note else ""), med(times[n]) * 1e3, ratio, noise, m, leak])
     header = ["variant", "ms / step", "x plain", "ratio noise", "FORA memory: % weights / % floor", f"leakage after {args.steps} steps"]
     table = md_table(header, rows)
@@ -185,12 +191,12 @@ def main() -> None:
     table += (
         f"\n\n{args.model} shapes x {args.blocks} blocks ({len(subs)} layers, {n_dist} distinct inputs), T = {args.tokens} tokens,"
         f" {args.train_dtype} training GEMMs, k = {args.k_frac:g} d_in, r = {args.rank}, AdamW lr {args.lr:g} wd 0.1, {args.device},"
-        f" {torch.get_num_threads()} threads. FORA memory {mem['bytes'] / 2**20:.1f} MiB ({mem['bytes_per_layer'] / 2**20:.2f} MiB"
+        f" {torch.get_num_threads()} threads. FORA memory with the anchors on the device {mem['bytes'] / 2**20:.1f} MiB ({mem['bytes_per_layer'] / 2**20:.2f} MiB"
         f" per layer; bases {mem['basis_bytes'] / 2**20:.1f}, anchors + U,S,V {mem['anchor_and_channel_bytes'] / 2**20:.1f}; floor"
         f" {mem['floor_bytes'] / 2**20:.1f}). noise = (max - min) / median of the per-round ratios."
     )
     name = args.name or f"step_cost_{'cuda' if cuda else 'cpu'}"
-    payload = {"args": vars(args), "shapes": shapes, "memory": mem, "variants": out, "environment": environment()}
+    payload = {"args": vars(args), "shapes": shapes, "memory": mems, "variants": out, "environment": environment()}
     if cuda:
         payload["max_memory_allocated_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     write(name, payload, table)
@@ -200,7 +206,7 @@ def main() -> None:
         for n, o in out.items():
             fora = n != "plain"
             w.writerow([n, o["resolved"], o["median_s"] * 1e3, o["ratio_to_plain"], o["ratio_noise"], o["leakage"],
-                        mem["bytes"] if fora else 0, mem["pct_of_weights"] if fora else 0, mem["pct_of_floor"] if fora else 0])  # fmt: skip
+                        *([mems[n]["bytes"], mems[n]["pct_of_weights"], mems[n]["pct_of_floor"]] if fora else [0, 0, 0])])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ class TargetLayout:
     def full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` full-size: the row-sharded ``anchor_q`` gathered over its shard group (a collective)."""
         shard = self.shards.get(name)
-        return shard.gather(t) if field == "anchor_q" and shard is not None else t
+        if field != "anchor_q" or shard is None:
+            return t
+        return shard.gather(t.to(self.targets[name].weight.device))  # host-resident anchors: NCCL gathers device tensors
 
     def shape_targets(self) -> Mapping[str, nn.Module]:
         """Targets for shape checks (``d_out x d_in`` weights): a meta stand-in of each true shape under FSDP1 (a weight

@@ -409,13 +409,11 @@ class Protection:
         self.monitor.load_state_dict(state_dict.get("probe", {}))
 
     @property
-    def _on_host(self) -> bool:
-        """Anchors in host memory (``offload_anchors``, update mode)."""
+    def _on_host(self) -> bool:  # anchors in host memory (offload_anchors); else update mode needs Q itself, not C
         return self.anchors and self.config.offload_anchors
 
     @property
     def _needs_q(self) -> bool:
-        """The bases must be Q itself: anchors held on the device (with host anchors Q is rebuilt from a complement)."""
         return self.anchors and not self._on_host
 
     def to(self, device: torch.device) -> None:
