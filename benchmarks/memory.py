@@ -2,6 +2,7 @@
 during calibration.
 
     python benchmarks/memory.py          # ~2 min on 2 CPU cores
+    python benchmarks/memory.py --smollm2   # SmolLM2-135M shapes: device bytes with and without offload_anchors
 
 Persistent, per protected layer ``d_out x d_in`` (float32, ``mode="update"``): ``Q`` (d_in x k, one
 per distinct input: q/k/v and gate/up share it), ``A0 = W0 Q`` (d_out x k), ``U`` (d_out x r),
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import resource
 import subprocess
 import sys
@@ -26,7 +28,7 @@ import torch
 
 from _bench import environment, md_table, tiny_causal_lm, token_batches, write
 from fora_lightning.core.covariance import collect_covariances
-from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces, nbytes_summary
+from fora_lightning.core.subspace import HOST_FIELDS, SubspaceConfig, complement_basis, estimate_subspaces, nbytes_summary
 from fora_lightning.core.targets import find_targets
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -101,6 +103,56 @@ def tiny_persistent(hidden: int, layers: int, energy: float, r: int) -> dict:
     return out
 
 
+SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}  # fmt: skip
+
+
+def device_bytes(subspaces: dict, host: bool) -> int:
+    """Like :func:`unique_bytes`; ``host=False`` leaves out what ``offload_anchors`` keeps in host memory."""
+    seen: dict[int, int] = {}
+    for s in subspaces.values():
+        for n, t in s.tensors().items():
+            if n != "spectrum" and (host or not s.anchors_on_host or n not in HOST_FIELDS):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def smollm2(k_frac: float = 0.6, r: int = 8) -> tuple[dict, str]:
+    """SmolLM2-135M's shapes (LlamaConfig, random weights, no download), layers 10-29 protected at k = k_frac d_in:
+    FORA's device bytes with the anchors on the device (Q) and with ``offload_anchors`` (complement, host anchors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
+    targets = {n: m for n, m in find_targets(model, TARGETS).items() if 10 <= int(n.split(".layers.")[1].split(".")[0]) <= 29}
+    cov = collect_covariances(model, targets, token_batches(2, 2, 128, SMOLLM2["vocab_size"], seed=1), lambda b: model(**b))
+    weights = {n: m.weight.detach() for n, m in targets.items()}
+    ranks = {n: round(k_frac * w.shape[1]) for n, w in weights.items()}
+    target_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = 4 * sum({cov.owner[n]: min(k, weights[n].shape[1] - k) * weights[n].shape[1] for n, k in ranks.items()}.values())
+    out, rows = {"k_frac": k_frac, "r": r, "layers": len(targets), "target_bytes": target_bytes, "param_bytes": param_bytes,
+                 "floor_bytes": floor}, []  # fmt: skip
+    with_c = estimate_subspaces(weights, SubspaceConfig(rank=ranks, weight_rank=r), cov, allow_complement=True)
+    qs = {id(s.basis): complement_basis(s.basis) for s in with_c.values()}  # the Q-form, one Q per input as estimated
+    with_q = {n: replace(s, basis=qs[id(s.basis)], complement=False) for n, s in with_c.items()}
+    for label, on_host, subs in (("anchors on the device (default)", False, with_q), ("offload_anchors=True", True, with_c)):
+        shared: dict = {}
+        for n, s in subs.items():
+            s.attach_anchors(weights[n], on_host=on_host, shared=shared)
+        dev, total = device_bytes(subs, host=False), device_bytes(subs, host=True)
+        out[label] = {"device_bytes": dev, "host_bytes": total - dev}
+        rows.append([label, dev / 2**20, 100 * dev / target_bytes, 100 * dev / param_bytes, 100 * dev / floor, (total - dev) / 2**20])
+    table = (
+        f"### SmolLM2-135M shapes (LlamaConfig: hidden 576, intermediate 1536, 30 layers, 9 / 3 heads; random weights), "
+        f"layers 10-29 ({len(targets)} linears) at k = {k_frac:g} d_in, r = {r}, float32\n\n"
+        + md_table(["anchors", "device MiB", "% protected weights", "% model params", "% floor", "host MiB"], rows)
+        + f"\n\nProtected weights {target_bytes / 2**20:.1f} MiB, model {param_bytes / 2**20:.1f} MiB; floor "
+        f"min(k, d_in - k) x d_in float32 per distinct input = {floor / 2**20:.1f} MiB."
+    )
+    return out, table
+
+
 def _child(job: str, hidden: int, layers: int) -> None:
     """Run in a subprocess: print the peak-RSS growth (bytes) of ``job`` over a forward-only pass."""
     torch.set_num_threads(2)
@@ -134,9 +186,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--smollm2", action="store_true", help="only the SmolLM2-135M-shaped table: results/memory_smollm2.{json,md}")
     args = ap.parse_args()
     if args.child:
         _child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    if args.smollm2:
+        torch.set_num_threads(1)
+        payload, table = smollm2()
+        write("memory_smollm2", {"env": environment(), **payload}, table)
         return
     torch.set_num_threads(2)
     tiny = [tiny_persistent(h, 2, 0.99, 8) for h in (64, 256)]

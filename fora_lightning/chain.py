@@ -51,10 +51,10 @@ def extend_protection(
             raise ValueError(f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process")
         cov, key = combined.covariance(name), (combined.owner[name], sub.basis.data_ptr())
         if key not in grown:
-            grown[key] = grow_basis(sub, cov, c.energy, c.max_rank, allow_complement=not p.anchors)
+            grown[key] = grow_basis(sub, cov, c.energy, c.max_rank, allow_complement=not p.needs_q)
         merged[name], added[name] = extend_subspace(sub, weight, cov, c.energy, c.weight_rank, c.max_rank, grown=grown[key])
         if p.anchors:
-            merged[name].attach_anchors(weight)
+            merged[name].attach_anchors(weight, on_host=p.anchors_on_host)
     p.subspaces = merged
     p.capabilities = {**p.capabilities, **info}
     p.record_energy(merged, per)

@@ -51,6 +51,15 @@ class ForaConfig(SubspaceConfig):
             "'auto': the fastest of them whose leakage stays <= 1e-5 on this device (CUDA sm80+: tf32; CPU with bf16 GEMMs: bf16)"
         ),
     )
+    offload_anchors: bool = field(
+        default=False,
+        metadata=_help(
+            "mode='update': keep the anchors W0 Q in host memory (pinned), copied to the device layer by layer at each "
+            "re-projection, and store the complement basis where k > d_in/2: device memory is then the floor "
+            "min(k, d_in - k) x d_in per input plus U, S, V. Costs one host-to-device copy of the anchors per step; "
+            "on a CPU-only run it saves nothing"
+        ),
+    )
     channel_bound: float | None = field(
         default=0.05,
         metadata=_help(

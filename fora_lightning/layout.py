@@ -74,10 +74,9 @@ class TargetLayout:
                     for i, name in members.items():
                         sub = subspaces.get(name)
                         if sub is not None and sub.anchor_q is not None:
-                            project_weight_(
-                                weight_matrix(self.targets[name], views[i]), sub.basis, sub.anchor_q, sub.u, sub.v,
-                                sub.anchor_u, s=sub.s, channel_bound=channel_bound,
-                            )
+                            w = weight_matrix(self.targets[name], views[i])
+                            q, anchor_q = _on(w.device, sub.reprojection_basis, sub.anchor_q)
+                            project_weight_(w, q, anchor_q, sub.u, sub.v, sub.anchor_u, s=sub.s, channel_bound=channel_bound)
             return
         for name, module in self.targets.items():
             sub = subspaces.get(name)
@@ -85,28 +84,31 @@ class TargetLayout:
                 continue
             u, reduce = self._rows_of_u(name, sub)
             w = weight_matrix(module, local_tensor(module.weight.data))
+            q, anchor_q = _on(w.device, sub.reprojection_basis, sub.anchor_q)  # host-resident anchors: copied per layer
             bound = {"s": sub.s, "channel_bound": channel_bound}
             if precision == "float32":
-                project_weight_(w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce, **bound)
+                project_weight_(w, q, anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce, **bound)
             else:
                 project_weight_mixed_(
-                    w, sub.basis, sub.anchor_q, u, sub.v, sub.anchor_u, precision=precision, split=split, all_reduce=reduce, **bound
+                    w, q, anchor_q, u, sub.v, sub.anchor_u, precision=precision, split=split, all_reduce=reduce, **bound
                 )
 
-    def attach_anchors(self, subspaces: Subspaces) -> None:
-        """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32."""
+    def attach_anchors(self, subspaces: Subspaces, on_host: bool = False) -> None:
+        """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32;
+        ``on_host``: ``A0`` (and Q for a complement basis) in host memory (``LayerSubspace.attach_anchors``)."""
+        kw = {"on_host": on_host, "shared": {}}  # layers sharing a complement basis share its Q
         if self.flat:
             for unit, members in self.flat:
                 with unit.gathered("data") as views:
                     for i, name in members.items():
-                        subspaces[name].attach_anchors(weight_matrix(self.targets[name], views[i]))
+                        subspaces[name].attach_anchors(weight_matrix(self.targets[name], views[i]), **kw)
             return
         for name, sub in subspaces.items():
             shard = self.shards.get(name)
             if shard is None:
-                sub.attach_anchors(weight_matrix(self.targets[name]))
+                sub.attach_anchors(weight_matrix(self.targets[name]), **kw)
                 continue
-            sub.attach_anchors(local_tensor(self.targets[name].weight), shard.rows(sub.u), shard.all_reduce)
+            sub.attach_anchors(local_tensor(self.targets[name].weight), shard.rows(sub.u), shard.all_reduce, **kw)
 
     def localize_anchors(self, subspaces: Subspaces) -> None:
         """After a restore: keep this rank's rows of the (full) checkpointed ``anchor_q`` under FSDP2."""
@@ -118,7 +120,9 @@ class TargetLayout:
     def full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` full-size: the row-sharded ``anchor_q`` gathered over its shard group (a collective)."""
         shard = self.shards.get(name)
-        return shard.gather(t) if field == "anchor_q" and shard is not None else t
+        if field != "anchor_q" or shard is None:
+            return t
+        return shard.gather(t.to(self.targets[name].weight.device))  # host-resident anchors: NCCL gathers device tensors
 
     def shape_targets(self) -> Mapping[str, nn.Module]:
         """Targets for shape checks (``d_out x d_in`` weights): a meta stand-in of each true shape under FSDP1 (a weight
@@ -134,6 +138,11 @@ class TargetLayout:
     def _rows_of_u(self, name: str, sub: LayerSubspace) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
         shard = self.shards.get(name)
         return (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
+
+
+def _on(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` on ``device`` (no copy when already there; asynchronous from pinned host memory)."""
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 class _FullWeights(Mapping[str, torch.Tensor]):

@@ -118,7 +118,7 @@ class Protection:
                 rank_zero_info(f"{self.who}: subspaces saved to {path}")
         self.to(pl_module.device)
         if self.anchors:
-            layout.attach_anchors(self.subspaces)
+            layout.attach_anchors(self.subspaces, on_host=self.anchors_on_host)
 
     def finish(self) -> None:
         """At the end of a fit: remember the model and weights these bases were last used with."""
@@ -160,7 +160,7 @@ class Protection:
         if policy == "force":
             return {"load": (subspaces, meta)}
         diffs = config_differences(meta.get("config"), self.config, compare_mode=self.anchors)
-        if self.anchors and any(s.complement for s in subspaces.values()) and not any(d.startswith("mode=") for d in diffs):
+        if self.needs_q and any(s.complement for s in subspaces.values()) and not any(d.startswith("mode=") for d in diffs):
             diffs.append("the file stores complement bases (gradient mode or FORA-LoRA), mode='update' needs Q itself")
         diffs += data_differences(meta.get("capabilities"), self._current_fingerprints(trainer, pl_module))
         if not diffs:
@@ -253,7 +253,7 @@ class Protection:
             validate_against(self.subspaces, self.layout.shape_targets(), str(path), meta, model_identity(pl_module))
         self.capabilities, self.chain = dict(meta["capabilities"]), list(meta["chain"])
         self.capability_energy = {n: dict(info.get("capability_energy", {})) for n, info in meta["layers"].items()}
-        if self.anchors and any(s.complement for s in self.subspaces.values()):
+        if self.needs_q and any(s.complement for s in self.subspaces.values()):
             raise ValueError(
                 f"{path} stores complement bases (gradient-mode); mode='update' needs Q itself: re-estimate with mode='update'"
             )
@@ -265,7 +265,7 @@ class Protection:
         covariances = self.calibrate(trainer, pl_module) if self.config.source == "activations" else None
         weights = layout.full_weights()  # gathered one layer (FSDP1: one unit) at a time
         config, spectra, per = self.config, None, self._capability_covariances
-        complement = not self.anchors
+        complement = not self.needs_q
         if covariances is not None and config.combine == "union" and len(per) > 1:
             spectra, ks = union_spectra(per, config.energy, config.rank, config.capability_weights)
             config = replace(config, rank=ks)
@@ -361,9 +361,17 @@ class Protection:
         self._restored, self._restored_config = bool(self.subspaces), state_dict.get("config")
         self.monitor.load_state_dict(state_dict.get("probe", {}))
 
+    @property
+    def anchors_on_host(self) -> bool:  # anchors in host memory (offload_anchors); else update mode needs Q itself, not C
+        return self.anchors and self.config.offload_anchors
+
+    @property
+    def needs_q(self) -> bool:
+        return self.anchors and not self.anchors_on_host
+
     def to(self, device: torch.device) -> None:
         for sub in self.subspaces.values():
-            sub.to(device)
+            sub.to(device, anchors_on_host=self.anchors_on_host)
 
     def _full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
         return self.layout.full(name, field, t) if self.layout is not None else t

@@ -79,8 +79,11 @@ class LayerSubspace:
     """The protected subspaces of one linear layer (``d_out x d_in``).
 
     ``basis`` is Q (``d_in x k``) or, when ``complement``, an orthonormal basis of span(Q)'s
-    complement (``d_in x (d_in - k)``; cheaper when k > d_in/2, gradient mode only).
-    ``u, s, v`` are ``d_out x r``, ``r``, ``d_in x r``; ``anchor_q = W0 Q``, ``anchor_u = U^T W0``.
+    complement (``d_in x (d_in - k)``; cheaper when k > d_in/2: gradient mode, or update mode with the
+    anchors on the host).
+    ``u, s, v`` are ``d_out x r``, ``r``, ``d_in x r``; ``anchor_q = W0 Q``, ``anchor_u = U^T W0``;
+    ``anchor_basis`` is Q itself (an orthonormal basis of span(C)'s complement) when ``basis`` is C and anchors are set;
+    ``anchors_on_host``: ``anchor_q`` / ``anchor_basis`` are held in host memory (``offload_anchors``).
     ``energy`` is the fraction of the covariance trace span(Q) holds; ``spectrum`` the eigenvalues
     (descending, for inspection).
     """
@@ -97,6 +100,8 @@ class LayerSubspace:
     spectrum: Tensor | None = None
     anchor_q: Tensor | None = None
     anchor_u: Tensor | None = None
+    anchor_basis: Tensor | None = None
+    anchors_on_host: bool = False
 
     @property
     def r(self) -> int:
@@ -106,21 +111,69 @@ class LayerSubspace:
         """The tensor fields that are set, by field name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
-    def nbytes(self) -> int:
-        """Persistent bytes held (bases and anchors; the spectrum excluded)."""
-        return sum(t.numel() * t.element_size() for n, t in self.tensors().items() if n != "spectrum")
+    def nbytes(self, host: bool = True) -> int:
+        """Persistent bytes held (bases and anchors; the spectrum excluded); ``host=False``: those of the
+        training device only (without :data:`HOST_FIELDS` when ``anchors_on_host``)."""
+        skip = {"spectrum"} | (set(HOST_FIELDS) if self.anchors_on_host and not host else set())
+        return sum(t.numel() * t.element_size() for n, t in self.tensors().items() if n not in skip)
 
-    def to(self, device: torch.device | str) -> LayerSubspace:
+    def to(self, device: torch.device | str, anchors_on_host: bool = False) -> LayerSubspace:
+        """Every tensor to ``device``; with ``anchors_on_host`` :attr:`HOST_FIELDS` to host memory instead
+        (pinned when CUDA is available, so that the per-step copies to the device are asynchronous)."""
         for n, t in self.tensors().items():
-            setattr(self, n, t.to(device))
+            setattr(self, n, to_host(t) if anchors_on_host and n in HOST_FIELDS else t.to(device))
+        self.anchors_on_host = anchors_on_host and self.anchor_q is not None
         return self
 
-    def attach_anchors(self, weight: Tensor, u: Tensor | None = None, all_reduce: AllReduce | None = None) -> None:
+    @property
+    def reprojection_basis(self) -> Tensor:
+        """Q for the re-projection ``W <- W - (W Q - A0) Q^T - ...``: ``basis``, or ``anchor_basis`` when ``basis`` is C."""
+        return self.anchor_basis if self.complement else self.basis
+
+    def attach_anchors(
+        self,
+        weight: Tensor,
+        u: Tensor | None = None,
+        all_reduce: AllReduce | None = None,
+        on_host: bool = False,
+        shared: dict[int, Tensor] | None = None,
+    ) -> None:
         """Store ``A0 = W0 Q`` and ``B0 = U^T W0`` (:func:`~fora_lightning.core.projection.anchors`) from the
-        weight at fit start. For a row shard of W0 pass its rows of ``U`` and the shard group's ``all_reduce``."""
+        weight at fit start. For a row shard of W0 pass its rows of ``U`` and the shard group's ``all_reduce``.
+
+        ``on_host``: ``A0`` (and, for a complement ``basis`` C, ``anchor_basis`` = Q = ``complement_basis(C)``,
+        any orthonormal basis of span(C)'s complement: ``Q Q^T = I - C C^T``) live in host memory; the device then
+        holds ``min(k, d_in - k) x d_in`` of basis per input plus ``U, S, V, B0``. A complement needs ``on_host``.
+        ``shared``: a cache ``id(C) -> Q`` so that layers sharing C (q/k/v, gate/up) share one Q too.
+        """
+        if self.complement and not on_host:
+            raise ValueError(
+                "anchors need Q itself, not its complement: estimate this subspace with allow_complement=False, "
+                "or keep the anchors on the host (offload_anchors=True), where Q is rebuilt from the complement"
+            )
+        q, cache = self.basis, {} if shared is None else shared
         if self.complement:
-            raise ValueError("anchors need Q itself, not its complement: estimate this subspace with allow_complement=False")
-        self.anchor_q, self.anchor_u = anchors(weight, self.basis, self.u if u is None else u, all_reduce=all_reduce)
+            if id(self.basis) not in cache:
+                cache[id(self.basis)] = complement_basis(self.basis)
+            q = cache[id(self.basis)]
+        self.anchor_q, self.anchor_u = anchors(weight, q, self.u if u is None else u, all_reduce=all_reduce)
+        self.anchor_basis = q if self.complement else None
+        self.anchors_on_host = on_host
+        if on_host:
+            self.anchor_q = to_host(self.anchor_q)
+            if self.complement:
+                if -id(self.basis) not in cache:  # the host copy, shared as well
+                    cache[-id(self.basis)] = to_host(q)
+                self.anchor_basis = cache[-id(self.basis)]
+
+
+HOST_FIELDS = ("anchor_q", "anchor_basis")  # what ``offload_anchors`` keeps in host memory
+
+
+def to_host(t: Tensor) -> Tensor:
+    """``t`` in CPU memory, pinned when CUDA is available (asynchronous copies back to the device)."""
+    t = t.detach().to("cpu")
+    return t.pin_memory() if torch.cuda.is_available() and not t.is_pinned() else t
 
 
 def select_rank(

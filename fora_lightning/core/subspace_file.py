@@ -36,8 +36,8 @@ FORMAT = "fora-subspaces"
 VERSION = 2
 MIN_VERSION = 1
 _SEP = "::"
-_TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {"d_out", "d_in", "k", "complement", "energy"}
-_SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u"}
+_TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {"d_out", "d_in", "k", "complement", "energy", "anchors_on_host"}
+_SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u", "anchor_basis"}
 # HF config entries that describe a run, not the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",

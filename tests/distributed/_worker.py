@@ -239,12 +239,47 @@ def sharded_functions(world: int) -> dict[str, Any]:
     return out
 
 
+def counted_work(cfg: dict[str, Any]) -> list[dict[str, int]]:
+    """Fit ``cfg["steps"]`` steps counting, per rank, the rows and flops FORA's layout projects (from the shapes
+    it hands ``project`` / ``project_weight_``: ``4 rows d_in (k + r)`` each); every rank's counts, by rank."""
+    import torch.distributed as dist
+
+    from fora_lightning import layout
+
+    work = {"grad_rows": 0, "weight_rows": 0, "flops": 0}
+
+    def counting(fn: Any, kind: str) -> Any:
+        def wrapped(x: torch.Tensor, basis: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            u = args[0] if args else kwargs.get("u")
+            if kind == "weight":
+                u = args[1] if len(args) > 1 else kwargs.get("u")
+            work[f"{kind}_rows"] += x.shape[0]
+            work["flops"] += 4 * x.shape[0] * x.shape[1] * (basis.shape[1] + (0 if u is None else u.shape[1]))
+            return fn(x, basis, *args, **kwargs)
+
+        return wrapped
+
+    saved = layout.project, layout.project_weight_
+    layout.project, layout.project_weight_ = counting(saved[0], "grad"), counting(saved[1], "weight")
+    try:
+        fit(cfg, cfg["steps"], calibration_loader())
+    finally:
+        layout.project, layout.project_weight_ = saved
+    if not (dist.is_available() and dist.is_initialized()):
+        return [work]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, work)
+    return every
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train (and/or resume); returns rank 0's results ``{phase: {"weights", "fora"}}``."""
     torch.set_num_threads(1)
     torch.backends.cuda.matmul.allow_tf32 = False  # GPU check: float32 matmuls, comparable with the CPU reference
     if cfg["strategy"] == "functions":
         return {"functions": sharded_functions(cfg["world"])}
+    if cfg.get("count_work"):
+        return {"work": counted_work(cfg)}
     results: dict[str, Any] = {}
     trainer = None
     if cfg.get("steps"):
