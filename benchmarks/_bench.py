@@ -46,7 +46,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     sync()
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeats):
-        for n in names[i % len(names):] + names[: i % len(names)]:
+        for n in names[i % len(names) :] + names[: i % len(names)]:
             sync()
             t = time.perf_counter()
             fns[n]()
@@ -73,7 +73,11 @@ def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float]:
 def environment() -> dict[str, object]:
     cpu = platform.processor()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l)
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        )
     except (OSError, StopIteration):
         pass
     return {
@@ -111,7 +115,11 @@ def load_before(module: str) -> types.ModuleType | None:
     root = Path(__file__).resolve().parents[1]
     try:
         src = subprocess.run(
-            ["git", "show", f"{BEFORE_COMMIT}:fora_lightning/core/{module}.py"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "show", f"{BEFORE_COMMIT}:fora_lightning/core/{module}.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -122,21 +130,31 @@ def load_before(module: str) -> types.ModuleType | None:
     return mod
 
 
-def tiny_causal_lm(hidden: int = 64, layers: int = 2, intermediate: int | None = None, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
+def tiny_causal_lm(
+    hidden: int = 64, layers: int = 2, intermediate: int | None = None, vocab: int = 512, seed: int = 0
+) -> torch.nn.Module:
     """A randomly initialised Qwen3-architecture causal LM (GQA: kv heads = heads / 2)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     heads = max(2, hidden // 32)
     cfg = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=hidden // heads,
-        max_position_embeddings=1024, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=hidden // heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def token_batches(n_batches: int, batch: int, seq: int, vocab: int, seed: int, pad_frac: float = 0.0) -> list[dict[str, torch.Tensor]]:
+def token_batches(
+    n_batches: int, batch: int, seq: int, vocab: int, seed: int, pad_frac: float = 0.0
+) -> list[dict[str, torch.Tensor]]:
     """Random token batches with right padding on a ``pad_frac`` share of each row's tail (mask 0)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -150,7 +168,9 @@ def token_batches(n_batches: int, batch: int, seq: int, vocab: int, seed: int, p
     return out
 
 
-def synthetic_layer(d_out: int, d_in: int, k: int, r: int, gen: torch.Generator, device: str = "cpu") -> dict[str, Tensor]:
+def synthetic_layer(
+    d_out: int, d_in: int, k: int, r: int, gen: torch.Generator, device: str = "cpu"
+) -> dict[str, Tensor]:
     """One random layer in float32: W0, Q (k columns of a random frame) and its complement C, orthonormal U and V
     (r columns), and the anchors ``A0 = W0 Q``, ``B0 = U^T W0``."""
     o, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, device=device))

@@ -61,8 +61,17 @@ def run(precision: str, steps: int) -> dict[str, dict[str, float]]:
     w0 = {n: getattr(model, n).weight.detach().double().clone() for n in ("fc1", "fc2")}
     task, calib, _ = data(steps)
     fora = FORA(calibration=calib, target_modules=["fc1", "fc2"], energy=0.999, weight_rank=8, progress=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[fora])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[fora],
+    )
     trainer.fit(model, task)
     out = {}
     for n, base in w0.items():
@@ -70,7 +79,10 @@ def run(precision: str, steps: int) -> dict[str, dict[str, float]]:
         d = getattr(model, n).weight.detach().double() - base
         u = sub.u.double()
         pd = d - u @ (u.T @ d)
-        x = torch.randn(256, sub.k, generator=torch.Generator().manual_seed(1), dtype=torch.float64) @ sub.basis.double().T
+        x = (
+            torch.randn(256, sub.k, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            @ sub.basis.double().T
+        )
         out[n] = {
             "k": sub.k,
             "leakage": float((x @ pd.T).norm() / (x @ base.T).norm()),

@@ -17,8 +17,20 @@ import argparse
 import time
 
 import torch
+from _bench import (
+    environment,
+    interleaved,
+    load_before,
+    log,
+    md_table,
+    med,
+    ratio_stats,
+    spread,
+    tiny_causal_lm,
+    token_batches,
+    write,
+)
 
-from _bench import environment, log, interleaved, load_before, md_table, med, ratio_stats, spread, tiny_causal_lm, token_batches, write
 from fora_lightning.core.covariance import collect_covariances
 from fora_lightning.core.energy import energy_rank
 from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces, spectrum, weight_triplets
@@ -45,7 +57,9 @@ def corda_preprocess(model: torch.nn.Module, rows: list[torch.Tensor], rank: int
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import calib_cov_distribution, preprocess_corda
 
-    cfg = LoraConfig(r=rank, target_modules=TARGETS, init_lora_weights="corda", corda_config=CordaConfig(corda_method="kpm"))
+    cfg = LoraConfig(
+        r=rank, target_modules=TARGETS, init_lora_weights="corda", corda_config=CordaConfig(corda_method="kpm")
+    )
 
     def run_model() -> None:
         for ids in rows:
@@ -61,7 +75,9 @@ def corda_preprocess(model: torch.nn.Module, rows: list[torch.Tensor], rank: int
                 delattr(m, attr)
 
 
-def model_benchmark(hidden: int, layers: int, n_batches: int, batch: int, seq: int, repeats: int, with_corda: bool) -> dict:
+def model_benchmark(
+    hidden: int, layers: int, n_batches: int, batch: int, seq: int, repeats: int, with_corda: bool
+) -> dict:
     vocab = 2048
     model = tiny_causal_lm(hidden, layers, vocab=vocab)
     targets = find_targets(model, TARGETS)
@@ -97,8 +113,13 @@ def model_benchmark(hidden: int, layers: int, n_batches: int, batch: int, seq: i
     times = interleaved(fns, repeats)
     base = times["no_grad forward"]
     base1 = times.get("no_grad forward, batch 1 (CorDA's feeding)")
-    out = {"hidden": hidden, "layers": layers, "tokens": int(sum(b["attention_mask"].sum() for b in data)),
-           "analytic_cov_over_forward": analytic_ratio(model, seq), "variants": {}}
+    out = {
+        "hidden": hidden,
+        "layers": layers,
+        "tokens": int(sum(b["attention_mask"].sum() for b in data)),
+        "analytic_cov_over_forward": analytic_ratio(model, seq),
+        "variants": {},
+    }
     for name, ts in times.items():
         den = base1 if ("batch 1" in name or "CorDA" in name) and base1 is not None else base
         r, noise = ratio_stats(ts, den)
@@ -117,15 +138,26 @@ def decomposition_benchmark(sizes: list[int], repeats: int) -> list[dict]:
         c32 = c.float()
         reps = repeats if d <= 2048 else 1
         log(f"eigh d={d}")
-        times = interleaved({"eigh float64": lambda: spectrum(c), "eigh float32": lambda: torch.linalg.eigh(c32)}, reps,
-                            warmup=0 if d > 2048 else 1)
+        times = interleaved(
+            {"eigh float64": lambda c=c: spectrum(c), "eigh float32": lambda c32=c32: torch.linalg.eigh(c32)},
+            reps,
+            warmup=0 if d > 2048 else 1,
+        )
         evals, evecs = spectrum(c)
         k = energy_rank(evals, 0.99)
         _, v32 = torch.linalg.eigh(c32)
         q64, q32 = evecs[:, :k], v32.flip(1)[:, :k].double()
         err = float(torch.linalg.matrix_norm(q64 @ q64.T - q32 @ q32.T, ord=2))
-        out.append({"d": d, "k_energy_0.99": k, "repeats": reps, **{n: med(t) for n, t in times.items()},
-                    "noise": max(spread(t) for t in times.values()), "float32_topk_subspace_error": err})
+        out.append(
+            {
+                "d": d,
+                "k_energy_0.99": k,
+                "repeats": reps,
+                **{n: med(t) for n, t in times.items()},
+                "noise": max(spread(t) for t in times.values()),
+                "float32_topk_subspace_error": err,
+            }
+        )
     return out
 
 
@@ -138,15 +170,22 @@ def svd_benchmark(shapes: list[tuple[int, int]], repeats: int, before) -> list[d
         w = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
         reps = repeats if max(d_out, d_in) <= 2048 else 1
         log(f"svd {d_out}x{d_in}")
-        fns = {"after": lambda: weight_triplets(w, 8)}
+        fns = {"after": lambda w=w: weight_triplets(w, 8)}
         if before is not None:
-            fns["before (full SVD)"] = lambda: before.weight_triplets(w, 8)
+            fns["before (full SVD)"] = lambda w=w: before.weight_triplets(w, 8)
         times = interleaved(fns, reps, warmup=0 if reps == 1 else 1)
         u, s, v = (t.double() for t in weight_triplets(w, 8))
         ur, sr, vhr = torch.linalg.svd(w.double(), full_matrices=False)
-        err = max(float((u @ u.T - ur[:, :8] @ ur[:, :8].T).abs().max()), float((v @ v.T - vhr[:8].T @ vhr[:8]).abs().max()))
-        row = {"shape": f"{d_out}x{d_in}", "repeats": reps, "after_s": med(times["after"]), "projector_max_diff": err,
-               "s_rel_diff": float(((s - sr[:8]) / sr[:8]).abs().max())}
+        err = max(
+            float((u @ u.T - ur[:, :8] @ ur[:, :8].T).abs().max()), float((v @ v.T - vhr[:8].T @ vhr[:8]).abs().max())
+        )
+        row = {
+            "shape": f"{d_out}x{d_in}",
+            "repeats": reps,
+            "after_s": med(times["after"]),
+            "projector_max_diff": err,
+            "s_rel_diff": float(((s - sr[:8]) / sr[:8]).abs().max()),
+        }
         if before is not None:
             row["before_s"] = med(times["before (full SVD)"])
             row["speedup"], row["noise"] = ratio_stats(times["before (full SVD)"], times["after"])
@@ -190,27 +229,82 @@ def main() -> None:
     t1 = md_table(["model", "job", "ms", "x forward (same feeding)", "noise"], rows)
     t_an = md_table(
         ["model", "tokens", "analytic (fwd + cov) / fwd flops", "measured covariance pass / forward"],
-        [[f"h={m['hidden']}, {m['layers']} layers", m["tokens"], m["analytic_cov_over_forward"],
-          m["variants"]["covariance pass (float32)"]["ratio_to_forward"]] for m in res_models],
+        [
+            [
+                f"h={m['hidden']}, {m['layers']} layers",
+                m["tokens"],
+                m["analytic_cov_over_forward"],
+                m["variants"]["covariance pass (float32)"]["ratio_to_forward"],
+            ]
+            for m in res_models
+        ],
     )
     t2 = md_table(
-        ["d", "k (energy 0.99)", "eigh float64 s", "eigh float32 s", "float64 / float32", "float32 top-k subspace error", "repeats"],
-        [[r["d"], r["k_energy_0.99"], r["eigh float64"], r["eigh float32"], r["eigh float64"] / r["eigh float32"],
-          r["float32_topk_subspace_error"], r["repeats"]] for r in res_dec],
+        [
+            "d",
+            "k (energy 0.99)",
+            "eigh float64 s",
+            "eigh float32 s",
+            "float64 / float32",
+            "float32 top-k subspace error",
+            "repeats",
+        ],
+        [
+            [
+                r["d"],
+                r["k_energy_0.99"],
+                r["eigh float64"],
+                r["eigh float32"],
+                r["eigh float64"] / r["eigh float32"],
+                r["float32_topk_subspace_error"],
+                r["repeats"],
+            ]
+            for r in res_dec
+        ],
     )
     t3 = md_table(
-        ["W0 shape", "before: full float64 SVD s", "after: float64 Gram eigh s", "speedup", "noise", "max projector diff", "max rel. S diff", "repeats"],
-        [[r["shape"], r.get("before_s", float("nan")), r["after_s"], r.get("speedup", float("nan")), r.get("noise", float("nan")),
-          r["projector_max_diff"], r["s_rel_diff"], r["repeats"]] for r in res_svd],
+        [
+            "W0 shape",
+            "before: full float64 SVD s",
+            "after: float64 Gram eigh s",
+            "speedup",
+            "noise",
+            "max projector diff",
+            "max rel. S diff",
+            "repeats",
+        ],
+        [
+            [
+                r["shape"],
+                r.get("before_s", float("nan")),
+                r["after_s"],
+                r.get("speedup", float("nan")),
+                r.get("noise", float("nan")),
+                r["projector_max_diff"],
+                r["s_rel_diff"],
+                r["repeats"],
+            ]
+            for r in res_svd
+        ],
     )
-    table = "\n\n".join([
-        "### Calibration pass against a plain no_grad forward (tiny Qwen3-architecture LMs, 2 layers, vocab 2048, "
-        "4 batches x 4 x 256 tokens, 25% max right padding)\n\n" + t1,
-        "### Covariance pass: measured against the flop floor\n\n" + t_an,
-        f"### Covariance eigendecomposition per layer size (decaying-spectrum covariance; {time.perf_counter() - t0:.0f} s with the SVDs)\n\n" + t2,
-        "### Top-8 singular triplets of W0 (`weight_triplets`): before/after, `[before]` = core/subspace.py at commit 5463e31\n\n" + t3,
-    ])
-    payload = {"env": environment(), "args": vars(args), "models": res_models, "decompositions": res_dec, "svd": res_svd}
+    table = "\n\n".join(
+        [
+            "### Calibration pass against a plain no_grad forward (tiny Qwen3-architecture LMs, 2 layers, vocab 2048, "
+            "4 batches x 4 x 256 tokens, 25% max right padding)\n\n" + t1,
+            "### Covariance pass: measured against the flop floor\n\n" + t_an,
+            f"### Covariance eigendecomposition per layer size (decaying-spectrum covariance; {time.perf_counter() - t0:.0f} s with the SVDs)\n\n"
+            + t2,
+            "### Top-8 singular triplets of W0 (`weight_triplets`): before/after, `[before]` = core/subspace.py at commit 5463e31\n\n"
+            + t3,
+        ]
+    )
+    payload = {
+        "env": environment(),
+        "args": vars(args),
+        "models": res_models,
+        "decompositions": res_dec,
+        "svd": res_svd,
+    }
     if args.no_write:
         print(table)
     else:

@@ -46,8 +46,17 @@ def main() -> int:
     ref = {}
     for freeze in (True, False):
         ckpt = str(tmp / f"single-{freeze}.ckpt")
-        ref[freeze] = W.run({"strategy": "single", "world": 1, "steps": STEPS, "freeze_other": freeze, "save": ckpt,
-                             "resume_from": ckpt, "resume_steps": 2 * STEPS})
+        ref[freeze] = W.run(
+            {
+                "strategy": "single",
+                "world": 1,
+                "steps": STEPS,
+                "freeze_other": freeze,
+                "save": ckpt,
+                "resume_from": ckpt,
+                "resume_steps": 2 * STEPS,
+            }
+        )
     failures = 0
     print(f"world size {world} on {torch.cuda.get_device_name(0)}, NCCL; {time.time() - t0:.0f} s")
     for name in SCENARIOS:
@@ -60,10 +69,15 @@ def main() -> int:
         for phase in [p for p in ("train", "resume") if p in r]:
             try:
                 _assert_same_bases(r[phase]["fora"], ref[freeze][phase]["fora"], atol=1e-5)
-                diff = max((r[phase]["weights"][n] - ref[freeze][phase]["weights"][n]).abs().max().item() for n in ("fc1", "fc2"))
+                diff = max(
+                    (r[phase]["weights"][n] - ref[freeze][phase]["weights"][n]).abs().max().item()
+                    for n in ("fc1", "fc2")
+                )
                 leak = max(_leakage(r[phase]["weights"], r[phase]["fora"]).values())
                 ok = diff < 1e-4 and leak < 1e-5
-                print(f"{name:<34} {phase:<7} max|W - W_single| {diff:.1e}  leakage {leak:.1e}  {'ok' if ok else 'FAIL'}")
+                print(
+                    f"{name:<34} {phase:<7} max|W - W_single| {diff:.1e}  leakage {leak:.1e}  {'ok' if ok else 'FAIL'}"
+                )
                 failures += not ok
             except AssertionError as e:
                 print(f"{name:<34} {phase:<7} FAIL {e}")

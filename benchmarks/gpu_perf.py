@@ -22,20 +22,37 @@ import time
 from collections.abc import Callable
 
 import torch
+from _bench import (
+    environment,
+    interleaved,
+    log,
+    md_table,
+    med,
+    pad_stack,
+    project_many_,
+    project_weights_many_,
+    ratio_stats,
+    spread,
+    synthetic_layer,
+    tiny_causal_lm,
+    token_batches,
+    write,
+)
 from torch import Tensor
 
-from _bench import (
-    environment, interleaved, log, md_table, med, pad_stack, project_many_, project_weights_many_, ratio_stats, spread,
-    synthetic_layer, tiny_causal_lm, token_batches, write,
-)
 from fora_lightning.core.covariance import collect_covariances
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.targets import find_targets
 
 BLOCK = {
-    "q_proj": (2048, 2048), "k_proj": (1024, 2048), "v_proj": (1024, 2048), "o_proj": (2048, 2048),
-    "gate_proj": (6144, 2048), "up_proj": (6144, 2048), "down_proj": (2048, 6144),
+    "q_proj": (2048, 2048),
+    "k_proj": (1024, 2048),
+    "v_proj": (1024, 2048),
+    "o_proj": (2048, 2048),
+    "gate_proj": (6144, 2048),
+    "up_proj": (6144, 2048),
+    "down_proj": (2048, 6144),
 }
 
 
@@ -69,14 +86,19 @@ def step_benchmark(args: argparse.Namespace, device: str) -> tuple[str, str, dic
     grads0 = {n: torch.randn(p.shape, generator=gen, device=device) * 1e-3 for n, p in params.items()}
     for n, p in params.items():
         p.grad = grads0[n].clone()
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-5, weight_decay=0.1, **({"fused": True} if device == "cuda" else {"foreach": True}))
+    opt = torch.optim.AdamW(
+        list(params.values()), lr=1e-5, weight_decay=0.1, **({"fused": True} if device == "cuda" else {"foreach": True})
+    )
 
     groups: dict[tuple[int, int], list[str]] = {}
     for n, L in layers.items():
         groups.setdefault(tuple(L["w0"].shape), []).append(n)
     stacked = {
-        key: {"q": pad_stack([layers[n]["q"] for n in names]), "a0": pad_stack([layers[n]["a0"] for n in names]),
-              **{t: torch.stack([layers[n][t] for n in names]) for t in ("u", "v", "b0")}}
+        key: {
+            "q": pad_stack([layers[n]["q"] for n in names]),
+            "a0": pad_stack([layers[n]["a0"] for n in names]),
+            **{t: torch.stack([layers[n][t] for n in names]) for t in ("u", "v", "b0")},
+        }
         for key, names in groups.items()
     }
 
@@ -124,7 +146,10 @@ def step_benchmark(args: argparse.Namespace, device: str) -> tuple[str, str, dic
                 gys[n].T @ xs[n]
 
     kr = {n: L["q"].shape[1] + r for n, L in layers.items()}
-    bound_bufs = {n: (torch.randn(L["w0"].shape[1], kr[n], device=device), torch.randn(kr[n], L["w0"].shape[1], device=device)) for n, L in layers.items()}
+    bound_bufs = {
+        n: (torch.randn(L["w0"].shape[1], kr[n], device=device), torch.randn(kr[n], L["w0"].shape[1], device=device))
+        for n, L in layers.items()
+    }
 
     def bound() -> None:
         for n, p in params.items():
@@ -153,10 +178,18 @@ def step_benchmark(args: argparse.Namespace, device: str) -> tuple[str, str, dic
         ratio, noise = ratio_stats(ts, t_step)
         over = med([a - b for a, b in zip(ts, t_step)])
         n_proj = 2 if name.startswith("update") and "only" not in name else 1
-        res[name] = {"median_s": med(ts), "noise": spread(ts), "x_step": ratio, "over_bound": over / (n_proj * t_bound),
-                     "fraction_of_train_step": over / t_train}
+        res[name] = {
+            "median_s": med(ts),
+            "noise": spread(ts),
+            "x_step": ratio,
+            "over_bound": over / (n_proj * t_bound),
+            "fraction_of_train_step": over / t_train,
+        }
         rows.append([name, med(ts) * 1e3, ratio, noise, res[name]["over_bound"], res[name]["fraction_of_train_step"]])
-    table = md_table(["variant", "ms", "x AdamW step", "noise", "FORA overhead / GEMM bound", "FORA overhead / train-step GEMMs"], rows)
+    table = md_table(
+        ["variant", "ms", "x AdamW step", "noise", "FORA overhead / GEMM bound", "FORA overhead / train-step GEMMs"],
+        rows,
+    )
 
     # leakage on one 2048 x 2048 layer (scaled), real device arithmetic
     L = layers["0.q_proj"]
@@ -174,10 +207,15 @@ def step_benchmark(args: argparse.Namespace, device: str) -> tuple[str, str, dic
             w = (L["w0"].double() + d_prev + raw).float()
             project_weight_(w, L["q"], L["a0"], L["u"], L["v"], L["b0"])
         d = w.double() - L["w0"].double()
-        leaks[kind] = {"grad": float((p - dense_pi(p, *qv)).norm() / g.norm()), "complement_grad": float((pc - dense_pi(pc, *qv)).norm() / g.norm()),
-                       "weight": float((d - dense_pi(d, *qv)).norm() / L["w0"].double().norm())}
+        leaks[kind] = {
+            "grad": float((p - dense_pi(p, *qv)).norm() / g.norm()),
+            "complement_grad": float((pc - dense_pi(pc, *qv)).norm() / g.norm()),
+            "weight": float((d - dense_pi(d, *qv)).norm() / L["w0"].double().norm()),
+        }
         leak_rows.append([kind, leaks[kind]["grad"], leaks[kind]["complement_grad"], leaks[kind]["weight"]])
-    leak_table = md_table(["GEMM precision", "gradient leak", "complement-basis gradient leak", "re-projection leak / ||W0||"], leak_rows)
+    leak_table = md_table(
+        ["GEMM precision", "gradient leak", "complement-basis gradient leak", "re-projection leak / ||W0||"], leak_rows
+    )
     return table, leak_table, {"steps": res, "leakage": leaks, "train_step_gemms_s": t_train}
 
 
@@ -185,7 +223,10 @@ def calibration_benchmark(args: argparse.Namespace, device: str) -> tuple[str, d
     hidden, n_layers, vocab = 2048 // args.scale, 4, 32768 // args.scale
     model = tiny_causal_lm(hidden, n_layers, vocab=vocab).to(device)
     targets = find_targets(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    data = [{k: t.to(device) for k, t in b.items()} for b in token_batches(4, 8, 2048 // args.scale, vocab, seed=1, pad_frac=0.1)]
+    data = [
+        {k: t.to(device) for k, t in b.items()}
+        for b in token_batches(4, 8, 2048 // args.scale, vocab, seed=1, pad_frac=0.1)
+    ]
 
     def forward() -> None:
         with torch.no_grad():
@@ -213,8 +254,12 @@ def calibration_benchmark(args: argparse.Namespace, device: str) -> tuple[str, d
                 torch.cuda.synchronize()
             eig[f"{d} {str(dt).split('.')[-1]}"] = time.perf_counter() - t
     rows = [["covariance pass / forward", ratio, noise]] + [[f"eigh {k} (s)", v, ""] for k, v in eig.items()]
-    return md_table(["measure", "value", "noise"], rows), {"cov_over_forward": ratio, "noise": noise, "eigh_s": eig,
-                                                             "forward_s": med(times["no_grad forward"])}
+    return md_table(["measure", "value", "noise"], rows), {
+        "cov_over_forward": ratio,
+        "noise": noise,
+        "eigh_s": eig,
+        "forward_s": med(times["no_grad forward"]),
+    }
 
 
 def main() -> None:
@@ -236,11 +281,16 @@ def main() -> None:
     cal_table, cal_res = calibration_benchmark(args, device)
     log("done")
     env = environment()
-    table = "\n\n".join([
-        f"### FORA step on {env['cuda'] or env['cpu']}: {args.blocks} Qwen3-1.7B blocks / {args.scale}, k = {args.k_frac} d_in, r = 8\n\n" + step_table,
-        "### Leakage per GEMM precision (one q_proj-shaped layer, device arithmetic, float64 reference)\n\n" + leak_table,
-        f"### Calibration: Qwen3-architecture LM hidden {2048 // args.scale}, 4 layers, 4 x 8 x {2048 // args.scale} tokens\n\n" + cal_table,
-    ])
+    table = "\n\n".join(
+        [
+            f"### FORA step on {env['cuda'] or env['cpu']}: {args.blocks} Qwen3-1.7B blocks / {args.scale}, k = {args.k_frac} d_in, r = 8\n\n"
+            + step_table,
+            "### Leakage per GEMM precision (one q_proj-shaped layer, device arithmetic, float64 reference)\n\n"
+            + leak_table,
+            f"### Calibration: Qwen3-architecture LM hidden {2048 // args.scale}, 4 layers, 4 x 8 x {2048 // args.scale} tokens\n\n"
+            + cal_table,
+        ]
+    )
     payload = {"env": env, "args": vars(args), "step": step_res, "calibration": cal_res}
     if args.no_write or device != "cuda":
         print(table)

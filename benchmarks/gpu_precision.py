@@ -54,17 +54,21 @@ def main() -> int:
     steps = base_setting.trainer.get("max_steps") if args.max_steps is None else args.max_steps
     lines = [
         f"Demo setting, {steps} steps, seed {base_setting.seed}, trained on {device} (torch {torch.__version__}); "
-        f"preserved = translation exact match, new task = SCAN exact match.", "",
+        f"preserved = translation exact match, new task = SCAN exact match.",
+        "",
         "| precision | method | preserved | new task | KL(base‖tuned) | leakage | wall s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for precision, methods in rows.items():
         for m, r in methods.items():
-            lines.append(f"| {precision} | {m} | {100 * r['preserved']:.1f}% | {100 * r['new_task']:.1f}% | "
-                         f"{r['kl']:.4f} | {r['leakage']:.4f} | {r['wall_s']:.1f} |")
+            lines.append(
+                f"| {precision} | {m} | {100 * r['preserved']:.1f}% | {100 * r['new_task']:.1f}% | "
+                f"{r['kl']:.4f} | {r['leakage']:.4f} | {r['wall_s']:.1f} |"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "steps": steps,
-                                                       "precisions": rows}, indent=2) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"device": device, "torch": torch.__version__, "steps": steps, "precisions": rows}, indent=2) + "\n"
+    )
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

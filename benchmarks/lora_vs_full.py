@@ -76,13 +76,21 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq, tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
 
 
-def make_callback(variant: str, args: argparse.Namespace, calibration: list[dict[str, torch.Tensor]]) -> pl.Callback | None:
+def make_callback(
+    variant: str, args: argparse.Namespace, calibration: list[dict[str, torch.Tensor]]
+) -> pl.Callback | None:
     common = dict(calibration=calibration, rank=args.k, weight_rank=args.weight_rank, progress=False)
     if variant == "fora":
         return FORA(**common)
@@ -91,18 +99,32 @@ def make_callback(variant: str, args: argparse.Namespace, calibration: list[dict
     return None
 
 
-def run_once(variant: str, base: torch.nn.Module, args: argparse.Namespace, train: DataLoader, calibration: list) -> dict:
+def run_once(
+    variant: str, base: torch.nn.Module, args: argparse.Namespace, train: DataLoader, calibration: list
+) -> dict:
     module = CausalLM(copy.deepcopy(base))
     timer = StepTimer()
     fora = make_callback(variant, args, calibration)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[c for c in (fora, timer) if c is not None],
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[c for c in (fora, timer) if c is not None],
     )
     trainer.fit(module, train)
     counts = trainable_parameters(module)
     subspace_bytes = sum(s.nbytes() for s in fora.subspaces.values()) if fora is not None else 0
-    return {"wall": timer.wall[args.warmup:], "cpu": timer.cpu[args.warmup:], "trainable": counts.trainable, "total": counts.total, "subspace_bytes": subspace_bytes}
+    return {
+        "wall": timer.wall[args.warmup :],
+        "cpu": timer.cpu[args.warmup :],
+        "trainable": counts.trainable,
+        "total": counts.total,
+        "subspace_bytes": subspace_bytes,
+    }
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -133,7 +155,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch * args.steps, args.seq), generator=gen)
     train = DataLoader(TensorDataset(ids), batch_size=args.batch)
-    calibration = [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in torch.randint(0, args.vocab, (4 * args.batch, args.seq), generator=gen).split(args.batch)]
+    calibration = [
+        {"input_ids": x, "attention_mask": torch.ones_like(x)}
+        for x in torch.randint(0, args.vocab, (4 * args.batch, args.seq), generator=gen).split(args.batch)
+    ]
 
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
@@ -148,15 +173,23 @@ def main() -> None:
         q1, med, q3 = quartiles(wall)
         first = runs[variant][0]
         rows[variant] = {
-            "trainable_params": first["trainable"], "model_params": first["total"],
+            "trainable_params": first["trainable"],
+            "model_params": first["total"],
             "trainable_percent_of_base": 100.0 * first["trainable"] / total_base,
-            "adamw_state_mib": 2 * 4 * first["trainable"] / 2**20, "subspace_mib": first["subspace_bytes"] / 2**20,
-            "step_ms_median": 1e3 * med, "step_ms_q1": 1e3 * q1, "step_ms_q3": 1e3 * q3, "step_cpu_ms_median": 1e3 * statistics.median(cpu), "n_steps_timed": len(wall),
+            "adamw_state_mib": 2 * 4 * first["trainable"] / 2**20,
+            "subspace_mib": first["subspace_bytes"] / 2**20,
+            "step_ms_median": 1e3 * med,
+            "step_ms_q1": 1e3 * q1,
+            "step_ms_q3": 1e3 * q3,
+            "step_cpu_ms_median": 1e3 * statistics.median(cpu),
+            "n_steps_timed": len(wall),
         }
     full = rows["full"]
-    print(f"\nTiny Llama: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, seq {args.seq}, batch {args.batch}; "
-          f"{total_base:,} parameters; k={args.k}, weight_rank={args.weight_rank}, lora_rank={args.lora_rank}; "
-          f"{args.threads} CPU threads; {args.rounds} rounds x {args.steps - args.warmup} timed steps")
+    print(
+        f"\nTiny Llama: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, seq {args.seq}, batch {args.batch}; "
+        f"{total_base:,} parameters; k={args.k}, weight_rank={args.weight_rank}, lora_rank={args.lora_rank}; "
+        f"{args.threads} CPU threads; {args.rounds} rounds x {args.steps - args.warmup} timed steps"
+    )
     header = (
         f"{'variant':<10} {'trainable':>11} {'% of model':>10} {'x full':>8} {'AdamW MiB':>10} "
         f"{'wall ms/step (IQR)':>22} {'x full':>7} {'CPU ms/step':>12} {'x full':>7}"
@@ -174,7 +207,13 @@ def main() -> None:
     report = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "base_params": total_base,
-        "environment": {"torch": torch.__version__, "lightning": pl.__version__, "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count()},
+        "environment": {
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+        },
         "variants": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

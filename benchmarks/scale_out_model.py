@@ -20,7 +20,12 @@ from _bench import RESULTS, md_table
 HIDDEN, FFN, LAYERS, HEAD_DIM, HEADS, KV_HEADS = 8192, 28672, 80, 128, 64, 8
 SHAPES = {"q_proj": (HEADS * HEAD_DIM, HIDDEN), "k_proj": (KV_HEADS * HEAD_DIM, HIDDEN), "v_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
           "o_proj": (HIDDEN, HEADS * HEAD_DIM), "gate_proj": (FFN, HIDDEN), "up_proj": (FFN, HIDDEN), "down_proj": (HIDDEN, FFN)}  # fmt: skip
-DISTINCT_INPUTS = {"attn_in": HIDDEN, "attn_out": HEADS * HEAD_DIM, "mlp_in": HIDDEN, "mlp_act": FFN}  # q/k/v share one Q, gate/up one
+DISTINCT_INPUTS = {
+    "attn_in": HIDDEN,
+    "attn_out": HEADS * HEAD_DIM,
+    "mlp_in": HIDDEN,
+    "mlp_act": FFN,
+}  # q/k/v share one Q, gate/up one
 PARAMS_70B = 70.6e9
 TOKENS = 4 * 2**20
 K_FRAC, R = 0.25, 8
@@ -31,7 +36,14 @@ def main() -> None:
     linear = sum(o * i for o, i in SHAPES.values())
     proj = sum(4 * o * i * (int(K_FRAC * i) + R) for o, i in SHAPES.values()) * LAYERS  # one projection, all layers
     train = 6 * TOKENS * linear * LAYERS
-    bases = 4 * LAYERS * (sum(d * int(K_FRAC * d) for d in DISTINCT_INPUTS.values()) + sum((o + i + 1) * R for o, i in SHAPES.values()))
+    bases = (
+        4
+        * LAYERS
+        * (
+            sum(d * int(K_FRAC * d) for d in DISTINCT_INPUTS.values())
+            + sum((o + i + 1) * R for o, i in SHAPES.values())
+        )
+    )
     anchors = 4 * LAYERS * sum(o * int(K_FRAC * i) + R * i for o, i in SHAPES.values())
     rows, out = [], []
     for world in (8, 16, 32, 64, 128, 256, 512):

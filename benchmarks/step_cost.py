@@ -39,8 +39,20 @@ from fora_lightning.eval.metrics import leakage
 from fora_lightning.layout import TargetLayout
 
 MODELS = {  # Qwen3Config overrides; "cpu-small" keeps Qwen3-1.7B's proportions at 1/4 width
-    "qwen3-1.7b": {"hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128},
-    "cpu-small": {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128},
+    "qwen3-1.7b": {
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
+    "cpu-small": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+    },
 }
 INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_act"}  # fmt: skip
@@ -51,12 +63,19 @@ def block_shapes(model: str) -> dict[str, tuple[int, int]]:
     from transformers import Qwen3Config
 
     c = Qwen3Config(**MODELS[model])
-    h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    h, i, q, kv = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    )
     return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
             "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
 
 
-def build(shapes: dict[str, tuple[int, int]], blocks: int, k_frac: float, r: int, device: str) -> tuple[nn.ModuleDict, dict[str, LayerSubspace]]:
+def build(
+    shapes: dict[str, tuple[int, int]], blocks: int, k_frac: float, r: int, device: str
+) -> tuple[nn.ModuleDict, dict[str, LayerSubspace]]:
     """Random float32 linears ``b<j>.<name>`` and their subspaces (one random k-frame per distinct input)."""
     torch.manual_seed(0)
     layers = nn.ModuleDict()
@@ -69,7 +88,12 @@ def build(shapes: dict[str, tuple[int, int]], blocks: int, k_frac: float, r: int
             key = f"b{j}.{name}"
             layers[key.replace(".", "_")] = lin
             group = f"b{j}.{INPUT_OF[name]}"
-            cfg = SubspaceConfig(source="random", rank=max(1, int(k_frac * d_in)), weight_rank=r, seed=groups.setdefault(group, len(groups)))
+            cfg = SubspaceConfig(
+                source="random",
+                rank=max(1, int(k_frac * d_in)),
+                weight_rank=r,
+                seed=groups.setdefault(group, len(groups)),
+            )
             sub = build_subspace(key, lin.weight.detach(), cfg).to(device)
             sub.basis = bases.setdefault(group, sub.basis)
             subs[key.replace(".", "_")] = sub
@@ -80,7 +104,12 @@ class Variant:
     """One training run: its own weights, AdamW state and (for FORA) layout and anchors."""
 
     def __init__(
-        self, layers: nn.ModuleDict, subs: dict[str, LayerSubspace] | None, precision: str, args: argparse.Namespace, on_host: bool = False
+        self,
+        layers: nn.ModuleDict,
+        subs: dict[str, LayerSubspace] | None,
+        precision: str,
+        args: argparse.Namespace,
+        on_host: bool = False,
     ) -> None:
         self.layers = copy.deepcopy(layers)
         self.w0 = {n: m.weight.detach().clone() for n, m in self.layers.items()}
@@ -137,7 +166,9 @@ def memory(subs: dict[str, LayerSubspace], layers: nn.ModuleDict) -> dict[str, f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default=None, choices=sorted(MODELS), help="default: cpu-small on CPU, qwen3-1.7b on CUDA")
+    p.add_argument(
+        "--model", default=None, choices=sorted(MODELS), help="default: cpu-small on CPU, qwen3-1.7b on CUDA"
+    )
     p.add_argument("--blocks", type=int, default=None, help="decoder blocks")
     p.add_argument("--tokens", type=int, default=None, help="T per step (default 1024 on CPU, 16384 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="AdamW steps per variant (default 50 on CPU, 200 on CUDA)")
@@ -145,7 +176,12 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--train-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU: a shared machine's descheduled threads stall every GEMM)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default 1 on CPU: a shared machine's descheduled threads stall every GEMM)",
+    )
     p.add_argument("--name", default=None, help="results/<name>.{json,csv,md} (default step_cost_<device>)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
@@ -157,12 +193,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = block_shapes(args.model)
-    log(f"{args.model} x {args.blocks} blocks, T={args.tokens}, k={args.k_frac} d_in, r={args.rank}, {args.steps} steps")
+    log(
+        f"{args.model} x {args.blocks} blocks, T={args.tokens}, k={args.k_frac} d_in, r={args.rank}, {args.steps} steps"
+    )
     layers, subs = build(shapes, args.blocks, args.k_frac, args.rank, args.device)
     gen = torch.Generator(device=args.device).manual_seed(1)
     low = getattr(torch, args.train_dtype)
-    xs = {n: torch.randn(args.tokens, m.in_features, generator=gen, device=args.device, dtype=low) for n, m in layers.items()}
-    dys = {n: torch.randn(args.tokens, m.out_features, generator=gen, device=args.device, dtype=low) for n, m in layers.items()}
+    xs = {
+        n: torch.randn(args.tokens, m.in_features, generator=gen, device=args.device, dtype=low)
+        for n, m in layers.items()
+    }
+    dys = {
+        n: torch.randn(args.tokens, m.out_features, generator=gen, device=args.device, dtype=low)
+        for n, m in layers.items()
+    }
     variants: dict[str, Variant] = {"plain": Variant(layers, None, "float32", args)}
     resolved: dict[str, str] = {}
     for prec in ("float32", "tf32", "bf16", "auto"):
@@ -170,7 +214,9 @@ def main() -> None:
         variants[f"fora {prec}"] = Variant(layers, subs, resolved[prec], args)
     variants["fora auto, offload_anchors"] = Variant(layers, subs, resolved["auto"], args, on_host=True)
     log("variants built; timing")
-    times = interleaved({n: (lambda v=v: v.step(xs, dys)) for n, v in variants.items()}, repeats=args.steps - 1, warmup=1)
+    times = interleaved(
+        {n: (lambda v=v: v.step(xs, dys)) for n, v in variants.items()}, repeats=args.steps - 1, warmup=1
+    )
     mems = {n: memory(v.subs, layers) for n, v in variants.items() if v.subs is not None}  # with the anchors attached
     mem = mems["fora float32"]
     rows, out = [], {}
@@ -185,7 +231,14 @@ def main() -> None:
                   "resolved": resolved.get(prec, "-"), "leakage": leak}  # fmt: skip
         m = f"{mems[n]['pct_of_weights']:.1f}% / {mems[n]['pct_of_floor']:.0f}%" if v.subs is not None else "-"
         rows.append([n + (f" ({note})" if note else ""), med(times[n]) * 1e3, ratio, noise, m, leak])
-    header = ["variant", "ms / step", "x plain", "ratio noise", "FORA memory: % weights / % floor", f"leakage after {args.steps} steps"]
+    header = [
+        "variant",
+        "ms / step",
+        "x plain",
+        "ratio noise",
+        "FORA memory: % weights / % floor",
+        f"leakage after {args.steps} steps",
+    ]
     table = md_table(header, rows)
     n_dist = len({id(s.basis) for s in subs.values()})
     table += (
@@ -202,7 +255,19 @@ def main() -> None:
     write(name, payload, table)
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "resolved", "median_ms", "ratio_to_plain", "ratio_noise", "leakage", "fora_bytes", "pct_weights", "pct_floor"])
+        w.writerow(
+            [
+                "variant",
+                "resolved",
+                "median_ms",
+                "ratio_to_plain",
+                "ratio_noise",
+                "leakage",
+                "fora_bytes",
+                "pct_weights",
+                "pct_floor",
+            ]
+        )
         for n, o in out.items():
             fora = n != "plain"
             w.writerow([n, o["resolved"], o["median_s"] * 1e3, o["ratio_to_plain"], o["ratio_noise"], o["leakage"],

@@ -23,13 +23,26 @@ import copy
 from collections.abc import Callable
 
 import torch
+from _bench import (
+    environment,
+    interleaved,
+    load_before,
+    log,
+    md_table,
+    med,
+    pad_stack,
+    project_many_,
+    project_weights_many_,
+    ratio_stats,
+    spread,
+    synthetic_layer,
+    tiny_causal_lm,
+    token_batches,
+    write,
+)
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from _bench import (
-    environment, interleaved, load_before, log, md_table, med, pad_stack, project_many_, project_weights_many_, ratio_stats,
-    spread, synthetic_layer, tiny_causal_lm, token_batches, write,
-)
 from fora_lightning.core.covariance import collect_covariances
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.reference import dense_pi
@@ -158,7 +171,10 @@ def shape_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: int, r
     if before is not None:
         variants["gradient [before]"] = lambda: (reset_grads(), proj_grads(before.project), opt.step())
         variants["update [before]"] = lambda: (
-            reset_grads(), proj_grads(before.project), opt.step(), reproject(before.project_weight_)
+            reset_grads(),
+            proj_grads(before.project),
+            opt.step(),
+            reproject(before.project_weight_),
         )
 
     def autocast_grad() -> None:
@@ -170,14 +186,33 @@ def shape_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: int, r
     variants["gradient, autocast bf16 GEMMs"] = autocast_grad
     times = interleaved(variants, repeats)
     t_step = times["adamw step"]
-    rows, out = [], {"k_frac": k_frac, "r": r, "shapes": shapes, "ks": {n: L["q"].shape[1] for n, L in layers.items()}, "variants": {}}
+    rows, out = (
+        [],
+        {
+            "k_frac": k_frac,
+            "r": r,
+            "shapes": shapes,
+            "ks": {n: L["q"].shape[1] for n, L in layers.items()},
+            "variants": {},
+        },
+    )
     flops1 = sum(4 * L["w0"].numel() * (L["q"].shape[1] + r) for L in layers.values())
     for name, ts in times.items():
         ratio, noise = ratio_stats(ts, t_step)
         over = [a - b for a, b in zip(ts, t_step)]
         n_proj = 2 if name.startswith("update [") or name == "update" else 1
-        vs_bound = med(over) / (n_proj * med(times["GEMM bound (1 projection)"])) if name not in ("adamw step", "GEMM bound (1 projection)") else float("nan")
-        out["variants"][name] = {"median_s": med(ts), "noise": spread(ts), "ratio_to_step": ratio, "ratio_noise": noise, "overhead_over_bound": vs_bound}
+        vs_bound = (
+            med(over) / (n_proj * med(times["GEMM bound (1 projection)"]))
+            if name not in ("adamw step", "GEMM bound (1 projection)")
+            else float("nan")
+        )
+        out["variants"][name] = {
+            "median_s": med(ts),
+            "noise": spread(ts),
+            "ratio_to_step": ratio,
+            "ratio_noise": noise,
+            "overhead_over_bound": vs_bound,
+        }
         rows.append([name, med(ts) * 1e3, ratio, noise, vs_bound])
     gflops = flops1 / med(times["GEMM bound (1 projection)"]) / 1e9
     out["bound_gflops"] = gflops
@@ -188,7 +223,8 @@ def shape_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: int, r
 def complement_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: int, repeats: int) -> dict:
     """Gradient projection with Q (k = k_frac d_in) against its complement basis (d_in - k columns)."""
     layers = {
-        n: synthetic_layer(o, i, int(k_frac * i), r, torch.Generator().manual_seed(seed)) for seed, (n, (o, i)) in enumerate(shapes.items())
+        n: synthetic_layer(o, i, int(k_frac * i), r, torch.Generator().manual_seed(seed))
+        for seed, (n, (o, i)) in enumerate(shapes.items())
     }
     grads = {n: torch.randn(L["w0"].shape) for n, L in layers.items()}
     fns = {
@@ -197,7 +233,13 @@ def complement_benchmark(shapes: dict[str, tuple[int, int]], k_frac: float, r: i
     }
     times = interleaved(fns, repeats)
     ratio, noise = ratio_stats(times["complement"], times["Q"])
-    return {"k_frac": k_frac, "Q_s": med(times["Q"]), "complement_s": med(times["complement"]), "ratio": ratio, "noise": noise}
+    return {
+        "k_frac": k_frac,
+        "Q_s": med(times["Q"]),
+        "complement_s": med(times["complement"]),
+        "ratio": ratio,
+        "noise": noise,
+    }
 
 
 def leakage_table(d_out: int, d_in: int, k: int, r: int) -> tuple[str, dict]:
@@ -229,15 +271,22 @@ def leakage_table(d_out: int, d_in: int, k: int, r: int) -> tuple[str, dict]:
         return fn
 
     rows, res = [], {}
-    for label, mode in [("float32 exact", None), ("TF32 (emulated)", "tf32"), ("bf16 inputs, fp32 acc. (emulated)", "bf16"),
-                        ("split bf16 x3 (emulated)", "bf16x3"), ("autocast bf16 (real CPU bf16)", "autocast")]:
+    for label, mode in [
+        ("float32 exact", None),
+        ("TF32 (emulated)", "tf32"),
+        ("bf16 inputs, fp32 acc. (emulated)", "bf16"),
+        ("split bf16 x3 (emulated)", "bf16x3"),
+        ("autocast bf16 (real CPU bf16)", "autocast"),
+    ]:
         gl = max(grad_leak(grad_fn(mode), L, s) for s in range(3))
         cl = max(grad_leak(grad_fn(mode, "c"), L, s) for s in range(3)) if mode is None else float("nan")
         wl = max(weight_leak(weight_fn(mode), L, s) for s in range(3))
         res[label] = {"grad_leak": gl, "complement_grad_leak": cl, "weight_leak": wl}
         rows.append([label, gl, wl])
     rows.append(["float32 exact, complement basis", res["float32 exact"]["complement_grad_leak"], "n/a (needs Q)"])
-    table = md_table(["GEMM precision", "gradient: ||P - Pi(P)|| / ||G||", "re-projection: ||D - Pi(D)|| / ||W0||"], rows)
+    table = md_table(
+        ["GEMM precision", "gradient: ||P - Pi(P)|| / ||G||", "re-projection: ||D - Pi(D)|| / ||W0||"], rows
+    )
     return table, res
 
 
@@ -264,8 +313,10 @@ def tiny_model_benchmark(hidden: int, n_layers: int, repeats: int, train_steps: 
         groups.setdefault((s.d_out, s.d_in, s.r), []).append(n)
     stacked = {
         key: {
-            "basis": pad_stack([subs[n].basis for n in names]), "a0": pad_stack([subs[n].anchor_q for n in names]),
-            "u": torch.stack([subs[n].u for n in names]), "v": torch.stack([subs[n].v for n in names]),
+            "basis": pad_stack([subs[n].basis for n in names]),
+            "a0": pad_stack([subs[n].anchor_q for n in names]),
+            "u": torch.stack([subs[n].u for n in names]),
+            "v": torch.stack([subs[n].v for n in names]),
             "b0": torch.stack([subs[n].anchor_u for n in names]),
         }
         for key, names in groups.items()
@@ -289,7 +340,9 @@ def tiny_model_benchmark(hidden: int, n_layers: int, repeats: int, train_steps: 
     def reproject_batched() -> None:
         for key, names in groups.items():
             st = stacked[key]
-            project_weights_many_([targets[n].weight.data for n in names], st["basis"], st["a0"], st["u"], st["v"], st["b0"])
+            project_weights_many_(
+                [targets[n].weight.data for n in names], st["basis"], st["a0"], st["u"], st["v"], st["b0"]
+            )
 
     modes: dict[str, tuple[Callable[[], None] | None, Callable[[], None] | None]] = {
         "none": (None, None),
@@ -342,7 +395,10 @@ def tiny_model_benchmark(hidden: int, n_layers: int, repeats: int, train_steps: 
     model.load_state_dict(init_state)  # held-out inputs of the base model, not of the timed steps
     held = token_batches(1, 4, 128, vocab, seed=9)[0]
     xs: dict[str, Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: xs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).double())) for n, m in targets.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: xs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).double()))
+        for n, m in targets.items()
+    ]
     with torch.no_grad():
         model(**held)
     for h in hooks:
@@ -375,12 +431,28 @@ def tiny_model_benchmark(hidden: int, n_layers: int, repeats: int, train_steps: 
         r_opt, n_opt = ratio_stats(t_opt[mode], t_opt["none"])
         r_tr, n_tr = ratio_stats(t_train[mode], t_train["none"])
         res["modes"][mode] = {
-            "opt_step_s": med(t_opt[mode]), "opt_ratio": r_opt, "opt_noise": n_opt,
-            "train_step_s": med(t_train[mode]), "train_ratio": r_tr, "train_noise": n_tr, "leak": leaks[mode],
+            "opt_step_s": med(t_opt[mode]),
+            "opt_ratio": r_opt,
+            "opt_noise": n_opt,
+            "train_step_s": med(t_train[mode]),
+            "train_ratio": r_tr,
+            "train_noise": n_tr,
+            "leak": leaks[mode],
         }
-        rows.append([mode, med(t_opt[mode]) * 1e3, r_opt, n_opt, med(t_train[mode]) * 1e3, r_tr, n_tr, leaks[mode]["max"]])
+        rows.append(
+            [mode, med(t_opt[mode]) * 1e3, r_opt, n_opt, med(t_train[mode]) * 1e3, r_tr, n_tr, leaks[mode]["max"]]
+        )
     table = md_table(
-        ["mode", "opt step ms", "x AdamW step", "noise", "train step ms", "x train step", "noise", f"leak after {train_steps} steps (max layer)"],
+        [
+            "mode",
+            "opt step ms",
+            "x AdamW step",
+            "noise",
+            "train step ms",
+            "x train step",
+            "noise",
+            f"leak after {train_steps} steps (max layer)",
+        ],
         rows,
     )
     return table, res
@@ -408,7 +480,9 @@ def main() -> None:
     no_down = {n: s for n, s in shapes.items() if n != "down_proj"}
     comp = [complement_benchmark(no_down, f, args.weight_rank, repeats) for f in (0.5, 0.75, 0.9)]
     log("leakage")
-    leak_table, leak = leakage_table(shapes["q_proj"][0], shapes["q_proj"][1], int(args.k_frac * shapes["q_proj"][1]), args.weight_rank)
+    leak_table, leak = leakage_table(
+        shapes["q_proj"][0], shapes["q_proj"][1], int(args.k_frac * shapes["q_proj"][1]), args.weight_rank
+    )
     log("tiny model")
     tiny_table, tiny = tiny_model_benchmark(128, 4, repeats, 12, before)
 
@@ -425,16 +499,28 @@ def main() -> None:
         [[c["k_frac"], c["Q_s"] * 1e3, c["complement_s"] * 1e3, c["ratio"], c["noise"]] for c in comp],
     )
     title = "Qwen3-1.7B layer shapes" + (" / 4 (--quick)" if args.quick else "")
-    table = "\n\n".join([
-        f"### Optimizer step with FORA, {title}: {', '.join(f'{n} {o}x{i} (k={ks[n]})' for n, (o, i) in shapes.items())}, r={args.weight_rank}\n"
-        f"GEMM bound throughput {big['result']['bound_gflops']:.0f} GFLOP/s; `[before]` = core/projection.py at {before and 'commit 5463e31'}.\n\n" + big["table"],
-        "### Complement basis against Q, gradient projection only (q, k, up shapes)\n\n" + comp_table,
-        f"### Leakage of the precision options ({shapes['q_proj'][0]}x{shapes['q_proj'][1]}, k={int(args.k_frac * shapes['q_proj'][1])}, r={args.weight_rank}; max of 3 draws)\n\n" + leak_table,
-        f"### Tiny Qwen3-architecture LM (hidden 128, 4 layers, 28 protected linears, energy 0.99, r=8), AdamW\n\n" + tiny_table,
-        "### Analytic: FORA flops over training flops (6 T d_out d_in) for Qwen3-1.7B shapes at k = "
-        f"{args.k_frac} d_in: 4(k+r)/(3T) per projection\n\n" + analytic_table,
-    ])
-    payload = {"env": environment(), "args": vars(args), "big": big["result"], "complement": comp, "leakage": leak, "tiny": tiny}
+    table = "\n\n".join(
+        [
+            f"### Optimizer step with FORA, {title}: {', '.join(f'{n} {o}x{i} (k={ks[n]})' for n, (o, i) in shapes.items())}, r={args.weight_rank}\n"
+            f"GEMM bound throughput {big['result']['bound_gflops']:.0f} GFLOP/s; `[before]` = core/projection.py at {before and 'commit 5463e31'}.\n\n"
+            + big["table"],
+            "### Complement basis against Q, gradient projection only (q, k, up shapes)\n\n" + comp_table,
+            f"### Leakage of the precision options ({shapes['q_proj'][0]}x{shapes['q_proj'][1]}, k={int(args.k_frac * shapes['q_proj'][1])}, r={args.weight_rank}; max of 3 draws)\n\n"
+            + leak_table,
+            "### Tiny Qwen3-architecture LM (hidden 128, 4 layers, 28 protected linears, energy 0.99, r=8), AdamW\n\n"
+            + tiny_table,
+            "### Analytic: FORA flops over training flops (6 T d_out d_in) for Qwen3-1.7B shapes at k = "
+            f"{args.k_frac} d_in: 4(k+r)/(3T) per projection\n\n" + analytic_table,
+        ]
+    )
+    payload = {
+        "env": environment(),
+        "args": vars(args),
+        "big": big["result"],
+        "complement": comp,
+        "leakage": leak,
+        "tiny": tiny,
+    }
     if args.no_write:
         print(table)
     else:

@@ -57,13 +57,17 @@ def calibrate(
 
     def step(batch: Any) -> None:
         with trainer.precision_plugin.forward_context():
-            forward(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))  # bf16-true: cast inputs
+            forward(
+                trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+            )  # bf16-true: cast inputs
 
     share = RankShare(loader, trainer.global_rank, trainer.world_size)
     batches: Iterable[Any] = share
     if generate > 0:
         batches = _with_continuations(trainer, pl_module, share, generate)
-    covariances = collect_covariances(pl_module, targets, batches, step, dtype=dtype, progress=calibration_progress(trainer, progress))
+    covariances = collect_covariances(
+        pl_module, targets, batches, step, dtype=dtype, progress=calibration_progress(trainer, progress)
+    )
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
         for o in covariances.sums:
             covariances.sums[o].zero_()
@@ -77,7 +81,9 @@ def calibrate(
     return covariances
 
 
-def _with_continuations(trainer: Trainer, pl_module: LightningModule, share: RankShare, max_new_tokens: int) -> list[Any]:
+def _with_continuations(
+    trainer: Trainer, pl_module: LightningModule, share: RankShare, max_new_tokens: int
+) -> list[Any]:
     """This rank's batches, each extended by ``pl_module.generate_continuations(batch, max_new_tokens)`` before any
     covariance is collected (the generation's own forwards are not counted).
 

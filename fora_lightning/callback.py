@@ -18,8 +18,8 @@ from fora_lightning.core.precision import resolve_precision, split_supported
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.targets import find_targets
 from fora_lightning.protection import Protection
-from fora_lightning.support import refuse_unsupported_strategy
 from fora_lightning.safety import companions, refuse_incompatible, refuse_overlap, warn_at_fit_start
+from fora_lightning.support import refuse_unsupported_strategy
 from fora_lightning.targeting import restore_configure_model, when_targets_exist
 
 
@@ -159,7 +159,9 @@ class FORA(Callback):
         self.protection.monitor.start(trainer, pl_module, self.protection.targets, self.subspaces)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """``fora/leakage_max``, ``fora/leakage_mean`` (and per layer, less often) to every logger (:mod:`~fora_lightning.monitor`)."""
         self.protection.monitor.step(trainer)
 
@@ -169,7 +171,9 @@ class FORA(Callback):
         self.protection.monitor.finish(trainer, pl_module, self.subspaces)
 
     @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         """``grad <- Pi(grad)`` for every target weight (local rows + one ``r x d_in`` all-reduce under FSDP2;
         one FSDP1 unit gathered at a time)."""
         self.protection.layout.project_grads(self.subspaces, self.precision)
@@ -199,7 +203,11 @@ class FORA(Callback):
         return self.protection.estimate(trainer, pl_module)
 
     def extend(
-        self, trainer: Trainer, pl_module: LightningModule, calibration: CalibrationSource = None, path: str | Path | None = None
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        calibration: CalibrationSource = None,
+        path: str | Path | None = None,
     ) -> dict[str, LayerSubspace]:
         """Chained fine-tunes: add the task just learned to the protected subspaces, GPM-style.
 

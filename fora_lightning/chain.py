@@ -17,7 +17,11 @@ from fora_lightning.protection import Protection
 
 
 def extend_protection(
-    p: Protection, trainer: Trainer, pl_module: LightningModule, calibration: CalibrationSource = None, path: str | Path | None = None
+    p: Protection,
+    trainer: Trainer,
+    pl_module: LightningModule,
+    calibration: CalibrationSource = None,
+    path: str | Path | None = None,
 ) -> dict[str, LayerSubspace]:
     """Chained fine-tunes: grow ``p``'s subspaces by the task just learned, GPM-style (see ``FORA.extend``).
 
@@ -25,11 +29,15 @@ def extend_protection(
     the tuned model) until ``energy`` of C is held, capped by ``max_rank``; ``U_r, S_r, V_r`` and the anchors come from
     the tuned weights, the next fit's W0. Updates ``p`` in place and writes the merged file to ``path`` (rank 0)."""
     if not p.subspaces:
-        raise ValueError("FORA.extend needs the subspaces of the capabilities already kept: fit first, or give subspaces=FILE")
+        raise ValueError(
+            "FORA.extend needs the subspaces of the capabilities already kept: fit first, or give subspaces=FILE"
+        )
     if p.config.source != "activations":
         raise ValueError(f"FORA.extend measures activations; source={p.config.source!r} has none to extend")
     if calibration is None:
-        calibration = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        calibration = (
+            trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        )
     if callable(calibration) and not hasattr(calibration, "__iter__"):
         calibration = calibration()
     step = len(p.chain) + 1
@@ -37,7 +45,9 @@ def extend_protection(
         calibration = {f"task{step}": calibration}
     clash = [n for n in calibration if n in p.capabilities]
     if clash:
-        raise ValueError(f"FORA.extend: capabilities {clash} are already protected ({list(p.capabilities)}); give new names")
+        raise ValueError(
+            f"FORA.extend: capabilities {clash} are already protected ({list(p.capabilities)}); give new names"
+        )
     p.targets = p.targets or find_targets(pl_module, p.config.target_modules)
     combined, per, info = p.calibrate_capabilities(trainer, pl_module, calibration, step)
     c = p.config
@@ -48,11 +58,15 @@ def extend_protection(
         weight = p.targets[name].weight.detach()
         weight = weight_matrix(p.targets[name], weight.full_tensor() if hasattr(weight, "full_tensor") else weight)
         if tuple(weight.shape) != (sub.d_out, sub.d_in):
-            raise ValueError(f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process")
+            raise ValueError(
+                f"FORA.extend: layer '{name}' holds a {tuple(weight.shape)} shard, not its full weight; extend on one process"
+            )
         cov, key = combined.covariance(name), (combined.owner[name], sub.basis.data_ptr())
         if key not in grown:
             grown[key] = grow_basis(sub, cov, c.energy, c.max_rank, allow_complement=not p.needs_q)
-        merged[name], added[name] = extend_subspace(sub, weight, cov, c.energy, c.weight_rank, c.max_rank, grown=grown[key])
+        merged[name], added[name] = extend_subspace(
+            sub, weight, cov, c.energy, c.weight_rank, c.max_rank, grown=grown[key]
+        )
         if p.anchors:
             merged[name].attach_anchors(weight, on_host=p.anchors_on_host)
     p.subspaces = merged

@@ -19,7 +19,16 @@ from fora_lightning.core.targets import DEFAULT_TARGETS
 Mode = Literal["update", "gradient"]
 # settings that change which bases are estimated or how the update is constrained (compared on reuse)
 BASIS_SETTINGS = (
-    "target_modules", "energy", "rank", "max_rank", "weight_rank", "source", "seed", "mode", "combine", "calibration_generate",
+    "target_modules",
+    "energy",
+    "rank",
+    "max_rank",
+    "weight_rank",
+    "source",
+    "seed",
+    "mode",
+    "combine",
+    "calibration_generate",
 )
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
 
@@ -42,7 +51,9 @@ class ForaConfig(SubspaceConfig):
     )
     mode: Mode = field(
         default="update",
-        metadata=_help("'update': project gradients and re-project weights after each step; 'gradient': gradients only"),
+        metadata=_help(
+            "'update': project gradients and re-project weights after each step; 'gradient': gradients only"
+        ),
     )
     precision: Literal["auto", "float32", "tf32", "bf16"] = field(
         default="auto",
@@ -97,7 +108,9 @@ class ForaConfig(SubspaceConfig):
     )
     combine: Literal["covariance", "union"] = field(
         default="covariance",
-        metadata=_help("several capabilities: 'covariance' (basis of the combined C) or 'union' (of per-capability bases)"),
+        metadata=_help(
+            "several capabilities: 'covariance' (basis of the combined C) or 'union' (of per-capability bases)"
+        ),
     )
     extend_to: str | None = field(
         default=None, metadata=_help("after fit, extend the subspaces with the task just learned and write them here")
@@ -127,15 +140,27 @@ class ForaConfig(SubspaceConfig):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, str(value))
-        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+        if self.lora_rank is not None and (
+            isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1
+        ):
             raise ValueError(f"lora_rank must be an int >= 1 (or None for full fine-tuning), got {self.lora_rank!r}")
-        if isinstance(self.calibration_generate, bool) or not isinstance(self.calibration_generate, int) or self.calibration_generate < 0:
-            raise ValueError(f"calibration_generate must be an int >= 0 (new tokens per calibration prompt; 0: off), got {self.calibration_generate!r}")
+        if (
+            isinstance(self.calibration_generate, bool)
+            or not isinstance(self.calibration_generate, int)
+            or self.calibration_generate < 0
+        ):
+            raise ValueError(
+                f"calibration_generate must be an int >= 0 (new tokens per calibration prompt; 0: off), got {self.calibration_generate!r}"
+            )
         if self.channel_bound is not None:
             if isinstance(self.channel_bound, bool) or not isinstance(self.channel_bound, (int, float)):
-                raise TypeError(f"channel_bound must be a number tau >= 0 (or None: unbounded), got {self.channel_bound!r}")
+                raise TypeError(
+                    f"channel_bound must be a number tau >= 0 (or None: unbounded), got {self.channel_bound!r}"
+                )
             if not 0.0 <= self.channel_bound < float("inf"):
-                raise ValueError(f"channel_bound must be a finite tau >= 0 (0 freezes the channel; None: unbounded), got {self.channel_bound}")
+                raise ValueError(
+                    f"channel_bound must be a finite tau >= 0 (0 freezes the channel; None: unbounded), got {self.channel_bound}"
+                )
             self.channel_bound = float(self.channel_bound)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")

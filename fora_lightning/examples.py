@@ -6,26 +6,32 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 
 class Regressor(LightningModule):
     """An ordinary user module: ``fc2(tanh(fc1(x)))``, MSE loss, AdamW reading ``self.hparams``."""
 
-    def __init__(self, d_in: int = 16, d_hidden: int = 32, d_out: int = 8, lr: float = 3e-2, weight_decay: float = 0.1) -> None:
+    def __init__(
+        self, d_in: int = 16, d_hidden: int = 32, d_out: int = 8, lr: float = 3e-2, weight_decay: float = 0.1
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.fc1 = nn.Linear(d_in, d_hidden)
         self.fc2 = nn.Linear(d_hidden, d_out)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.tanh(self.fc1(x)))
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.mse_loss(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
@@ -37,7 +43,16 @@ class KeepAndLearnData(LightningDataModule):
     ``keep_x`` holds them for measuring how much the tuned model's response to them moved.
     """
 
-    def __init__(self, d_in: int = 16, d_out: int = 8, keep_rank: int = 4, n_task: int = 256, n_keep: int = 128, batch_size: int = 32, seed: int = 0) -> None:
+    def __init__(
+        self,
+        d_in: int = 16,
+        d_out: int = 8,
+        keep_rank: int = 4,
+        n_task: int = 256,
+        n_keep: int = 128,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.keep_basis, _ = torch.linalg.qr(torch.randn(d_in, keep_rank, generator=gen))
@@ -46,6 +61,7 @@ class KeepAndLearnData(LightningDataModule):
         self.keep_x = torch.randn(n_keep, keep_rank, generator=gen) @ self.keep_basis.T
         self.batch_size = batch_size
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.task_x, self.task_y), batch_size=self.batch_size, shuffle=True)
 

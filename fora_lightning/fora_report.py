@@ -19,12 +19,16 @@ def layer_rows(subspaces: Mapping[str, LayerSubspace], leakage: Mapping[str, flo
     rows = []
     for name, s in subspaces.items():
         bound = getattr(s, "channel_bound", None)
-        rows.append({
-            "layer": name, "k": int(s.k), "r": int(s.r),
-            "energy": None if math.isnan(s.energy) else float(s.energy),
-            "channel_bound": None if bound is None else float(bound),
-            "leakage": leakage.get(name),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "k": int(s.k),
+                "r": int(s.r),
+                "energy": None if math.isnan(s.energy) else float(s.energy),
+                "channel_bound": None if bound is None else float(bound),
+                "leakage": leakage.get(name),
+            }
+        )
     return rows
 
 
@@ -42,11 +46,18 @@ def markdown(summary: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
             lines.append(f"- {key}: {_cell(float(summary[key]))}")
     lines.append(f"- probe inputs: {summary.get('probe_inputs')} ({summary.get('probe_rows')} tokens per layer)")
     if "kl" not in summary:
-        lines.append("- KL / perplexity: no held-out preserved loader with base logits (datamodule.preserve_val_dataloader)")
+        lines.append(
+            "- KL / perplexity: no held-out preserved loader with base logits (datamodule.preserve_val_dataloader)"
+        )
     lines += [
-        "", ("leakage: ||(W - W0) X|| / ||W0 X|| on the probe inputs, spectral channel excluded; "
-        "KL: mean per-token KL(base || tuned) in nats on the held-out preserved batches."), "",
-        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+        "",
+        (
+            "leakage: ||(W - W0) X|| / ||W0 X|| on the probe inputs, spectral channel excluded; "
+            "KL: mean per-token KL(base || tuned) in nats on the held-out preserved batches."
+        ),
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -36,11 +36,18 @@ def layer_report(name: str, sub: LayerSubspace, capability_energy: Mapping[str, 
     anchors = 0 if sub.complement else (sub.d_out * sub.k + r * sub.d_in) * _BYTES_F32
     angles = torch.rad2deg(torch.arccos(cos)) if cos.numel() else cos
     return {
-        "layer": name, "d_out": sub.d_out, "d_in": sub.d_in, "k": sub.k, "r": r, "complement": sub.complement,
+        "layer": name,
+        "d_out": sub.d_out,
+        "d_in": sub.d_in,
+        "k": sub.k,
+        "r": r,
+        "complement": sub.complement,
         "energy": None if math.isnan(sub.energy) else sub.energy,
         "capability_energy": dict(capability_energy or {}),
-        "file_bytes": sub.nbytes(), "fit_bytes": sub.nbytes() + anchors,
-        "overlap": None if math.isnan(overlap) else overlap, "chance": sub.k / sub.d_in,
+        "file_bytes": sub.nbytes(),
+        "fit_bytes": sub.nbytes() + anchors,
+        "overlap": None if math.isnan(overlap) else overlap,
+        "chance": sub.k / sub.d_in,
         "angle_min": float(angles.min()) if angles.numel() else None,
         "angle_max": float(angles.max()) if angles.numel() else None,
     }
@@ -64,7 +71,10 @@ def format_table(rows: list[dict[str, Any]], meta: Mapping[str, Any]) -> str:
             f"step {info.get('step', '?')}, data {str(info.get('fingerprint', '?'))[:19]}"
         )
     if meta.get("chain"):
-        lines.append("  chain: " + " -> ".join(f"{c['step']}:{'+'.join(c['capabilities']) or '-'} ({c['method']})" for c in meta["chain"]))
+        lines.append(
+            "  chain: "
+            + " -> ".join(f"{c['step']}:{'+'.join(c['capabilities']) or '-'} ({c['method']})" for c in meta["chain"])
+        )
     width = max([len("layer")] + [len(r["layer"]) for r in rows])
     lines.append(
         f"{'layer':<{width}} {'d_out x d_in':>12} {'k':>5} {'k/d_in':>6} {'r':>3} {'energy':>7} {'MiB fit':>8} "
@@ -79,11 +89,14 @@ def format_table(rows: list[dict[str, Any]], meta: Mapping[str, Any]) -> str:
         )
     per_cap = sorted({c for r in rows for c in r["capability_energy"]})
     if per_cap:
-        lines.append("energy kept per capability (min / mean over layers): " + ", ".join(
-            f"{c} {min(r['capability_energy'][c] for r in rows if c in r['capability_energy']):.3f} / "
-            f"{sum(r['capability_energy'][c] for r in rows if c in r['capability_energy']) / sum(c in r['capability_energy'] for r in rows):.3f}"
-            for c in per_cap
-        ))
+        lines.append(
+            "energy kept per capability (min / mean over layers): "
+            + ", ".join(
+                f"{c} {min(r['capability_energy'][c] for r in rows if c in r['capability_energy']):.3f} / "
+                f"{sum(r['capability_energy'][c] for r in rows if c in r['capability_energy']) / sum(c in r['capability_energy'] for r in rows):.3f}"
+                for c in per_cap
+            )
+        )
     total = sum(r["fit_bytes"] for r in rows)
     lines.append(
         f"{len(rows)} layers, {total / 2**20:.2f} MiB at fit (bases + anchors); overlap = mean cos^2 of the principal angles "
@@ -99,15 +112,15 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("fora-inspect plots need matplotlib: pip install 'fora-lightning[plot]' (or pass --no-plots)") from e
+        raise ImportError(
+            "fora-inspect plots need matplotlib: pip install 'fora-lightning[plot]' (or pass --no-plots)"
+        ) from e
     return plt
 
 
 def _grid_position(name: str) -> tuple[str, str]:
     """``model.layers.3.self_attn.q_proj`` -> (``model.layers.3``, ``self_attn.q_proj``): the block and the role."""
-    match = None
-    for match in re.finditer(r"(?:^|\.)(\d+)(?=\.)", name):
-        pass
+    match = next(reversed(list(re.finditer(r"(?:^|\.)(\d+)(?=\.)", name))), None)  # the last block index
     if match is None:
         return "-", name
     return name[: match.end()], name[match.end() + 1 :]
@@ -140,7 +153,13 @@ def plot_spectra(subspaces: Mapping[str, LayerSubspace], path: Path) -> Path:
             ax1.plot([k], [max(float(lam[k - 1] / lam[0].clamp_min(1e-300)), 1e-12)], "o", color=color, ms=4)
             ax2.plot([k], [float(cum[k - 1])], "o", color=color, ms=4)
     ax1.set(xlabel="eigenvalue index i", ylabel="lambda_i / lambda_1", title="input covariance spectra (dot: chosen k)")
-    ax2.set(xlabel="k", ylabel="energy held by top k", title="cumulative energy (dot: chosen k)", ylim=(0, 1.02), xscale="log")
+    ax2.set(
+        xlabel="k",
+        ylabel="energy held by top k",
+        title="cumulative energy (dot: chosen k)",
+        ylim=(0, 1.02),
+        xscale="log",
+    )
     if len(groups) <= 12:
         ax1.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
@@ -165,7 +184,9 @@ def plot_heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
         grids["k"][i, j] = r["k"] / r["d_in"]
         grids["overlap"][i, j] = float("nan") if r["overlap"] is None else r["overlap"]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(roles) * 2), max(3, 0.45 * len(blocks) + 1.8)))
-    for ax, (key, title) in zip(axes, (("k", "k / d_in (protected fraction of inputs)"), ("overlap", "overlap of Q with V_r (mean cos^2)"))):
+    for ax, (key, title) in zip(
+        axes, (("k", "k / d_in (protected fraction of inputs)"), ("overlap", "overlap of Q with V_r (mean cos^2)"))
+    ):
         im = ax.imshow(grids[key].numpy(), vmin=0, vmax=1, cmap="magma", aspect="auto")
         ax.set_xticks(range(len(roles)), [r.split(".")[-1] for r in roles], rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(blocks)), [b.split(".")[-1] for b in blocks], fontsize=8)
@@ -174,7 +195,9 @@ def plot_heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
             for j in range(len(roles)):
                 v = float(grids[key][i, j])
                 if not math.isnan(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black"
+                    )
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -186,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     """``fora-inspect --subspaces FILE [--out PREFIX] [--no-plots] [--json FILE]``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="fora-inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--subspaces", required=True, help="a FORA subspace file (.safetensors)")
-    parser.add_argument("--out", help="prefix for the PNGs: PREFIX_spectra.png, PREFIX_heatmap.png (default: next to the file)")
+    parser.add_argument(
+        "--out", help="prefix for the PNGs: PREFIX_spectra.png, PREFIX_heatmap.png (default: next to the file)"
+    )
     parser.add_argument("--no-plots", action="store_true", help="print the table only (no matplotlib needed)")
     parser.add_argument("--json", help="also write the table as JSON here")
     args = parser.parse_args(argv)

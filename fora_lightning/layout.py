@@ -59,7 +59,11 @@ class TargetLayout:
             if precision == "float32":
                 grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
             else:
-                grad.copy_(project_cheap(grad, sub.basis, u, sub.v, precision=precision, complement=sub.complement, all_reduce=reduce))
+                grad.copy_(
+                    project_cheap(
+                        grad, sub.basis, u, sub.v, precision=precision, complement=sub.complement, all_reduce=reduce
+                    )
+                )
 
     @torch.no_grad()
     def reproject(
@@ -76,7 +80,9 @@ class TargetLayout:
                         if sub is not None and sub.anchor_q is not None:
                             w = weight_matrix(self.targets[name], views[i])
                             q, anchor_q = _on(w.device, sub.reprojection_basis, sub.anchor_q)
-                            project_weight_(w, q, anchor_q, sub.u, sub.v, sub.anchor_u, s=sub.s, channel_bound=channel_bound)
+                            project_weight_(
+                                w, q, anchor_q, sub.u, sub.v, sub.anchor_u, s=sub.s, channel_bound=channel_bound
+                            )
             return
         for name, module in self.targets.items():
             sub = subspaces.get(name)
@@ -122,20 +128,26 @@ class TargetLayout:
         shard = self.shards.get(name)
         if field != "anchor_q" or shard is None:
             return t
-        return shard.gather(t.to(self.targets[name].weight.device))  # host-resident anchors: NCCL gathers device tensors
+        return shard.gather(
+            t.to(self.targets[name].weight.device)
+        )  # host-resident anchors: NCCL gathers device tensors
 
     def shape_targets(self) -> Mapping[str, nn.Module]:
         """Targets for shape checks (``d_out x d_in`` weights): a meta stand-in of each true shape under FSDP1 (a weight
         is a flat shard), for a ``Conv1D`` (stored transposed) or a bitsandbytes base (a packed weight)."""
         if not self.flat and not any(is_transposed(m) or is_quantized(m) for m in self.targets.values()):
             return self.targets
-        return {n: nn.Linear(features(m)[1], features(m)[0], bias=False, device="meta") for n, m in self.targets.items()}
+        return {
+            n: nn.Linear(features(m)[1], features(m)[0], bias=False, device="meta") for n, m in self.targets.items()
+        }
 
     def full_weights(self) -> Mapping[str, torch.Tensor]:
         """Target name -> full ``d_out x d_in`` weight, gathered on demand (one FSDP1 unit at a time)."""
         return _FullWeights(self)
 
-    def _rows_of_u(self, name: str, sub: LayerSubspace) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+    def _rows_of_u(
+        self, name: str, sub: LayerSubspace
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
         shard = self.shards.get(name)
         return (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
 
@@ -179,4 +191,6 @@ class _FullWeights(Mapping[str, torch.Tensor]):
             if wanted(members):
                 with unit.gathered("data") as views:
                     targets = self.layout.targets
-                    yield from ((name, weight_matrix(targets[name], views[i]).detach().clone()) for i, name in members.items())
+                    yield from (
+                        (name, weight_matrix(targets[name], views[i]).detach().clone()) for i, name in members.items()
+                    )

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.core.hooks import DataHooks, ModelHooks
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from fora_lightning._compat import hparams_name, reset_hparams, sync_trainer_state
 from fora_lightning.callback import FORA
@@ -22,8 +23,16 @@ from fora_lightning.config import ForaConfig
 
 # Every hook and step the Trainer may call; the wrapper exposes exactly those the wrapped module overrides.
 _DELEGATED = tuple(n for cls in (ModelHooks, DataHooks) for n in vars(cls) if not n.startswith("_")) + (
-    "training_step", "validation_step", "test_step", "predict_step", "configure_optimizers",
-    "optimizer_step", "optimizer_zero_grad", "lr_scheduler_step", "configure_gradient_clipping", "backward",
+    "training_step",
+    "validation_step",
+    "test_step",
+    "predict_step",
+    "configure_optimizers",
+    "optimizer_step",
+    "optimizer_zero_grad",
+    "lr_scheduler_step",
+    "configure_gradient_clipping",
+    "backward",
 )
 _CALIBRATION = ("calibration_step", "calibration_dataloader")
 CHECKPOINT_KEY = "fora_module"
@@ -80,6 +89,7 @@ class ForaModule(LightningModule):
 
         object.__setattr__(self, name, delegated)
 
+    @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
@@ -92,6 +102,7 @@ class ForaModule(LightningModule):
         self.module.automatic_optimization = value
 
     # ------------------------------------------------------------------ the callback
+    @override
     def configure_callbacks(self) -> list[Callback]:
         """The wrapped module's own callbacks, then ``FORA(config=...)`` (``ForaLoRA`` when ``lora_rank`` is set)."""
         own = self.module.configure_callbacks()
@@ -105,23 +116,33 @@ class ForaModule(LightningModule):
         return [*own, fora]
 
     # ------------------------------------------------------------------ checkpoints: the wrapped module's own
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+    @override
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
         """The wrapped module's state dict, keys without a ``module.`` prefix."""
         return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the wrapped module's hparams as the checkpoint's, and this wrapper's settings under ``fora_module``."""
         self.module.on_save_checkpoint(checkpoint)
-        for key in (self.CHECKPOINT_HYPER_PARAMS_KEY, self.CHECKPOINT_HYPER_PARAMS_NAME, self.CHECKPOINT_HYPER_PARAMS_TYPE):
+        for key in (
+            self.CHECKPOINT_HYPER_PARAMS_KEY,
+            self.CHECKPOINT_HYPER_PARAMS_NAME,
+            self.CHECKPOINT_HYPER_PARAMS_TYPE,
+        ):
             checkpoint.pop(key, None)
         if self.module.hparams:
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = dict(self.module.hparams)
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_NAME] = hparams_name(self.module)
         checkpoint[CHECKPOINT_KEY] = {"class_path": _class_path(type(self.module)), "config": self.config.to_dict()}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.module.on_load_checkpoint(checkpoint)
 
@@ -153,7 +174,9 @@ class ForaModule(LightningModule):
             inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict)
         else:
             _check_lora_overrides(saved, config, checkpoint_path)
-            inner = _load_lora_module(module_class, checkpoint_path, checkpoint["state_dict"], config, map_location, strict)
+            inner = _load_lora_module(
+                module_class, checkpoint_path, checkpoint["state_dict"], config, map_location, strict
+            )
         return cls(inner, config)
 
 
@@ -188,7 +211,9 @@ def _load_lora_module(
         # the missing base weights / unexpected LoRA keys, all loaded below once the layers exist
         warnings.filterwarnings("ignore", message="Found keys that are (not )?in the model state dict")
         inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False)
-    inject_fora_lora(inner, config.target_modules, config.lora_rank, config.lora_alpha, config.lora_dropout, config.weight_rank)
+    inject_fora_lora(
+        inner, config.target_modules, config.lora_rank, config.lora_alpha, config.lora_dropout, config.weight_rank
+    )
     inner.load_state_dict(state_dict, strict=inner.strict_loading if strict is None else strict)
     return inner
 
@@ -216,7 +241,9 @@ def _restore_own_hparams(module: LightningModule) -> None:
     defaults = {
         name: p.default
         for name, p in inspect.signature(type(module).__init__).parameters.items()
-        if name != "self" and p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        if name != "self"
+        and p.default is not inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
     own = {**defaults, **dict(nested.get("init_args") or {})}
     reset_hparams(module, own)

@@ -55,9 +55,7 @@ def _logits(out: Any) -> Tensor | None:
 class ProtectionMonitor:
     """The probe and the report of one fit (``rows`` probe tokens per layer; ``report_batches`` preserved batches)."""
 
-    def __init__(
-        self, who: str, rows: int = 64, per_layer_every: int = 10, report_batches: int = 4
-    ) -> None:
+    def __init__(self, who: str, rows: int = 64, per_layer_every: int = 10, report_batches: int = 4) -> None:
         self.who = who
         self.rows, self.per_layer_every, self.report_batches = rows, per_layer_every, report_batches
         self.probe: ProtectionProbe | None = None
@@ -68,14 +66,20 @@ class ProtectionMonitor:
 
     # ------------------------------------------------------------------ lifecycle
     def start(
-        self, trainer: Trainer, pl_module: LightningModule, modules: Mapping[str, nn.Module], subspaces: Mapping[str, LayerSubspace]
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        modules: Mapping[str, nn.Module],
+        subspaces: Mapping[str, LayerSubspace],
     ) -> None:
         """Keep the probe's inputs (or restore them) and, with a held-out loader, the base logits."""
         self.probe, self._reference, self._last_step = None, [], trainer.global_step
         if self.rows <= 0:
             return
         if any(is_lora(m) and row_shard(_base(m)) is not None for m in modules.values()):
-            rank_zero_warn(f"FORA: {self.who}'s leakage probe is off for FORA-LoRA layers sharded by FSDP2 (not implemented)")
+            rank_zero_warn(
+                f"FORA: {self.who}'s leakage probe is off for FORA-LoRA layers sharded by FSDP2 (not implemented)"
+            )
             return
         if isinstance(trainer.strategy, FSDPStrategy):
             rank_zero_warn(f"FORA: {self.who}'s leakage probe is off under FSDP1 (flat parameters): use FSDP2 or DDP")
@@ -89,7 +93,10 @@ class ProtectionMonitor:
             rank_zero_warn(f"FORA: {self.who} resumed without the probe's inputs in the checkpoint: no leakage probe")
             return
         forward = calibration_forward(pl_module, trainer.strategy.model)
-        move = lambda b: trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b))
+
+        def move(b: Any) -> Any:
+            return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b))
+
         loader = preserved_loader(trainer)
         if loader is None:  # no held-out inputs: drawing calibration batches again would be in-sample (and extra I/O)
             return
@@ -100,7 +107,9 @@ class ProtectionMonitor:
         self.probe = probe
 
     @torch.no_grad()
-    def _base_logits(self, trainer: Trainer, loader: Iterable[Any], forward: Any, move: Any) -> list[tuple[dict[str, Tensor], Tensor]]:
+    def _base_logits(
+        self, trainer: Trainer, loader: Iterable[Any], forward: Any, move: Any
+    ) -> list[tuple[dict[str, Tensor], Tensor]]:
         out = []
         for i, batch in enumerate(loader):
             if i >= self.report_batches:
@@ -127,7 +136,9 @@ class ProtectionMonitor:
             logger.log_metrics(metrics, step=step)
 
     @torch.no_grad()
-    def finish(self, trainer: Trainer, pl_module: LightningModule, subspaces: Mapping[str, LayerSubspace]) -> Path | None:
+    def finish(
+        self, trainer: Trainer, pl_module: LightningModule, subspaces: Mapping[str, LayerSubspace]
+    ) -> Path | None:
         """Write ``fora_report.{json,md}`` into ``trainer.log_dir`` (rank 0); returns the JSON path there."""
         leakage = self.probe.leakage() if self.probe is not None else {}
         model_metrics = self._model_metrics(trainer, pl_module) if self._reference else {}
@@ -135,9 +146,12 @@ class ProtectionMonitor:
         if not trainer.loggers or log_dir is None or not trainer.is_global_zero:  # logger=False: nothing in the cwd
             return None
         summary = {
-            "who": self.who, "step": trainer.global_step, "probe_rows": self.rows,
+            "who": self.who,
+            "step": trainer.global_step,
+            "probe_rows": self.rows,
             "probe_inputs": "held-out preserved batch" if self.held_out else "none (no preserve_val_dataloader)",
-            "held_out": self.held_out, **model_metrics,
+            "held_out": self.held_out,
+            **model_metrics,
         }
         if leakage:
             summary.update(leakage_max=max(leakage.values()), leakage_mean=sum(leakage.values()) / len(leakage))
@@ -166,8 +180,12 @@ class ProtectionMonitor:
         finally:
             for m, flag in flags.items():
                 m.training = flag
-        return {"kl": float(kl.compute()), "ppl": float(ppl.compute()), "ppl_base": float(ppl_base.compute()),
-                "report_batches": len(self._reference)}
+        return {
+            "kl": float(kl.compute()),
+            "ppl": float(ppl.compute()),
+            "ppl_base": float(ppl_base.compute()),
+            "report_batches": len(self._reference),
+        }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

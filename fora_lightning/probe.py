@@ -88,6 +88,7 @@ class ProtectionProbe:
                 if id(x) not in shared:  # the input is kept with its rows, so its id cannot be reused by another
                     shared[id(x)] = (x, _select_rows(x, mask[0], rows))
                 inputs[name] = shared[id(x)][1]
+
             return hook
 
         hooked = {n: (m.base_layer if is_lora(m) else m) for n, m in self.modules.items()}
@@ -167,6 +168,8 @@ class ProtectionProbe:
             shard, dev = row_shard(w), w.device
             y0 = entry["y0"].to(dev)
             self.held[name] = _Held(
-                x=entry["x"].to(dev), y0=shard.rows(y0.T).T.contiguous() if shard is not None else y0,
-                c0=entry["c0"].to(dev) if "c0" in entry else None, shard=shard,
+                x=entry["x"].to(dev),
+                y0=shard.rows(y0.T).T.contiguous() if shard is not None else y0,
+                c0=entry["c0"].to(dev) if "c0" in entry else None,
+                shard=shard,
             )

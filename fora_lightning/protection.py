@@ -27,14 +27,19 @@ from fora_lightning.core.distributed import spread_spectra
 from fora_lightning.core.energy import captured_energy
 from fora_lightning.core.subspace import LayerSubspace, estimate_subspaces, format_summary
 from fora_lightning.core.subspace_file import (
-    FingerprintedBatches, load_subspaces, model_identity, now, save_subspaces, validate_against,
+    FingerprintedBatches,
+    load_subspaces,
+    model_identity,
+    now,
+    save_subspaces,
+    validate_against,
 )
 from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
-from fora_lightning.support import refuse_quantized_targets
+from fora_lightning.monitor import ProtectionMonitor
 from fora_lightning.reuse import config_differences, data_differences, fingerprint_source, weights_checksum
 from fora_lightning.safety import warn_extreme_ranks
-from fora_lightning.monitor import ProtectionMonitor
+from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.targeting import select_targets
 
 
@@ -46,9 +51,13 @@ class Protection:
     ``who`` names the owner in log lines and errors; ``bounds_channel``: the owner enforces ``config.channel_bound``.
     """
 
-    def __init__(self, config: ForaConfig, calibration: CalibrationSource, anchors: bool, who: str, bounds_channel: bool = True) -> None:
+    def __init__(
+        self, config: ForaConfig, calibration: CalibrationSource, anchors: bool, who: str, bounds_channel: bool = True
+    ) -> None:
         self.config = config
-        self.bounds_channel = bounds_channel  # whether the owner enforces config.channel_bound (FORA: mode='update' only)
+        self.bounds_channel = (
+            bounds_channel  # whether the owner enforces config.channel_bound (FORA: mode='update' only)
+        )
         self.calibration = calibration
         self.anchors = anchors
         self.who = who
@@ -108,7 +117,9 @@ class Protection:
             rank_zero_info(f"{self.who}: {len(self.subspaces)} layer subspaces {origin}")
             return
         path = self.path
-        decision = self._broadcast(trainer, lambda: self._decide_file(trainer, pl_module, path)) if path is not None else None
+        decision = (
+            self._broadcast(trainer, lambda: self._decide_file(trainer, pl_module, path)) if path is not None else None
+        )
         if decision is not None and decision["load"] is not None:
             self._load(path, pl_module, *decision["load"])
         else:
@@ -152,7 +163,9 @@ class Protection:
     def _decide_file(self, trainer: Trainer, pl_module: LightningModule, path: Path) -> dict[str, Any]:
         """``{"load": (subspaces, meta) or None}``: load the file, or re-estimate (no file, or it differs under 'auto')."""
         if path.is_dir():
-            raise IsADirectoryError(f"subspaces={str(path)!r} is a directory; give a file path such as {str(path / 'subspaces.safetensors')!r}")
+            raise IsADirectoryError(
+                f"subspaces={str(path)!r} is a directory; give a file path such as {str(path / 'subspaces.safetensors')!r}"
+            )
         if not path.is_file():
             return {"load": None}
         subspaces, meta = load_subspaces(path)
@@ -160,7 +173,11 @@ class Protection:
         if policy == "force":
             return {"load": (subspaces, meta)}
         diffs = config_differences(meta.get("config"), self.config, compare_mode=self.anchors)
-        if self.needs_q and any(s.complement for s in subspaces.values()) and not any(d.startswith("mode=") for d in diffs):
+        if (
+            self.needs_q
+            and any(s.complement for s in subspaces.values())
+            and not any(d.startswith("mode=") for d in diffs)
+        ):
             diffs.append("the file stores complement bases (gradient mode or FORA-LoRA), mode='update' needs Q itself")
         diffs += data_differences(meta.get("capabilities"), self._current_fingerprints(trainer, pl_module))
         if not diffs:
@@ -172,11 +189,17 @@ class Protection:
                 "set subspaces_reuse='auto' to re-estimate and overwrite it, 'force' to load it anyway, or give another subspaces= file"
             )
         if not self._can_estimate(trainer, pl_module):
-            warnings.warn(f"FORA: {path} was made with other settings than this run ({listed}), and no calibration data is "
-                          "configured to re-estimate: loading it as is (give calibration=... to re-estimate)", stacklevel=2)
+            warnings.warn(
+                f"FORA: {path} was made with other settings than this run ({listed}), and no calibration data is "
+                "configured to re-estimate: loading it as is (give calibration=... to re-estimate)",
+                stacklevel=2,
+            )
             return {"load": (subspaces, meta)}
-        warnings.warn(f"FORA: {path} was made with other settings or data than this run ({listed}): re-estimating and overwriting it "
-                      "(subspaces_reuse='strict' refuses instead, 'force' loads it anyway)", stacklevel=2)
+        warnings.warn(
+            f"FORA: {path} was made with other settings or data than this run ({listed}): re-estimating and overwriting it "
+            "(subspaces_reuse='strict' refuses instead, 'force' loads it anyway)",
+            stacklevel=2,
+        )
         return {"load": None}
 
     def _can_estimate(self, trainer: Trainer, pl_module: LightningModule) -> bool:
@@ -204,7 +227,9 @@ class Protection:
 
         reasons = self._broadcast(trainer, decide)["reasons"]
         if reasons:
-            rank_zero_warn(f"FORA: {self.who} holds bases from a previous fit, but {'; '.join(reasons)}: re-estimating them")
+            rank_zero_warn(
+                f"FORA: {self.who} holds bases from a previous fit, but {'; '.join(reasons)}: re-estimating them"
+            )
             self.subspaces, self.capabilities, self.chain, self.capability_energy = {}, {}, [], {}
         self._ended = None
 
@@ -220,14 +245,18 @@ class Protection:
 
         def decide() -> dict[str, Any]:
             diffs = config_differences(saved, self.config, compare_mode=self.anchors)
-            return {"diffs": diffs + data_differences(self.capabilities, self._current_fingerprints(trainer, pl_module))}
+            return {
+                "diffs": diffs + data_differences(self.capabilities, self._current_fingerprints(trainer, pl_module))
+            }
 
         diffs = self._broadcast(trainer, decide)["diffs"]
         if not diffs:
             return
         listed = "; ".join(diffs)
         if self.config.subspaces_reuse == "force":
-            rank_zero_warn(f"FORA: resuming with the checkpoint's {self.who} bases although {listed} (subspaces_reuse='force')")
+            rank_zero_warn(
+                f"FORA: resuming with the checkpoint's {self.who} bases although {listed} (subspaces_reuse='force')"
+            )
             return
         raise ValueError(
             f"the checkpoint's {self.who} bases were made with other settings or data than this run ({listed}). A resumed fit "
@@ -244,7 +273,9 @@ class Protection:
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"fora/k/{n}": float(s.k) for n, s in self.subspaces.items()}, step=0)
 
-    def _load(self, path: Path, pl_module: LightningModule, subspaces: dict[str, LayerSubspace], meta: dict[str, Any]) -> None:
+    def _load(
+        self, path: Path, pl_module: LightningModule, subspaces: dict[str, LayerSubspace], meta: dict[str, Any]
+    ) -> None:
         """Adopt a file's bases (read on rank 0) after checking them against the model (``force``: names and shapes only)."""
         self.subspaces = subspaces
         if self.config.subspaces_reuse == "force":
@@ -274,7 +305,11 @@ class Protection:
             groups, built = covariances.groups(), {}
             for owner, owner_spectrum in spread_spectra(covariances):
                 layers = {n: weights[n] for n in groups[owner]}
-                built.update(estimate_subspaces(layers, config, covariances, {owner: owner_spectrum}, allow_complement=complement))
+                built.update(
+                    estimate_subspaces(
+                        layers, config, covariances, {owner: owner_spectrum}, allow_complement=complement
+                    )
+                )
             subspaces = {n: built[n] for n in weights}
         else:
             subspaces = estimate_subspaces(weights, config, covariances, spectra, allow_complement=complement)
@@ -284,15 +319,21 @@ class Protection:
         self._capability_covariances = {}
         return subspaces
 
-    def calibrate(self, trainer: Trainer, pl_module: LightningModule, loader: Iterable[Any] | None = None) -> Covariances:
+    def calibrate(
+        self, trainer: Trainer, pl_module: LightningModule, loader: Iterable[Any] | None = None
+    ) -> Covariances:
         """Covariances of every target's input, summed over ranks. ``loader=None``: the configured source;
         several capabilities are collected one by one and combined (:func:`~fora_lightning.core.capabilities.combine_covariances`)."""
         if loader is None:
             source = resolve_calibration(self.calibration, trainer, pl_module)
-            combined, self._capability_covariances, self.capabilities = self.calibrate_capabilities(trainer, pl_module, source, 1)
+            combined, self._capability_covariances, self.capabilities = self.calibrate_capabilities(
+                trainer, pl_module, source, 1
+            )
             return combined
         dtype = COVARIANCE_DTYPES[self.config.covariance_dtype]
-        return calibrate(trainer, pl_module, self.targets, loader, dtype, self.config.progress, self.config.calibration_generate)
+        return calibrate(
+            trainer, pl_module, self.targets, loader, dtype, self.config.progress, self.config.calibration_generate
+        )
 
     def calibrate_capabilities(
         self, trainer: Trainer, pl_module: LightningModule, source: Any, step: int
@@ -303,7 +344,9 @@ class Protection:
         per-capability ones, and per capability its token count, weight and data fingerprint.
         """
         loaders = dict(source) if isinstance(source, Mapping) else {"default": source}
-        configured = self.config.capability_weights if isinstance(source, Mapping) and step == 1 else None  # extend: equal
+        configured = (
+            self.config.capability_weights if isinstance(source, Mapping) and step == 1 else None
+        )  # extend: equal
         weights = capability_weights(list(loaders), configured)
         per: dict[str, Covariances] = {}
         info: dict[str, dict[str, Any]] = {}
@@ -312,7 +355,9 @@ class Protection:
             per[name] = self.calibrate(trainer, pl_module, batches)
             tokens = max(per[name].counts.values())
             info[name] = {"tokens": tokens, "weight": weights[name], "fingerprint": batches.digest, "step": step}
-            rank_zero_info(f"{self.who}: capability '{name}': {tokens:,} calibration tokens, weight {weights[name]:.3g}")
+            rank_zero_info(
+                f"{self.who}: capability '{name}': {tokens:,} calibration tokens, weight {weights[name]:.3g}"
+            )
         combined = combine_covariances(per, weights) if len(per) > 1 else next(iter(per.values()))
         return combined, per, info
 
@@ -327,8 +372,11 @@ class Protection:
     def save(self, path: Path, pl_module: LightningModule) -> None:
         """Write the subspace file: bases, the model's identity, the capabilities, the chain and the settings."""
         metadata = {
-            "model": model_identity(pl_module), "capabilities": self.capabilities, "chain": self.chain,
-            "combine": self.config.combine, "config": self.config.to_dict(),
+            "model": model_identity(pl_module),
+            "capabilities": self.capabilities,
+            "chain": self.chain,
+            "combine": self.config.combine,
+            "config": self.config.to_dict(),
         }
         layer_metadata = {n: {"capability_energy": self.capability_energy.get(n, {})} for n in self.subspaces}
         save_subspaces(path, self.subspaces, metadata, layer_metadata)
@@ -341,12 +389,20 @@ class Protection:
             "config": self.config.to_dict(),
             "layers": {
                 name: {
-                    "meta": {"d_out": s.d_out, "d_in": s.d_in, "k": s.k, "complement": s.complement, "energy": s.energy},
+                    "meta": {
+                        "d_out": s.d_out,
+                        "d_in": s.d_in,
+                        "k": s.k,
+                        "complement": s.complement,
+                        "energy": s.energy,
+                    },
                     "tensors": {k: self._full(name, k, t).detach().cpu() for k, t in s.tensors().items()},
                 }
                 for name, s in self.subspaces.items()
             },
-            "capabilities": self.capabilities, "chain": self.chain, "capability_energy": self.capability_energy,
+            "capabilities": self.capabilities,
+            "chain": self.chain,
+            "capability_energy": self.capability_energy,
             "probe": self.monitor.state_dict(),
         }
 
@@ -362,7 +418,9 @@ class Protection:
         self.monitor.load_state_dict(state_dict.get("probe", {}))
 
     @property
-    def anchors_on_host(self) -> bool:  # anchors in host memory (offload_anchors); else update mode needs Q itself, not C
+    def anchors_on_host(
+        self,
+    ) -> bool:  # anchors in host memory (offload_anchors); else update mode needs Q itself, not C
         return self.anchors and self.config.offload_anchors
 
     @property

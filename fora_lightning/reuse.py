@@ -42,7 +42,9 @@ def config_differences(saved: Mapping[str, Any] | None, config: ForaConfig, comp
     names = [n for n in BASIS_SETTINGS if compare_mode or n != "mode"]
     if "random" not in (saved.get("source"), current.get("source")):
         names.remove("seed")
-    return [f"{n}={saved[n]!r} there, {current[n]!r} here" for n in names if n in saved and _plain(saved[n]) != current[n]]
+    return [
+        f"{n}={saved[n]!r} there, {current[n]!r} here" for n in names if n in saved and _plain(saved[n]) != current[n]
+    ]
 
 
 def fingerprint_source(source: Any) -> dict[str, str | None]:
@@ -64,7 +66,9 @@ def fingerprint_source(source: Any) -> dict[str, str | None]:
     return digests
 
 
-def data_differences(saved: Mapping[str, Mapping[str, Any]] | None, current: Mapping[str, str | None] | None) -> list[str]:
+def data_differences(
+    saved: Mapping[str, Mapping[str, Any]] | None, current: Mapping[str, str | None] | None
+) -> list[str]:
     """What differs between the stored capabilities' fingerprints and those of the configured calibration data."""
     if not saved or current is None:
         return []
@@ -73,7 +77,9 @@ def data_differences(saved: Mapping[str, Mapping[str, Any]] | None, current: Map
         if name not in saved:
             out.append(f"calibration capability '{name}' is not among those there ({sorted(saved)})")
         elif digest is not None and saved[name].get("fingerprint") not in (None, digest):
-            out.append(f"calibration data of '{name}' differs (fingerprint {str(saved[name]['fingerprint'])[7:19]} there, {digest[7:19]} here)")
+            out.append(
+                f"calibration data of '{name}' differs (fingerprint {str(saved[name]['fingerprint'])[7:19]} there, {digest[7:19]} here)"
+            )
     return out
 
 
@@ -86,10 +92,11 @@ def weights_checksum(targets: Mapping[str, nn.Linear]) -> Tensor:
     for module in targets.values():
         w = local_tensor(module.weight.detach())
         if w.untyped_storage().nbytes() < (w.storage_offset() + w.numel()) * w.element_size():
-            rows.append(torch.full((3,), float("nan"), dtype=torch.float64))  # an FSDP1 view whose storage is freed: never "unchanged"
+            rows.append(
+                torch.full((3,), float("nan"), dtype=torch.float64)
+            )  # an FSDP1 view whose storage is freed: never "unchanged"
             continue
         w = w.reshape(-1).double()
         ramp = torch.linspace(-1.0, 1.0, w.numel(), dtype=w.dtype, device=w.device)
         rows.append(torch.stack([w.sum(), w.square().sum(), (w * ramp).sum()]).cpu())
     return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
-

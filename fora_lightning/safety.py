@@ -21,8 +21,15 @@ from fora_lightning.core.targets import LORA_PARAMETERS
 
 # optimizers that rescale each coordinate (the projected gradient leaves the feasible set)
 ADAPTIVE = (
-    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
-    torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.RMSprop, torch.optim.SparseAdam,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.SparseAdam,
 )
 
 
@@ -50,7 +57,11 @@ def refuse_shared_weights(model: nn.Module, targets: Mapping[str, nn.Linear], wh
 
 def companions(trainer: Trainer, me: Callback) -> list[Callback]:
     """The other callbacks in ``trainer`` that hold a :class:`~fora_lightning.protection.Protection`."""
-    return [cb for cb in trainer.callbacks if cb is not me and hasattr(cb, "protection") and hasattr(cb.protection, "targets")]
+    return [
+        cb
+        for cb in trainer.callbacks
+        if cb is not me and hasattr(cb, "protection") and hasattr(cb.protection, "targets")
+    ]
 
 
 def refuse_incompatible(me: Callback, others: Sequence[Callback]) -> None:
@@ -67,15 +78,20 @@ def refuse_overlap(mine: Mapping[str, nn.Linear], theirs: Mapping[str, nn.Linear
     """Two FORA callbacks may not project the same layer."""
     overlap = sorted(set(mine) & set(theirs))
     if overlap:
-        raise ValueError(f"two FORA callbacks both target {overlap[:5]}: give each its own layers (disjoint target_modules)")
+        raise ValueError(
+            f"two FORA callbacks both target {overlap[:5]}: give each its own layers (disjoint target_modules)"
+        )
 
 
-def warn_at_fit_start(trainer: Trainer, pl_module: nn.Module, config: ForaConfig, targets: Mapping[str, nn.Linear], who: str) -> None:
+def warn_at_fit_start(
+    trainer: Trainer, pl_module: nn.Module, config: ForaConfig, targets: Mapping[str, nn.Linear], who: str
+) -> None:
     """``FORA:`` warnings for settings that train outside the protected set (see ``docs/errors.md``)."""
     if not config.freeze_other:
         target_ids = {id(m.weight) for m in targets.values()}
         free = [
-            n for n, p in pl_module.named_parameters()
+            n
+            for n, p in pl_module.named_parameters()
             if p.requires_grad and id(p) not in target_ids and n.rpartition(".")[2] not in LORA_PARAMETERS
         ]
         if free:
@@ -91,7 +107,9 @@ def warn_at_fit_start(trainer: Trainer, pl_module: nn.Module, config: ForaConfig
         decay = any(g.get("weight_decay", 0.0) for g in groups)
         adaptive = isinstance(optimizer, ADAPTIVE) or any("betas" in g for g in groups)
         if groups and (adaptive or decay):
-            why = " and ".join([f"{type(optimizer).__name__} rescales each coordinate"] * adaptive + ["weight decay pulls W"] * decay)
+            why = " and ".join(
+                [f"{type(optimizer).__name__} rescales each coordinate"] * adaptive + ["weight decay pulls W"] * decay
+            )
             rank_zero_warn(
                 f"FORA: {who} mode='gradient' with {why}: the step leaves the protected set, so the kept capability's "
                 "outputs drift. Use mode='update' (re-projects after each step), or plain SGD without weight decay"

@@ -45,13 +45,19 @@ def restore_configure_model(pl_module: LightningModule) -> None:
 
 
 def select_targets(
-    pl_module: LightningModule, target_modules: TargetModules, freeze_other: bool, who: str, keep: Iterable[nn.Module] = ()
+    pl_module: LightningModule,
+    target_modules: TargetModules,
+    freeze_other: bool,
+    who: str,
+    keep: Iterable[nn.Module] = (),
 ) -> dict[str, nn.Module]:
     """:func:`~fora_lightning.core.targets.find_targets` (refusing tied target weights), then (``freeze_other``)
     :func:`freeze_non_targets`; ``keep``: another callback's targets, left trainable."""
     resolved = resolve_target_modules(pl_module, target_modules)
     if resolved != target_modules:
-        rank_zero_info(f"{who}: the default target_modules match nothing; this is a GPT-2-family model, targeting {resolved}")
+        rank_zero_info(
+            f"{who}: the default target_modules match nothing; this is a GPT-2-family model, targeting {resolved}"
+        )
     targets = find_targets(pl_module, resolved)
     refuse_shared_weights(pl_module, targets, who)
     if freeze_other:
@@ -59,7 +65,9 @@ def select_targets(
     return targets
 
 
-def freeze_non_targets(pl_module: LightningModule, targets: Mapping[str, nn.Module], who: str, keep: Iterable[nn.Module] = ()) -> None:
+def freeze_non_targets(
+    pl_module: LightningModule, targets: Mapping[str, nn.Module], who: str, keep: Iterable[nn.Module] = ()
+) -> None:
     """``requires_grad=False`` on every parameter that is not a target weight (nor a ``keep`` weight), with counts in the log."""
     kept_ids = {id(m.weight) for m in keep}
     target_ids = {id(m.weight) for m in targets.values()}

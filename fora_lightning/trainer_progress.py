@@ -22,7 +22,9 @@ def _total(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def calibration_progress(trainer: Trainer, enabled: bool = True, description: str = "FORA calibration") -> Progress | None:
+def calibration_progress(
+    trainer: Trainer, enabled: bool = True, description: str = "FORA calibration"
+) -> Progress | None:
     """A :data:`~fora_lightning.core.covariance.Progress` in the style of ``trainer.progress_bar_callback``, or ``None``."""
     bar = trainer.progress_bar_callback
     if not enabled or bar is None or bar.is_disabled or not trainer.is_global_zero:
@@ -34,8 +36,16 @@ def calibration_progress(trainer: Trainer, enabled: bool = True, description: st
     bar_format = bar.BAR_FORMAT if isinstance(bar, TQDMProgressBar) else None
 
     def wrap(batches: Iterable[Any]) -> Iterable[Any]:
-        return Tqdm(batches, total=_total(batches), desc=description, leave=False, dynamic_ncols=True, file=sys.stdout,
-                    smoothing=0, bar_format=bar_format)
+        return Tqdm(
+            batches,
+            total=_total(batches),
+            desc=description,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=bar_format,
+        )
 
     return wrap
 
@@ -55,7 +65,8 @@ def _rich(bar: RichProgressBar, description: str) -> Progress:
         columns = (
             TextColumn("[progress.description]{task.description}", style=theme.description),
             BarColumn(complete_style=theme.progress_bar, finished_style=theme.progress_bar_finished),
-            MofNCompleteColumn(), TimeRemainingColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
         )
         with RichProgress(*columns, transient=True) as progress:
             task = progress.add_task(description, total=_total(batches))

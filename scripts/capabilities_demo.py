@@ -53,7 +53,12 @@ def _encode(tok, prompts: list[str], responses: list[str] | None) -> dict[str, t
 
 def loader(tok, prompts, responses=None, shuffle=False, batch=BATCH) -> DataLoader:
     rows = list(zip(prompts, responses or [None] * len(prompts)))
-    return DataLoader(rows, batch_size=batch, shuffle=shuffle, collate_fn=lambda b: _encode(tok, [p for p, _ in b], [r for _, r in b] if responses else None))
+    return DataLoader(
+        rows,
+        batch_size=batch,
+        shuffle=shuffle,
+        collate_fn=lambda b: _encode(tok, [p for p, _ in b], [r for _, r in b] if responses else None),
+    )
 
 
 def back_translation(path: Path, limit: int | None = None) -> tuple[list[str], list[str]]:
@@ -87,7 +92,11 @@ def response_nll(model, batches) -> float:
     for b in batches:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].double()
         labels = b["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        )
         count += float((labels != -100).sum())
     return total / count
 
@@ -98,12 +107,14 @@ class Setting:
         self.tok = self.base.tokenizer
         tok = self.tok
         rng = random.Random(0)
-        calib = [json.loads(l)["prompt"] for l in (DEMO / "translation" / "calibration.jsonl").read_text().splitlines()]
+        calib = [
+            json.loads(line)["prompt"] for line in (DEMO / "translation" / "calibration.jsonl").read_text().splitlines()
+        ]
         self.calibration = loader(tok, calib)
         act = actions_texts(DEMO / "scan" / "train.jsonl", 2000)
         rng.shuffle(act)
         self.actions_calibration = loader(tok, act[:256])
-        self.actions_eval = loader(tok, act[256:256 + N_EVAL])
+        self.actions_eval = loader(tok, act[256 : 256 + N_EVAL])
         self.evals = {
             "translation": read_pairs(DEMO / "translation" / "test.jsonl", limit=N_EVAL),
             "scan": read_pairs(DEMO / "scan" / "test.jsonl", limit=N_EVAL),
@@ -121,8 +132,14 @@ class Setting:
     def fit(self, model: CausalLMModule, task: str, callbacks: list) -> float:
         t0 = time.time()
         trainer = pl.Trainer(
-            accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, gradient_clip_val=1.0,
+            accelerator="cpu",
+            max_steps=STEPS,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            gradient_clip_val=1.0,
         )
         trainer.fit(model, loader(self.tok, *self.train[task], shuffle=True))
         return time.time() - t0
@@ -164,8 +181,11 @@ def chain(s: Setting) -> dict:
     steps = {"0 base (knows A)": s.metrics(s.base)}
     model = s.fresh()
     fora_b = FORA(
-        calibration={"translation": s.calibration}, subspaces=a_file, extend_to=ab_file,
-        extend_calibration={"scan": loader(s.tok, s.train["scan"][0][:512])}, progress=False,
+        calibration={"translation": s.calibration},
+        subspaces=a_file,
+        extend_to=ab_file,
+        extend_calibration={"scan": loader(s.tok, s.train["scan"][0][:512])},
+        progress=False,
     )
     s.fit(model, "scan", [fora_b])
     steps["1 learn B=scan, keep A"] = s.metrics(model)
@@ -176,7 +196,10 @@ def chain(s: Setting) -> dict:
     fora_ctl = FORA(subspaces=a_file, progress=False)
     s.fit(control, "back", [fora_ctl])
     steps["2' control: learn C, keep A only"] = s.metrics(control)
-    k = {name: sum(layer["k"] for layer in read_metadata(f)["layers"].values()) for name, f in (("A", a_file), ("A+B", ab_file))}
+    k = {
+        name: sum(layer["k"] for layer in read_metadata(f)["layers"].values())
+        for name, f in (("A", a_file), ("A+B", ab_file))
+    }
     return {"steps": steps, "total_k": k}
 
 
@@ -187,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     pl.seed_everything(0, verbose=False)
     s = Setting()
-    result = {"settings": {"steps": STEPS, "batch": BATCH, "lr": LR, "n_eval": N_EVAL, "energy": 0.99, "weight_rank": 8}}
+    result = {
+        "settings": {"steps": STEPS, "batch": BATCH, "lr": LR, "n_eval": N_EVAL, "energy": 0.99, "weight_rank": 8}
+    }
     if part != "chain":
         result["combined_vs_union"] = combined_vs_union(s)
     if part != "combine":

@@ -63,13 +63,22 @@ def main() -> None:
         run = run_method(method, args, setting, dm, evaluator, None, progress=False)
         pres = run.scores["preservation"]
         results[label] = {
-            "method": method, "args": args, "preserved": run.scores["preserved"], "new_task": run.scores["new_task"],
-            "kl": pres.get("kl"), "leakage": pres.get("leakage_mean"), "k_mean": sum(run.ks.values()) / max(len(run.ks), 1),
-            "wall_s": round(run.wall_s, 1), "max_steps": setting.trainer.get("max_steps"),
+            "method": method,
+            "args": args,
+            "preserved": run.scores["preserved"],
+            "new_task": run.scores["new_task"],
+            "kl": pres.get("kl"),
+            "leakage": pres.get("leakage_mean"),
+            "k_mean": sum(run.ks.values()) / max(len(run.ks), 1),
+            "wall_s": round(run.wall_s, 1),
+            "max_steps": setting.trainer.get("max_steps"),
         }
         print(label, json.dumps({k: results[label][k] for k in ("preserved", "new_task", "kl", "leakage")}), flush=True)
         path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    rows = ["| variant | method | args | SCAN | translation | KL | leakage | k mean | wall s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| variant | method | args | SCAN | translation | KL | leakage | k mean | wall s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, r in results.items():
         if label == "base":
             continue

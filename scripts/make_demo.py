@@ -182,7 +182,9 @@ def encode_batch(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> dict[s
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def pretraining_texts(rng: random.Random, lexicon: dict[str, str], exclude: set, scan_pool: list[tuple[str, str]], n: int):
+def pretraining_texts(
+    rng: random.Random, lexicon: dict[str, str], exclude: set, scan_pool: list[tuple[str, str]], n: int
+):
     """A batch of pretraining lines: 70% translation pairs, 15% commands alone, 15% action sequences alone."""
     source = sorted(lexicon)
     texts = []
@@ -259,11 +261,15 @@ def main() -> None:
     test_prompts = [r["prompt"] for r in t_test]
     test_answers = [r["response"] for r in t_test]
     translation_em = evaluate_exact_match(model, tokenizer, test_prompts, test_answers).accuracy
-    scan_em = evaluate_exact_match(model, tokenizer, [r["prompt"] for r in s_test], [r["response"] for r in s_test]).accuracy
+    scan_em = evaluate_exact_match(
+        model, tokenizer, [r["prompt"] for r in s_test], [r["response"] for r in s_test]
+    ).accuracy
     print(f"translation exact match (test): {translation_em:.3f}   scan exact match (test): {scan_em:.3f}")
     # Label-free calibration: the capability's prompts with the model's own continuations.
     continuations = generate_greedy(model, tokenizer, calib)
-    write_jsonl(out / "translation/calibration.jsonl", [{"prompt": p, "response": c} for p, c in zip(calib, continuations)])
+    write_jsonl(
+        out / "translation/calibration.jsonl", [{"prompt": p, "response": c} for p, c in zip(calib, continuations)]
+    )
 
     model.generation_config.do_sample = False
     model.save_pretrained(out / "model")

@@ -64,7 +64,12 @@ def scan_pairs() -> list[tuple[str, str]]:
     """Every SCAN command up to two clauses, with its action sequence."""
     clauses: list[tuple[str, list[str]]] = []
     for verb in [*PRIMITIVES, "turn"]:
-        for mod, direction in [(None, None), (None, "left"), (None, "right"), *itertools.product(["opposite", "around"], ["left", "right"])]:
+        for mod, direction in [
+            (None, None),
+            (None, "left"),
+            (None, "right"),
+            *itertools.product(["opposite", "around"], ["left", "right"]),
+        ]:
             if verb == "turn" and direction is None:
                 continue
             words = " ".join(w for w in (verb, mod, direction) if w)
@@ -91,6 +96,7 @@ def addition_prompt(rng: random.Random) -> tuple[str, str]:
     The bare ``a + b = c`` lines are the format the base model knows: about half its answers are right,
     against 14-25% for ``Q: ... A:`` prompts or operands up to 50 (measured on 40 items each).
     """
+
     def item() -> tuple[int, int]:
         return rng.randrange(20), rng.randrange(20)
 
@@ -104,12 +110,32 @@ def addition_prompt(rng: random.Random) -> tuple[str, str]:
 FORMS_CALIB = ["What is a good way to {}?", "Can you give me two tips to {}?", "Why do people find it hard to {}?"]
 FORMS_TEST = ["How should a beginner {}?", "Explain briefly how to {}.", "I want to {}. Where do I start?"]
 TOPICS_CALIB = [
-    "learn to cook", "save money", "sleep better", "start running", "write a letter", "plant a garden",
-    "learn a language", "stay focused", "make new friends", "clean a kitchen", "plan a trip", "read more books",
+    "learn to cook",
+    "save money",
+    "sleep better",
+    "start running",
+    "write a letter",
+    "plant a garden",
+    "learn a language",
+    "stay focused",
+    "make new friends",
+    "clean a kitchen",
+    "plan a trip",
+    "read more books",
 ]
 TOPICS_TEST = [
-    "paint a room", "bake bread", "learn the guitar", "keep a journal", "train a puppy", "fix a bike",
-    "study for an exam", "take better photos", "drink more water", "organise a desk", "speak in public", "go camping",
+    "paint a room",
+    "bake bread",
+    "learn the guitar",
+    "keep a journal",
+    "train a puppy",
+    "fix a bike",
+    "study for an exam",
+    "take better photos",
+    "drink more water",
+    "organise a desk",
+    "speak in public",
+    "go camping",
 ]
 
 
@@ -171,12 +197,16 @@ def main() -> None:
     model, tok = export_model(args.model_out)
     for split, forms, topics in (("calibration", FORMS_CALIB, TOPICS_CALIB), ("test", FORMS_TEST, TOPICS_TEST)):
         questions = [f.format(t) for f, t in itertools.product(forms, topics)]
-        prompts = [tok.apply_chat_template(chat_messages(q), tokenize=False, add_generation_prompt=True) for q in questions]
+        prompts = [
+            tok.apply_chat_template(chat_messages(q), tokenize=False, add_generation_prompt=True) for q in questions
+        ]
         answers = generate_greedy(model, tok, prompts, batch_size=12, max_new_tokens=32)
         # calibration (label-free): the chat prompts with the base model's own answers, as messages
-        rows = [{"messages": chat_messages(q, a)} for q, a in zip(questions, answers)] if split == "calibration" else [
-            {"prompt": p, "response": a} for p, a in zip(prompts, answers)
-        ]
+        rows = (
+            [{"messages": chat_messages(q, a)} for q, a in zip(questions, answers)]
+            if split == "calibration"
+            else [{"prompt": p, "response": a} for p, a in zip(prompts, answers)]
+        )
         write_jsonl(args.data_out / "dialogue" / f"{split}.jsonl", rows)
     print(f"SCAN {len(pairs)} pairs, model in {args.model_out}, data in {args.data_out}")
 

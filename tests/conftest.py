@@ -63,8 +63,13 @@ def calibration_loader(n: int = 128, batch_size: int = 32) -> DataLoader:
 
 def tiny_trainer(**kwargs) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_steps=100, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_steps=100,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)

@@ -37,8 +37,13 @@ class TinyLM(pl.LightningModule):
 
 def _fit(module: TinyLM, callback) -> None:
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        accelerator="cpu",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
     )
     trainer.fit(module, DataLoader(range(STEPS), batch_size=1))
 

@@ -41,8 +41,12 @@ def test_generate_continuations_appends_the_greedy_answer(eos: bool):
 
 def _spectra(calibration, generate: int) -> dict[str, torch.Tensor]:
     module = CausalLMModule(model=DEMO, lr=0.0)
-    cb = FORA(calibration=calibration, target_modules=["q_proj", "up_proj"], calibration_generate=generate, progress=False)
-    tiny_trainer(callbacks=[cb], max_steps=1).fit(module, DataLoader([{**b, "labels": b["input_ids"]} for b in calibration], batch_size=None))
+    cb = FORA(
+        calibration=calibration, target_modules=["q_proj", "up_proj"], calibration_generate=generate, progress=False
+    )
+    tiny_trainer(callbacks=[cb], max_steps=1).fit(
+        module, DataLoader([{**b, "labels": b["input_ids"]} for b in calibration], batch_size=None)
+    )
     return {n: s.spectrum for n, s in cb.subspaces.items()}
 
 

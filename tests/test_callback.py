@@ -46,7 +46,14 @@ def test_update_mode_keeps_span_inputs_exact_while_plain_ft_moves_them(mlp):
 
 def test_gradient_mode_with_adamw_leaks(mlp):
     base = copy.deepcopy(mlp)
-    cb = FORA(calibration=calibration_loader(), target_modules=["fc1"], weight_rank=2, energy=0.999, mode="gradient", progress=False)
+    cb = FORA(
+        calibration=calibration_loader(),
+        target_modules=["fc1"],
+        weight_rank=2,
+        energy=0.999,
+        mode="gradient",
+        progress=False,
+    )
     _fit(mlp, [cb])
     leak = _leak_outside_channel(cb, "fc1", mlp.fc1, base.fc1, span_inputs(300, seed=9))
     assert leak > 1e-3  # Adam's per-coordinate scaling and decoupled weight decay leave the feasible set
@@ -138,13 +145,19 @@ def test_loaded_subspaces_that_do_not_match_the_model_are_refused(tmp_path, mlp)
 
 def test_bad_inputs_raise_documented_errors(mlp):
     with pytest.raises(ValueError, match="calibration loader is empty"):
-        _fit(copy.deepcopy(mlp), [FORA(calibration=DataLoader(torch.empty(0, 16)), target_modules=["fc1"], progress=False)], steps=1)
+        _fit(
+            copy.deepcopy(mlp),
+            [FORA(calibration=DataLoader(torch.empty(0, 16)), target_modules=["fc1"], progress=False)],
+            steps=1,
+        )
     nan = DataLoader(torch.full((4, 16), float("nan")), batch_size=2)
     with pytest.raises(ValueError, match=r"non-finite.*\['fc1'\]"):
         _fit(copy.deepcopy(mlp), [FORA(calibration=nan, target_modules=["fc1"], progress=False)], steps=1)
     with pytest.raises(ValueError, match="matched no module of MLP. Linear layers available"):
         _fit(copy.deepcopy(mlp), [FORA(calibration=calibration_loader(), target_modules=["q_proj"])], steps=1)
-    with pytest.raises(ValueError, match=r"found no calibration data.*trainer.datamodule.calibration_dataloader\(\) \(no datamodule\)"):
+    with pytest.raises(
+        ValueError, match=r"found no calibration data.*trainer.datamodule.calibration_dataloader\(\) \(no datamodule\)"
+    ):
         _fit(copy.deepcopy(mlp), [FORA(target_modules=["fc1"], progress=False)], steps=1)
     with pytest.raises(ValueError, match="mode must be 'update' or 'gradient'"):
         FORA(target_modules=["fc1"], mode="weights")

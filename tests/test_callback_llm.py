@@ -22,8 +22,13 @@ class TinyLM(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
         )
         self.model = LlamaForCausalLM(config)
 
@@ -53,7 +58,10 @@ def _layer_inputs(model: TinyLM, batches, names) -> dict[str, torch.Tensor]:
     """Each target layer's real inputs on held-out batches (non-padding rows)."""
     store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: store[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    handles = [
+        modules[n].register_forward_pre_hook(lambda m, a, n=n: store[n].append(a[0].reshape(-1, a[0].shape[-1])))
+        for n in names
+    ]
     with torch.no_grad():
         for b in batches:
             model(**b)
@@ -66,7 +74,9 @@ def test_tiny_llama_update_mode_confines_change_to_spectral_channel():
     targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     base = TinyLM()
     model = copy.deepcopy(base)
-    calibration = _batches(6, seed=1, low=0, high=VOCAB // 2, pad=True)  # the capability: the first half of the vocabulary
+    calibration = _batches(
+        6, seed=1, low=0, high=VOCAB // 2, pad=True
+    )  # the capability: the first half of the vocabulary
     train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]  # the new task
     cb = FORA(calibration=calibration, target_modules=targets, energy=0.99, weight_rank=4, progress=False)
     tiny_trainer(max_steps=120, callbacks=[cb]).fit(model, DataLoader(train, batch_size=None))
@@ -113,5 +123,7 @@ def test_extend_grows_a_shared_input_once_and_as_each_layer_alone_would():
     for name in (qkv[1], "model.model.layers.1.mlp.up_proj"):
         weight = cb.protection.targets[name].weight.detach()
         alone, _ = extend_subspace(before[name], weight, covariances.covariance(name), 0.9, 2)
-        torch.testing.assert_close(merged[name].basis @ merged[name].basis.T, alone.basis @ alone.basis.T, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            merged[name].basis @ merged[name].basis.T, alone.basis @ alone.basis.T, atol=1e-5, rtol=0
+        )
         assert merged[name].k == alone.k

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import D_IN, MLP, tiny_trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import orthonormal
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import D_IN, MLP, tiny_trainer
-from reference import orthonormal
 from fora_lightning import FORA
 from fora_lightning.core.capabilities import (
     capability_weights,
@@ -24,7 +24,6 @@ from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.energy import captured_energy
 from fora_lightning.core.subspace import LayerSubspace, select_rank, spectrum
 from fora_lightning.core.subspace_file import read_metadata
-
 
 
 def _low_rank_cov(d: int, k: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -44,7 +43,14 @@ def _proj(b: torch.Tensor) -> torch.Tensor:
 def test_combine_is_weighted_mean_of_token_normalised_covariances(d, ns, seed, weighted):
     gen = torch.Generator().manual_seed(seed)
     xs = {f"c{i}": torch.randn(n, d, generator=gen, dtype=torch.float64) * (i + 1) for i, n in enumerate(ns)}
-    per = {c: Covariances(sums={"fc": x.T @ x, "g": 2 * x.T @ x}, counts={"fc": len(x), "g": len(x)}, owner={"fc": "fc", "h": "fc", "g": "g"}) for c, x in xs.items()}
+    per = {
+        c: Covariances(
+            sums={"fc": x.T @ x, "g": 2 * x.T @ x},
+            counts={"fc": len(x), "g": len(x)},
+            owner={"fc": "fc", "h": "fc", "g": "g"},
+        )
+        for c, x in xs.items()
+    }
     raw = {c: float(i + 1) for i, c in enumerate(xs)} if weighted else None
     out = combine_covariances(per, raw)
     w = {c: (raw[c] if raw else 1.0) for c in xs}
@@ -57,8 +63,12 @@ def test_combine_is_weighted_mean_of_token_normalised_covariances(d, ns, seed, w
 
 def test_a_big_capability_does_not_drown_a_small_one():
     gen = torch.Generator().manual_seed(0)
-    big = torch.randn(10_000, 2, generator=gen, dtype=torch.float64) @ torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]], dtype=torch.float64)
-    small = torch.randn(10, 2, generator=gen, dtype=torch.float64) @ torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, 1.0]], dtype=torch.float64)
+    big = torch.randn(10_000, 2, generator=gen, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0, 0, 0], [0, 1.0, 0, 0]], dtype=torch.float64
+    )
+    small = torch.randn(10, 2, generator=gen, dtype=torch.float64) @ torch.tensor(
+        [[0, 0, 1.0, 0], [0, 0, 0, 1.0]], dtype=torch.float64
+    )
     per = {n: Covariances({"fc": x.T @ x}, {"fc": len(x)}, {"fc": "fc"}) for n, x in (("big", big), ("small", small))}
     c = combine_covariances(per).covariance("fc")
     small_share = float(torch.trace(c[2:, 2:]) / torch.trace(c))
@@ -211,8 +221,13 @@ def test_several_capabilities_are_all_protected_and_recorded(tmp_path):
     before = {i: model.fc1(_inputs(i, 64, 5)).detach() for i in (0, 1)}
     path = tmp_path / "ab.safetensors"
     fora = FORA(
-        calibration={"A": _calib(0), "B": _calib(1, n=512)}, target_modules=["fc1"], energy=0.999, weight_rank=0,
-        combine="union", subspaces=path, progress=False,
+        calibration={"A": _calib(0), "B": _calib(1, n=512)},
+        target_modules=["fc1"],
+        energy=0.999,
+        weight_rank=0,
+        combine="union",
+        subspaces=path,
+        progress=False,
     )
     tiny_trainer(max_steps=30, callbacks=[fora]).fit(model, _task(2))
     assert fora.subspaces["fc1"].k == 10
@@ -259,8 +274,14 @@ def test_chain_a_then_b_then_c_keeps_a_and_b(tmp_path):
     record("A")
     fa, fab = tmp_path / "a.safetensors", tmp_path / "ab.safetensors"
     fora_b = FORA(
-        calibration={"A": _calib(0)}, target_modules=["fc1"], energy=0.999, weight_rank=0, subspaces=fa,
-        extend_to=fab, extend_calibration={"B": _calib(1)}, progress=False,
+        calibration={"A": _calib(0)},
+        target_modules=["fc1"],
+        energy=0.999,
+        weight_rank=0,
+        subspaces=fa,
+        extend_to=fab,
+        extend_calibration={"B": _calib(1)},
+        progress=False,
     )
     tiny_trainer(max_steps=150, callbacks=[fora_b]).fit(model, _task(1))  # step 1: learn B, keep A; extend with B
     record("B")

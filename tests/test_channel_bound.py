@@ -79,18 +79,31 @@ def test_gradient_mode_warns_that_the_bound_is_not_enforced():
 
 
 def test_summary_prints_the_bound():
-    sub = LayerSubspace(d_out=4, d_in=3, k=1, basis=torch.eye(3, 1), complement=False, u=torch.eye(4, 2), s=torch.ones(2), v=torch.eye(3, 2))
+    sub = LayerSubspace(
+        d_out=4,
+        d_in=3,
+        k=1,
+        basis=torch.eye(3, 1),
+        complement=False,
+        u=torch.eye(4, 2),
+        s=torch.ones(2),
+        v=torch.eye(3, 2),
+    )
     assert "||(W - W0) x|| <= 0.05 ||W0 x||" in format_summary({"fc": sub}, channel_bound=0.05)
     assert "unbounded" in format_summary({"fc": sub})
 
 
 # ------------------------------------------------------------------------------------------ training
-def _worst_span_ratio(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], subspaces, seed: int = 11) -> float:
+def _worst_span_ratio(
+    weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], subspaces, seed: int = 11
+) -> float:
     """``max_x ||(W - W0) x|| / ||W0 x||`` over 256 random held-out x = Q z per layer, maximised over layers."""
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for name, sub in subspaces.items():
-        q = complement_basis(sub.basis.double()) if sub.complement else sub.basis.double()  # FORA-LoRA may hold span(Q)^perp
+        q = (
+            complement_basis(sub.basis.double()) if sub.complement else sub.basis.double()
+        )  # FORA-LoRA may hold span(Q)^perp
         x = torch.randn(256, q.shape[1], generator=gen, dtype=torch.float64) @ q.T
         w0 = base[name].double()
         ratio = (x @ (weights[name].double() - w0).T).norm(dim=1) / (x @ w0.T).norm(dim=1)
@@ -101,7 +114,13 @@ def _worst_span_ratio(weights: dict[str, torch.Tensor], base: dict[str, torch.Te
 def _mlp_fit(callback_cls, bound: float | None, mlp) -> float:
     base = {n: m.weight.detach().clone() for n, m in (("fc1", mlp.fc1), ("fc2", mlp.fc2))}
     mlp.hparams.lr = 5e-2
-    cb = callback_cls(calibration=calibration_loader(), target_modules=["fc1", "fc2"], weight_rank=4, channel_bound=bound, progress=False)
+    cb = callback_cls(
+        calibration=calibration_loader(),
+        target_modules=["fc1", "fc2"],
+        weight_rank=4,
+        channel_bound=bound,
+        progress=False,
+    )
     tiny_trainer(callbacks=[cb], max_steps=150).fit(mlp, task_loader())
     if callback_cls is FORA:
         weights = {"fc1": mlp.fc1.weight.detach(), "fc2": mlp.fc2.weight.detach()}
@@ -116,7 +135,9 @@ def _mlp_fit(callback_cls, bound: float | None, mlp) -> float:
 def test_mlp_bound_holds_on_span_inputs(callback_cls, mlp):
     unbounded = _mlp_fit(callback_cls, None, copy.deepcopy(mlp))
     bounded = _mlp_fit(callback_cls, TAU, mlp)
-    assert unbounded > TAU, f"without the bound the channel should move span outputs by more than tau, got {unbounded:.4f}"
+    assert unbounded > TAU, (
+        f"without the bound the channel should move span outputs by more than tau, got {unbounded:.4f}"
+    )
     assert bounded <= TAU + 1e-5
 
 
@@ -125,7 +146,9 @@ def _llama_fit(callback_cls, bound: float | None) -> float:
     base = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS}
     calibration = _batches(6, seed=1, low=0, high=VOCAB // 2, pad=True)
     train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]
-    cb = callback_cls(calibration=calibration, target_modules=TARGETS, energy=0.99, weight_rank=4, channel_bound=bound, progress=False)
+    cb = callback_cls(
+        calibration=calibration, target_modules=TARGETS, energy=0.99, weight_rank=4, channel_bound=bound, progress=False
+    )
     tiny_trainer(callbacks=[cb], max_steps=150).fit(model, DataLoader(train, batch_size=None))
     if callback_cls is FORA:
         modules = dict(model.named_modules())
@@ -140,14 +163,22 @@ def _llama_fit(callback_cls, bound: float | None) -> float:
 def test_tiny_llama_bound_holds_on_span_inputs(callback_cls):
     unbounded = _llama_fit(callback_cls, None)
     bounded = _llama_fit(callback_cls, TAU)
-    assert unbounded > TAU, f"without the bound the channel should move span outputs by more than tau, got {unbounded:.4f}"
+    assert unbounded > TAU, (
+        f"without the bound the channel should move span outputs by more than tau, got {unbounded:.4f}"
+    )
     assert bounded <= TAU + 1e-5
 
 
 def test_bound_is_recorded_in_the_subspace_file_and_the_checkpoint(mlp, tmp_path):
     path = tmp_path / "keep.safetensors"
-    cb = FORA(calibration=calibration_loader(), target_modules=["fc1", "fc2"], weight_rank=2, channel_bound=0.03,
-              subspaces=str(path), progress=False)
+    cb = FORA(
+        calibration=calibration_loader(),
+        target_modules=["fc1", "fc2"],
+        weight_rank=2,
+        channel_bound=0.03,
+        subspaces=str(path),
+        progress=False,
+    )
     tiny_trainer(callbacks=[cb], max_steps=2).fit(mlp, task_loader())
     assert read_metadata(path)["config"]["channel_bound"] == 0.03
     assert cb.state_dict()["config"]["channel_bound"] == 0.03

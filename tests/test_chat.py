@@ -7,11 +7,11 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_lm import chat_bpe_tokenizer, chat_tid, chat_word_tokenizer, keep_rows, write_jsonl
 
 from fora_lightning.llm import TextDataModule, TextSource
 from fora_lightning.llm.chat import encode_chats
 from fora_lightning.llm.encoding import IGNORE_INDEX
-from tiny_lm import chat_bpe_tokenizer, chat_tid, chat_word_tokenizer, keep_rows, write_jsonl
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -42,7 +42,9 @@ def _ids(words: str) -> list[int]:
 
 
 def make(files, **kw) -> TextDataModule:
-    args = dict(tokenizer=files["tok"], task=TextSource(files["chat"], messages_field="messages"), cache_dir=files["cache"])
+    args = dict(
+        tokenizer=files["tok"], task=TextSource(files["chat"], messages_field="messages"), cache_dir=files["cache"]
+    )
     return TextDataModule(**(args | kw))
 
 
@@ -65,7 +67,9 @@ def test_chat_calibration_without_assistant_turns_is_the_prompt(chat_files):
     dm = make(chat_files, preserve=source, preserve_val_size=0)
     (batch,) = list(dm.calibration_dataloader())
     s, e = "<|im_start|>", "<|im_end|>"
-    assert batch["input_ids"].tolist() == [_ids(f"{s} system be brief {e} {s} user hi {e} {s} user bye {e} {s} assistant")]
+    assert batch["input_ids"].tolist() == [
+        _ids(f"{s} system be brief {e} {s} user hi {e} {s} user bye {e} {s} assistant")
+    ]
 
 
 def test_preserve_list_mixes_plain_prompts_and_chats(chat_files):
@@ -79,7 +83,16 @@ def test_preserve_list_mixes_plain_prompts_and_chats(chat_files):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["hi", "say hi\n", " two words", "x=1, y=2"]), st.sampled_from(["hello", "ok!", " bye\n\n", "42"])), min_size=1, max_size=3))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["hi", "say hi\n", " two words", "x=1, y=2"]),
+            st.sampled_from(["hello", "ok!", " bye\n\n", "42"]),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_byte_level_labels_decode_to_exactly_the_answers(turns):
     """A trained BPE whose merges cross turn boundaries: each labelled run decodes to one answer + end of turn."""
     messages = [m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
@@ -100,7 +113,9 @@ def test_byte_level_labels_decode_to_exactly_the_answers(turns):
     assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
 
 
-BPE = chat_bpe_tokenizer(["<|im_start|>user\nsay hi\n<|im_end|>\n<|im_start|>assistant\nhello ok! bye\n\n42 x=1, y=2 two words"] * 20)
+BPE = chat_bpe_tokenizer(
+    ["<|im_start|>user\nsay hi\n<|im_end|>\n<|im_start|>assistant\nhello ok! bye\n\n42 x=1, y=2 two words"] * 20
+)
 
 
 def test_chat_errors_name_the_fix(chat_files, tmp_path):

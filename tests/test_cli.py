@@ -36,12 +36,23 @@ def print_config(args: list[str], capsys) -> dict:
 
 def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):
     torch.manual_seed(0)
-    cli = load_cli().main([
-        "fit", "--config", str(ROOT / "configs/wrap_existing.yaml"),
-        "--trainer.max_steps", "30", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.init_args.config.progress", "false",
-    ])
+    cli = load_cli().main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/wrap_existing.yaml"),
+            "--trainer.max_steps",
+            "30",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--model.init_args.config.progress",
+            "false",
+        ]
+    )
     wrapped, data = cli.model, cli.datamodule
     assert isinstance(wrapped, ForaModule) and isinstance(wrapped.module, Regressor)
     assert cli.trainer.global_step == 30
@@ -72,8 +83,18 @@ def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):
 
 
 def test_overrides_and_interpolation(capsys):
-    cfg = print_config(["fit", "--config", str(ROOT / "configs/wrap_existing.yaml"),
-                        "--model.init_args.config.energy", "0.9", "--model.init_args.module.init_args.d_in", "12"], capsys)
+    cfg = print_config(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/wrap_existing.yaml"),
+            "--model.init_args.config.energy",
+            "0.9",
+            "--model.init_args.module.init_args.d_in",
+            "12",
+        ],
+        capsys,
+    )
     assert cfg["model"]["init_args"]["config"]["energy"] == 0.9
     assert cfg["model"]["init_args"]["module"]["init_args"]["d_in"] == 12
     assert cfg["data"]["init_args"]["d_in"] == 12  # ${...} resolved after the command line: the override reaches it
@@ -83,15 +104,35 @@ def test_interpolation_follows_overrides_and_overlays_and_yields_to_its_own_key(
     qwen = str(ROOT / "configs/qwen3_translation_keep_math.yaml")
     cfg = print_config(["fit", "--config", qwen, "--model.init_args.module.init_args.model", "my/model"], capsys)
     assert cfg["data"]["init_args"]["tokenizer"] == "my/model"
-    cfg = print_config(["fit", "--config", qwen, "--model.init_args.module.init_args.model", "my/model",
-                        "--data.init_args.tokenizer", "my/tokenizer"], capsys)
+    cfg = print_config(
+        [
+            "fit",
+            "--config",
+            qwen,
+            "--model.init_args.module.init_args.model",
+            "my/model",
+            "--data.init_args.tokenizer",
+            "my/tokenizer",
+        ],
+        capsys,
+    )
     assert cfg["data"]["init_args"]["tokenizer"] == "my/tokenizer"
     demo = ["fit", "--config", str(ROOT / "configs/demo.yaml")]
     cfg = print_config(demo + ["--trainer.default_root_dir", "elsewhere"], capsys)
     assert cfg["model"]["init_args"]["module"]["init_args"]["save_dir"] == "elsewhere/tuned_model"
     # a later --config overlay (fsdp.yaml sets trainer keys only) keeps the interpolations resolvable
-    cfg = print_config(["fit", "--config", str(ROOT / "configs/wrap_existing.yaml"), "--config", str(ROOT / "configs/fsdp.yaml"),
-                        "--model.init_args.module.init_args.d_in", "12"], capsys)
+    cfg = print_config(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/wrap_existing.yaml"),
+            "--config",
+            str(ROOT / "configs/fsdp.yaml"),
+            "--model.init_args.module.init_args.d_in",
+            "12",
+        ],
+        capsys,
+    )
     assert cfg["data"]["init_args"]["d_in"] == 12
     assert cfg["trainer"]["strategy"]["init_args"]["save_distributed_checkpoint"] is True
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM, AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fora_lightning.eval.compare import main
 from fora_lightning.eval.methods import METHODS
@@ -28,24 +28,47 @@ def setting_file(tmp_path_factory):
         "output_dir": str(root / "out"),
         "model": {"model": str(model_dir), "lr": 1e-2},
         "data": {
-            "tokenizer": str(model_dir), "task": {"path": task},
+            "tokenizer": str(model_dir),
+            "task": {"path": task},
             "preserve": {"path": keep, "prompt_field": "question", "response_field": "answer"},
-            "preserve_val_size": 8, "batch_size": 4, "max_length": 16,
+            "preserve_val_size": 8,
+            "batch_size": 4,
+            "max_length": 16,
         },
         "trainer": {"max_steps": 2},
         "target_modules": r"model\.model\.layers\.\d\.(self_attn\.[qv]_proj|mlp\.(up|down)_proj)",  # a regex, as users write
         "evaluation": {
-            "preserved": {"path": keep, "name": "keep", "prompt_field": "question", "answer_field": "answer",
-                          "limit": 6, "max_new_tokens": 2},
+            "preserved": {
+                "path": keep,
+                "name": "keep",
+                "prompt_field": "question",
+                "answer_field": "answer",
+                "limit": 6,
+                "max_new_tokens": 2,
+            },
             "new_task": {"path": task, "name": "task", "limit": 6, "max_new_tokens": 2},
-            "extra": {"keep_ppl": {"path": keep, "metric": "perplexity", "prompt_field": "question",
-                                   "answer_field": "answer", "limit": 6}},
+            "extra": {
+                "keep_ppl": {
+                    "path": keep,
+                    "metric": "perplexity",
+                    "prompt_field": "question",
+                    "answer_field": "answer",
+                    "limit": 6,
+                }
+            },
         },
         "methods": {
-            "fora": {"energy": 0.9, "weight_rank": 2}, "plain_ft": {}, "lora": {"lora_rank": 2, "model": {"lr": 5e-2}},
-            "l2sp": {"lambda_": 0.1}, "ewc": {"lambda_": 0.1}, "weight_projection": {"weight_rank": 2},
-            "random": {"weight_rank": 2}, "fora_lora": {"lora_rank": 2, "energy": 0.9, "weight_rank": 2},
-            "peft_lora": {"lora_rank": 2, "model": {"lr": 5e-2}}, "osf": {}, "corda_kpm": {"lora_rank": 2},
+            "fora": {"energy": 0.9, "weight_rank": 2},
+            "plain_ft": {},
+            "lora": {"lora_rank": 2, "model": {"lr": 5e-2}},
+            "l2sp": {"lambda_": 0.1},
+            "ewc": {"lambda_": 0.1},
+            "weight_projection": {"weight_rank": 2},
+            "random": {"weight_rank": 2},
+            "fora_lora": {"lora_rank": 2, "energy": 0.9, "weight_rank": 2},
+            "peft_lora": {"lora_rank": 2, "model": {"lr": 5e-2}},
+            "osf": {},
+            "corda_kpm": {"lora_rank": 2},
         },
         "sweeps": {"l2sp": {"lambda_": [0.1, 10.0]}, "corda_kpm": {"lora_rank": [4]}},  # run with --sweep only
     }
@@ -61,8 +84,17 @@ def test_compare_runs_every_method_and_writes_the_issue_shape(setting_file):
     assert set(results) == {"setting", "preserved_metric", "new_task_metric", "higher_is_better", "methods"}
     assert results["higher_is_better"] == {"preserved": True, "new_task": True}
     assert set(results["methods"]) == set(METHODS)
-    fields = {"preserved": float, "preserved_base": float, "new_task": float, "kl": float, "leakage": float,
-              "heldout_loss_delta": float, "trainable_params": int, "wall_s": float, "k_mean": float}
+    fields = {
+        "preserved": float,
+        "preserved_base": float,
+        "new_task": float,
+        "kl": float,
+        "leakage": float,
+        "heldout_loss_delta": float,
+        "trainable_params": int,
+        "wall_s": float,
+        "k_mean": float,
+    }
     for name, row in results["methods"].items():
         assert set(row) == set(fields), name
         for key, kind in fields.items():
@@ -78,23 +110,51 @@ def test_compare_runs_every_method_and_writes_the_issue_shape(setting_file):
     assert details["methods"]["fora_lora"]["k"] == k  # same calibration, same energy
     assert "extra/keep_ppl" in details["methods"]["fora"] and details["base"]["extra/keep_ppl"] > 1
     # the PEFT peers: peft's own parameters counted, scored merged, OSF at FORA's k per layer
-    assert rows["peft_lora"]["trainable_params"] == rows["lora"]["trainable_params"] == rows["corda_kpm"]["trainable_params"]
+    assert (
+        rows["peft_lora"]["trainable_params"]
+        == rows["lora"]["trainable_params"]
+        == rows["corda_kpm"]["trainable_params"]
+    )
     assert 0 < rows["osf"]["trainable_params"] != rows["plain_ft"]["trainable_params"]
     assert details["methods"]["osf"]["k"] == {n: max(1, v) for n, v in k.items()}
     for peer in ("peft_lora", "osf", "corda_kpm"):
         assert rows[peer]["kl"] > 0 and rows[peer]["leakage"] > 0, peer
     assert rows["plain_ft"]["heldout_loss_delta"] != 0.0
     table = (out / "table.md").read_text()
-    assert all(label in table for label in ("FORA-LoRA", "weight-space projection", "L2-SP", "EWC", "LoRA", "PEFT OSF",
-                                            "PEFT CorDA-KPM", "Δ held-out loss"))
+    assert all(
+        label in table
+        for label in (
+            "FORA-LoRA",
+            "weight-space projection",
+            "L2-SP",
+            "EWC",
+            "LoRA",
+            "PEFT OSF",
+            "PEFT CorDA-KPM",
+            "Δ held-out loss",
+        )
+    )
     assert (out / "plot.png").stat().st_size > 1000
 
 
 def test_compare_sweep_over_seeds_writes_points_with_spread_and_a_pareto_plot(setting_file):
     path, _ = setting_file
     out = path.parent / "sweep"
-    argv = ["--config", str(path), "--methods", "l2sp,corda_kpm", "--sweep", "--seeds", "0", "1", "--output", str(out),
-            "--no-progress", "--max-steps", "1"]
+    argv = [
+        "--config",
+        str(path),
+        "--methods",
+        "l2sp,corda_kpm",
+        "--sweep",
+        "--seeds",
+        "0",
+        "1",
+        "--output",
+        str(out),
+        "--no-progress",
+        "--max-steps",
+        "1",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1]
@@ -106,7 +166,10 @@ def test_compare_sweep_over_seeds_writes_points_with_spread_and_a_pareto_plot(se
         assert p["stats"]["kl"]["min"] == min(values) and p["stats"]["kl"]["max"] == max(values)
     assert any(p["pareto"] for p in results["points"])
     by_key = {p["key"]: p for p in results["points"]}
-    assert by_key["corda_kpm[lora_rank=4]"]["stats"]["trainable_params"]["mean"] == 2 * by_key["corda_kpm"]["stats"]["trainable_params"]["mean"]
+    assert (
+        by_key["corda_kpm[lora_rank=4]"]["stats"]["trainable_params"]["mean"]
+        == 2 * by_key["corda_kpm"]["stats"]["trainable_params"]["mean"]
+    )
     assert (out / "results.csv").read_text().count("\n") == 1 + len(keys)
     assert "± " in (out / "table.md").read_text() and (out / "pareto.png").stat().st_size > 1000
 
@@ -128,13 +191,22 @@ def test_preservation_metrics_logged_during_validation_match_direct_evaluation(s
     module = CausalLMModule(**config["model"])
     callback = PreservationMetrics(target_modules=config["target_modules"])
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=2, val_check_interval=2, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        accelerator="cpu",
+        max_steps=2,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
     )
     trainer.fit(module, datamodule=dm)
     logged = trainer.callback_metrics
     direct = evaluate_preservation(
-        callback.base, module.model, dm.val_dataloader()[dm.val_dataloader_names.index("preserve")],
+        callback.base,
+        module.model,
+        dm.val_dataloader()[dm.val_dataloader_names.index("preserve")],
         model_target_names(module, module.model, config["target_modules"]),
     )
     assert direct["kl"] > 0 and direct["leakage_mean"] > 0

@@ -40,6 +40,8 @@ PRIVATES = (
     "_no_split_modules",
 )
 REPLACED_BY_PUBLIC = {"_local_tensor"}  # DTensor.to_local()
+
+
 # module.py is the lead's to move onto the _compat functions (then this becomes empty).
 class Doubler(pl.LightningModule):
     def __init__(self) -> None:

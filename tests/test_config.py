@@ -6,11 +6,12 @@ from dataclasses import fields
 
 import pytest
 import torch
-
 from conftest import MLP, calibration_loader, task_loader, tiny_trainer
+
 from fora_lightning import FORA, ForaConfig, ForaLoRA, ForaModule
 from fora_lightning.core.subspace_file import read_metadata
 from fora_lightning.module import CHECKPOINT_KEY
+
 
 class CalibratedMLP(MLP):
     def calibration_dataloader(self):
@@ -88,7 +89,16 @@ def test_lightning_cli_refuses_bad_settings_at_parse_time(tmp_path):
 
     with pytest.raises(ValueError, match="rank must be >= 1"):  # from the parser, before any model is built
         LightningCLI(
-            args=["fit", "--model", "fora_lightning.ForaModule", "--model.init_args.module", "conftest.MLP",
-                  "--model.init_args.config.rank", "0", "--trainer.default_root_dir", str(tmp_path)],
+            args=[
+                "fit",
+                "--model",
+                "fora_lightning.ForaModule",
+                "--model.init_args.module",
+                "conftest.MLP",
+                "--model.init_args.config.rank",
+                "0",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ],
             run=True,
         )

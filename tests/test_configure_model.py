@@ -54,7 +54,11 @@ def test_fora_finds_and_freezes_layers_built_in_configure_model() -> None:
 
 
 def test_lora_and_plain_baseline_also_wait_for_configure_model() -> None:
-    lora = _fit(LazyMLP(), ForaLoRA(calibration=calibration_loader(), target_modules=["fc1"], lora_rank=2, progress=False), steps=5)
+    lora = _fit(
+        LazyMLP(),
+        ForaLoRA(calibration=calibration_loader(), target_modules=["fc1"], lora_rank=2, progress=False),
+        steps=5,
+    )
     assert isinstance(lora.fc1, ForaLoraLinear)
     plain = _fit(LazyMLP(), TrainTargetsOnly(target_modules=["fc2"]), steps=5)
     assert [n for n, p in plain.named_parameters() if p.requires_grad] == ["fc2.weight"]

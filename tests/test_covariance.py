@@ -39,7 +39,9 @@ def test_covariance_matches_dense_reference_masks_padding_and_shares_inputs():
     torch.testing.assert_close(cov.covariance("k"), xs.T @ xs / xs.shape[0])
     assert cov.counts["q"] == xs.shape[0]
     with torch.no_grad():
-        hidden = torch.cat([(model.q(b["x"]) * model.k(b["x"]) + model.v(b["x"]))[b["attention_mask"] != 0] for b in batches]).double()
+        hidden = torch.cat(
+            [(model.q(b["x"]) * model.k(b["x"]) + model.v(b["x"]))[b["attention_mask"] != 0] for b in batches]
+        ).double()
     torch.testing.assert_close(cov.covariance("o"), hidden.T @ hidden / hidden.shape[0])
 
 
@@ -153,7 +155,9 @@ def test_weight_source_uses_top_right_singular_vectors_and_gradient_mode_uses_co
     _, _, vh = torch.linalg.svd(w.double())
     top = vh[:3].T
     torch.testing.assert_close((sub.basis.double() @ sub.basis.double().T), top @ top.T, atol=1e-5, rtol=0)
-    comp = estimate_subspaces({"fc": w}, SubspaceConfig(rank=8, source="weights", weight_rank=0), allow_complement=True)["fc"]
+    comp = estimate_subspaces(
+        {"fc": w}, SubspaceConfig(rank=8, source="weights", weight_rank=0), allow_complement=True
+    )["fc"]
     assert comp.complement and comp.basis.shape == (10, 2) and comp.k == 8
     assert float((comp.basis.double().T @ vh[:8].T).abs().max()) < 1e-5
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from tiny_lm import keep_rows, save_tokenizer, task_rows, tid, write_jsonl
 
 from fora_lightning.llm import TextDataModule, TextSource
 from fora_lightning.llm.encoding import IGNORE_INDEX
-from tiny_lm import keep_rows, save_tokenizer, task_rows, tid, write_jsonl
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -26,7 +26,10 @@ def files(tmp_path):
 
 def make(files, **kw) -> TextDataModule:
     args = dict(
-        tokenizer=files["tok"], task=TextSource(files["task"]), batch_size=4, cache_dir=files["cache"],
+        tokenizer=files["tok"],
+        task=TextSource(files["task"]),
+        batch_size=4,
+        cache_dir=files["cache"],
         preserve=TextSource(files["keep"], prompt_field="question", response_field="answer"),
     )
     args.update(kw)
@@ -55,7 +58,9 @@ def test_templates_split_and_label_free_calibration(files):
     dm = make(
         files,
         preserve=TextSource(files["keep"], prompt_template="{question} ", response_template="{answer}"),
-        task_val_size=4, preserve_val_size=0.25, calibration_batch_size=5,
+        task_val_size=4,
+        preserve_val_size=0.25,
+        calibration_batch_size=5,
     )
     dm.setup("fit")
     assert (len(dm.splits["train"]), len(dm.splits["task_val"])) == (20, 4)

@@ -79,12 +79,21 @@ def test_demo_config_end_to_end(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("fora_cli", ROOT / "cli.py")
     cli_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli_module)
-    cli = cli_module.main([
-        "fit", "--config", str(small),
-        "--trainer.max_steps", "2",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.init_args.config.progress", "false",
-    ])
+    cli = cli_module.main(
+        [
+            "fit",
+            "--config",
+            str(small),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--model.init_args.config.progress",
+            "false",
+        ]
+    )
     assert isinstance(cli.model, ForaModule) and cli.trainer.global_step == 2
     assert any(isinstance(c, FORA) for c in cli.trainer.callbacks)
     report = next(c for c in cli.trainer.callbacks if isinstance(c, ExactMatchReport))

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference import orthonormal
+
 from fora_lightning.core.energy import captured_energy, cumulative_energy, energy_rank
 
 
@@ -30,7 +30,9 @@ def test_energy_rank_is_the_smallest_k_with_held_plus_top_k_reaching_energy(valu
 def test_cumulative_energy_and_its_degenerate_spectra():
     lam = torch.tensor([3.0, 1.0, -1e-9, 0.0])  # a negative rounding eigenvalue counts as 0
     torch.testing.assert_close(cumulative_energy(lam), torch.tensor([0.75, 1.0, 1.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(cumulative_energy(lam, total=8.0), torch.tensor([0.375, 0.5, 0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        cumulative_energy(lam, total=8.0), torch.tensor([0.375, 0.5, 0.5, 0.5], dtype=torch.float64)
+    )
     assert energy_rank(torch.zeros(3), 0.9) == 0 and energy_rank(torch.zeros(0), 0.9) == 0
 
 
@@ -49,5 +51,7 @@ def test_captured_energy_is_the_trace_fraction_and_complements_add_to_one(d, k, 
     # for C's own top-k eigenvectors it is the cumulative energy of its spectrum
     evals, evecs = torch.linalg.eigh(cov)
     if k:
-        assert captured_energy(evecs.flip(1)[:, :k], cov) == pytest.approx(float(cumulative_energy(evals.flip(0))[k - 1]), abs=1e-12)
+        assert captured_energy(evecs.flip(1)[:, :k], cov) == pytest.approx(
+            float(cumulative_energy(evals.flip(0))[k - 1]), abs=1e-12
+        )
     assert captured_energy(q, torch.zeros(d, d)) != captured_energy(q, torch.zeros(d, d))  # NaN without energy

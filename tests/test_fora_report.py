@@ -14,8 +14,8 @@ from lightning.pytorch.loggers import CSVLogger
 from tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
 
 from fora_lightning import FORA, ForaLoRA
-from fora_lightning.eval.metrics import leakage as relative_leakage
 from fora_lightning.eval.metrics import CausalPerplexity, TokenKL
+from fora_lightning.eval.metrics import leakage as relative_leakage
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,8 +28,12 @@ def data(tmp_path) -> TextDataModule:
     return TextDataModule(
         tokenizer=save_tokenizer(tmp_path / "tok"),
         task=TextSource(write_jsonl(tmp_path / "task.jsonl", task_rows(24))),
-        preserve=TextSource(write_jsonl(tmp_path / "keep.jsonl", keep_rows(24)), prompt_field="question", response_field="answer"),
-        preserve_val_size=8, batch_size=4, cache_dir=str(tmp_path / "cache"),
+        preserve=TextSource(
+            write_jsonl(tmp_path / "keep.jsonl", keep_rows(24)), prompt_field="question", response_field="answer"
+        ),
+        preserve_val_size=8,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
     )
 
 
@@ -38,8 +42,14 @@ def _fit(data, tmp_path, callback, steps: int = 6):
     module = CausalLMModule(config=tiny_llama_config(), lr=3e-2)
     base = copy.deepcopy(module.model).double().eval()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, log_every_n_steps=2, logger=CSVLogger(tmp_path, name="run"),
-        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=steps,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(module, datamodule=data)
@@ -57,7 +67,11 @@ def _reference_leakage(callback, module, base, name: str) -> float:
     rel = name.removeprefix("model.")
     w0 = base.get_submodule(rel).weight.detach()
     tuned = module.model.get_submodule(rel)
-    w = (tuned.base_layer.weight.double() + tuned.delta_weight()) if hasattr(tuned, "lora_delta") else tuned.weight.double()
+    w = (
+        (tuned.base_layer.weight.double() + tuned.delta_weight())
+        if hasattr(tuned, "lora_delta")
+        else tuned.weight.double()
+    )
     d = w.detach() - w0
     u, v = sub.u.double(), sub.v.double()
     d = d - u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T
@@ -66,7 +80,11 @@ def _reference_leakage(callback, module, base, name: str) -> float:
 
 @pytest.mark.parametrize("kind", ["fora", "fora_lora"])
 def test_probe_logged_every_n_steps_matches_dense_reference_and_report_written(data, tmp_path, kind):
-    callback = FORA(target_modules=TARGETS, rank=3) if kind == "fora" else ForaLoRA(target_modules=TARGETS, rank=3, lora_rank=4)
+    callback = (
+        FORA(target_modules=TARGETS, rank=3)
+        if kind == "fora"
+        else ForaLoRA(target_modules=TARGETS, rank=3, lora_rank=4)
+    )
     trainer, module, base = _fit(data, tmp_path, callback)
     rows = [r for r in _metrics(trainer) if r.get("fora/leakage_max")]
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
@@ -84,8 +102,19 @@ def test_probe_logged_every_n_steps_matches_dense_reference_and_report_written(d
     leak_d = float(rows[-1]["fora/leakage_max"])
     assert leak_d == pytest.approx(max(measured.values()), rel=1e-5)
     # the update did move the weights: the mean leakage is not trivially zero everywhere
-    moved = max(float((module.model.get_submodule(n.removeprefix("model.")).weight if kind == "fora" else
-                       module.model.get_submodule(n.removeprefix("model.")).lora_B).detach().abs().max()) for n in callback.subspaces)
+    moved = max(
+        float(
+            (
+                module.model.get_submodule(n.removeprefix("model.")).weight
+                if kind == "fora"
+                else module.model.get_submodule(n.removeprefix("model.")).lora_B
+            )
+            .detach()
+            .abs()
+            .max()
+        )
+        for n in callback.subspaces
+    )
     assert moved > 0
 
     report = json.loads((tmp_path / "run" / "version_0" / "fora_report.json").read_text())

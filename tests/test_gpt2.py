@@ -19,19 +19,28 @@ from transformers.pytorch_utils import Conv1D
 
 from fora_lightning import FORA, ForaLoRA, merge_lora
 from fora_lightning.core.projection import project, project_weight_, right_project
-from fora_lightning.eval.metrics import leakage
 from fora_lightning.core.subspace_file import load_subspaces
 from fora_lightning.core.targets import DEFAULT_TARGETS, find_targets, is_transposed, quantization_of, weight_matrix
+from fora_lightning.eval.metrics import leakage
 from fora_lightning.lora import export_lora_adapter, fora_lora_layers
 
 VOCAB = 100
-GPT2_LAYERS = {f"model.transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+GPT2_LAYERS = {
+    f"model.transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+}
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
 
@@ -152,7 +161,9 @@ def lora_gpt2():
 def test_fora_lora_wraps_conv1d_and_merges(lora_gpt2):
     module, _, probe, tuned = lora_gpt2
     layers = fora_lora_layers(module.model)
-    assert {f"model.{n}" for n in layers} == GPT2_LAYERS and all(isinstance(l.base_layer, Conv1D) for l in layers.values())
+    assert {f"model.{n}" for n in layers} == GPT2_LAYERS and all(
+        isinstance(lay.base_layer, Conv1D) for lay in layers.values()
+    )
     layer = layers["transformer.h.0.mlp.c_fc"]
     assert (layer.out_features, layer.in_features) == (256, 64) and layer.weight.shape == (256, 64)
     merged = merge_lora(copy.deepcopy(module.model))

@@ -21,10 +21,22 @@ def _file(tmp_path):
             u, s, vh = torch.linalg.svd(w)
             evals, evecs = torch.linalg.eigh(torch.cov(torch.randn(d_in, 50, generator=gen)))
             subs[f"model.layers.{block}.{role}"] = LayerSubspace(
-                d_out, d_in, k, evecs.flip(1)[:, :k].contiguous(), False, u[:, :2].contiguous(), s[:2].contiguous(),
-                vh[:2].T.contiguous(), energy=0.8, spectrum=evals.flip(0),
+                d_out,
+                d_in,
+                k,
+                evecs.flip(1)[:, :k].contiguous(),
+                False,
+                u[:, :2].contiguous(),
+                s[:2].contiguous(),
+                vh[:2].T.contiguous(),
+                energy=0.8,
+                spectrum=evals.flip(0),
             )
-    path = save_subspaces(tmp_path / "demo.safetensors", subs, {"capabilities": {"translation": {"tokens": 1234, "weight": 1.0, "fingerprint": "sha256:ab", "step": 1}}})
+    path = save_subspaces(
+        tmp_path / "demo.safetensors",
+        subs,
+        {"capabilities": {"translation": {"tokens": 1234, "weight": 1.0, "fingerprint": "sha256:ab", "step": 1}}},
+    )
     return path, subs
 
 
@@ -41,12 +53,15 @@ def test_layer_report_overlap_matches_dense_principal_angles(tmp_path):
 
 def test_inspect_prints_the_table_and_writes_plots(tmp_path, capsys):
     path, subs = _file(tmp_path)
-    assert main(["--subspaces", str(path), "--out", str(tmp_path / "out" / "inspect"), "--json", str(tmp_path / "t.json")]) == 0
+    assert (
+        main(["--subspaces", str(path), "--out", str(tmp_path / "out" / "inspect"), "--json", str(tmp_path / "t.json")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "capability 'translation': 1,234 tokens" in out
     for name in subs:
         assert name in out
-    line = next(l for l in out.splitlines() if l.startswith("model.layers.1.mlp.down_proj"))
+    line = next(row for row in out.splitlines() if row.startswith("model.layers.1.mlp.down_proj"))
     assert "16x16" not in line and "12x16" in line and " 10 " in line
     for suffix in ("spectra", "heatmap"):
         png = tmp_path / "out" / f"inspect_{suffix}.png"

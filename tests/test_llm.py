@@ -11,13 +11,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fora_lightning import FORA, ForaLoRA, ForaModule
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 from fora_lightning.llm.causal_lm import warmup_cosine
 from fora_lightning.lora import inject_fora_lora
-from tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -28,8 +28,13 @@ def data(tmp_path) -> TextDataModule:
     return TextDataModule(
         tokenizer=save_tokenizer(tmp_path / "tok"),
         task=TextSource(write_jsonl(tmp_path / "task.jsonl", task_rows(24))),
-        preserve=TextSource(write_jsonl(tmp_path / "keep.jsonl", keep_rows(20)), prompt_field="question", response_field="answer"),
-        task_val_size=4, preserve_val_size=4, batch_size=4, cache_dir=str(tmp_path / "cache"),
+        preserve=TextSource(
+            write_jsonl(tmp_path / "keep.jsonl", keep_rows(20)), prompt_field="question", response_field="answer"
+        ),
+        task_val_size=4,
+        preserve_val_size=4,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
     )
 
 
@@ -58,11 +63,19 @@ def test_fora_fit_logs_perplexity_per_loader_and_saves_pretrained(data, tmp_path
     torch.manual_seed(0)
     save_dir = tmp_path / "tuned"
     module = CausalLMModule(config=tiny_llama_config(), tokenizer=data.tokenizer_path, lr=1e-2, save_dir=str(save_dir))
-    fora_args = dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, progress=False)
+    fora_args = dict(
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, progress=False
+    )
     base = {n: m.weight.detach().clone() for n, m in module.named_modules() if n.endswith(("q_proj", "up_proj"))}
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=6, val_check_interval=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_steps=6,
+        val_check_interval=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[] if wrapped else [FORA(**fora_args)],
     )
     trainer.fit(ForaModule(module, **fora_args) if wrapped else module, datamodule=data)
@@ -98,14 +111,26 @@ def test_fora_lora_fit_saves_the_merged_model_and_the_adapter(data, tmp_path, wr
     module = CausalLMModule(config=tiny_llama_config(), tokenizer=data.tokenizer_path, lr=1e-2, save_dir=str(save_dir))
     base = copy.deepcopy(module.model).eval()
     lora_args = dict(
-        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], energy=0.9, weight_rank=2, lora_rank=4, progress=False
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        energy=0.9,
+        weight_rank=2,
+        lora_rank=4,
+        progress=False,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[] if wrapped else [ForaLoRA(**lora_args)],
+        accelerator="cpu",
+        max_steps=4,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[] if wrapped else [ForaLoRA(**lora_args)],
     )
     trainer.fit(ForaModule(module, **lora_args) if wrapped else module, datamodule=data)
-    assert type(module.model.model.layers[0].self_attn.q_proj).__name__ == "ForaLoraLinear"  # the live model keeps its layers
+    assert (
+        type(module.model.model.layers[0].self_attn.q_proj).__name__ == "ForaLoraLinear"
+    )  # the live model keeps its layers
     ids = torch.tensor([AutoTokenizer.from_pretrained(save_dir)("add a b = translate one a :")["input_ids"]])
     module.eval()
     with torch.no_grad():

@@ -9,13 +9,13 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import D_HID, D_IN, D_OUT, MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import D_HID, D_IN, D_OUT, MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
 from fora_lightning import ForaLoRA, export_lora_adapter, merge_lora
 from fora_lightning.core.subspace import LayerSubspace, complement_basis
 from fora_lightning.lora import ForaLoraLinear, fora_lora_layers, inject_fora_lora, trainable_parameters
@@ -25,8 +25,14 @@ from fora_lightning.lora import ForaLoraLinear, fora_lora_layers, inject_fora_lo
 def _subspace(w0: torch.Tensor, q: torch.Tensor, r: int, complement: bool) -> LayerSubspace:
     u, s, vh = torch.linalg.svd(w0, full_matrices=False)
     return LayerSubspace(
-        d_out=w0.shape[0], d_in=w0.shape[1], k=q.shape[1], basis=complement_basis(q) if complement else q,
-        complement=complement, u=u[:, :r], s=s[:r], v=vh[:r].T,
+        d_out=w0.shape[0],
+        d_in=w0.shape[1],
+        k=q.shape[1],
+        basis=complement_basis(q) if complement else q,
+        complement=complement,
+        u=u[:, :r],
+        s=s[:r],
+        v=vh[:r].T,
     )
 
 
@@ -128,7 +134,14 @@ class OutputsAtTrainStart(pl.Callback):
 
 
 def _fora_lora(**kw) -> ForaLoRA:
-    args = dict(calibration=calibration_loader(), target_modules=["fc1", "fc2"], weight_rank=2, lora_rank=4, lora_alpha=8, progress=False)
+    args = dict(
+        calibration=calibration_loader(),
+        target_modules=["fc1", "fc2"],
+        weight_rank=2,
+        lora_rank=4,
+        lora_alpha=8,
+        progress=False,
+    )
     return ForaLoRA(**{**args, **kw})
 
 
@@ -225,8 +238,14 @@ class TinyCausalLM(pl.LightningModule):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
         )
         self.model = LlamaForCausalLM(config)
 
@@ -253,7 +272,9 @@ def trained_lm():
     probe = _ids(4, seed=5)
     with torch.no_grad():
         base_logits = base(input_ids=probe).logits
-    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _ids(16, seed=1, high=VOCAB // 2).split(8)]
+    calibration = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _ids(16, seed=1, high=VOCAB // 2).split(8)
+    ]
     recorder = OutputsAtTrainStart(probe)
     cb = ForaLoRA(calibration=calibration, weight_rank=4, lora_rank=4, lora_alpha=8, lora_dropout=0.1, progress=False)
     train = DataLoader(TensorDataset(_ids(32, seed=2, low=VOCAB // 2)), batch_size=8)
@@ -293,7 +314,9 @@ def test_export_writes_a_peft_layout_adapter_that_reproduces_the_update(trained_
     r = 4 + 4
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["r"] == config["lora_alpha"] == r
-    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert config["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert len(tensors) == 2 * 14
     a = tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"]
@@ -303,7 +326,7 @@ def test_export_writes_a_peft_layout_adapter_that_reproduces_the_update(trained_
     with torch.no_grad():
         for key, a in tensors.items():
             if key.endswith("lora_A.weight"):
-                name = key[len("base_model.model."): -len(".lora_A.weight")]
+                name = key[len("base_model.model.") : -len(".lora_A.weight")]
                 b = tensors[key.replace("lora_A", "lora_B")]
                 rebuilt.get_submodule(name).weight += (config["lora_alpha"] / config["r"]) * b @ a
         torch.testing.assert_close(rebuilt(input_ids=probe).logits, tuned_logits, atol=1e-5, rtol=0)
@@ -335,4 +358,6 @@ def test_branch_stays_confined_under_bf16_autocast():
 def test_extend_is_refused_rather_than_reading_unmerged_weights():
     with pytest.raises(ValueError, match="extend_to"):
         _fora_lora(extend_to="next.safetensors")
-    assert not hasattr(_fora_lora(), "extend")  # FORA.extend reads merged weights: ForaLoRA composes, it does not inherit it
+    assert not hasattr(
+        _fora_lora(), "extend"
+    )  # FORA.extend reads merged weights: ForaLoRA composes, it does not inherit it

@@ -30,10 +30,16 @@ def test_all_methods_have_distinct_labels_and_plain_callbacks_are_no_method():
 @pytest.mark.parametrize("name", ["ewc", "random", "fora_lora"])
 def test_exact_match_report_labels_the_run_by_its_method(name, monkeypatch):
     report = ExactMatchReport(preserved="keep.jsonl", new_task="task.jsonl")
-    monkeypatch.setattr(report, "_evaluate", lambda *_: {r: ExactMatchResult(0.5, 4) for r in ("preserved", "new_task")})
+    monkeypatch.setattr(
+        report, "_evaluate", lambda *_: {r: ExactMatchResult(0.5, 4) for r in ("preserved", "new_task")}
+    )
     report.before = {r: ExactMatchResult(0.25, 4) for r in ("preserved", "new_task")}
-    trainer = SimpleNamespace(callbacks=[report, build_callback(name, {}, ["fc1"], {"fc1": 2})], global_step=3,
-                              logger=None, is_global_zero=False)
+    trainer = SimpleNamespace(
+        callbacks=[report, build_callback(name, {}, ["fc1"], {"fc1": 2})],
+        global_step=3,
+        logger=None,
+        is_global_zero=False,
+    )
     report.on_fit_end(trainer, None)
     assert report.result["method"] == name
     assert report.result["preserved"]["before"] == 0.25 and report.result["preserved"]["after"] == 0.5

@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
 from fora_lightning import FORA, ForaLoRA, ForaModule, merge_lora
 from fora_lightning.lora import ForaLoraLinear
 
@@ -35,9 +35,12 @@ def fit_wrapped(tmp_path, **fora) -> tuple[ForaModule, pl.Trainer, dict[str, tor
     wrapped = ForaModule(UserMLP(lr=5e-2), target_modules=["fc1", "fc2"], weight_rank=2, progress=False, **fora)
     w0 = {n: p.detach().clone() for n, p in wrapped.module.state_dict().items()}
     trainer = tiny_trainer(
-        max_steps=40, enable_checkpointing=True, default_root_dir=tmp_path,
+        max_steps=40,
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")],
-        limit_val_batches=2, val_check_interval=8,
+        limit_val_batches=2,
+        val_check_interval=8,
     )
     trainer.fit(wrapped, train_dataloaders=task_loader(), val_dataloaders=task_loader(n=64))
     return wrapped, trainer, w0
@@ -113,8 +116,12 @@ def test_lora_checkpoint_reloads_into_the_wrapper_and_merges_into_the_bare_class
 
 
 def test_load_from_checkpoint_refuses_a_bare_checkpoint(tmp_path):
-    trainer = tiny_trainer(max_steps=1, enable_checkpointing=True, default_root_dir=tmp_path,
-                           callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="bare")])
+    trainer = tiny_trainer(
+        max_steps=1,
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="bare")],
+    )
     trainer.fit(MLP(), train_dataloaders=task_loader(n=32))
     with pytest.raises(ValueError, match="no 'fora_module' entry"):
         ForaModule.load_from_checkpoint(tmp_path / "bare.ckpt")
@@ -127,12 +134,25 @@ def test_lora_rank_selects_fora_lora():
 
 def test_every_fora_setting_reaches_the_callback(tmp_path):
     wrapped = ForaModule(
-        MLP(), target_modules=["fc1"], energy=0.9, weight_rank=3, mode="gradient", combine="union",
-        capability_weights={"a": 2.0, "b": 1.0}, extend_to=str(tmp_path / "ab.safetensors"),
+        MLP(),
+        target_modules=["fc1"],
+        energy=0.9,
+        weight_rank=3,
+        mode="gradient",
+        combine="union",
+        capability_weights={"a": 2.0, "b": 1.0},
+        extend_to=str(tmp_path / "ab.safetensors"),
     )
     cb = wrapped.configure_callbacks()[-1]
-    assert isinstance(cb, FORA) and cb.config.combine == "union" and cb.config.capability_weights == {"a": 2.0, "b": 1.0}
-    assert (cb.config.energy, cb.config.weight_rank, cb.config.mode, cb.config.extend_to) == (0.9, 3, "gradient", str(tmp_path / "ab.safetensors"))
+    assert (
+        isinstance(cb, FORA) and cb.config.combine == "union" and cb.config.capability_weights == {"a": 2.0, "b": 1.0}
+    )
+    assert (cb.config.energy, cb.config.weight_rank, cb.config.mode, cb.config.extend_to) == (
+        0.9,
+        3,
+        "gradient",
+        str(tmp_path / "ab.safetensors"),
+    )
 
 
 def test_rejects_a_plain_module():

@@ -90,7 +90,10 @@ def test_200_adamw_steps_with_host_anchors_keep_span_leakage_below_1e5(mlp, prec
     for n, sub in subs.items():
         d = (targets[n].weight.detach() - w0[n]).double()
         u, v = sub.u.double(), sub.v.double()
-        x = torch.randn(300, sub.k, generator=torch.Generator().manual_seed(9), dtype=torch.float64) @ sub.anchor_basis.double().T
+        x = (
+            torch.randn(300, sub.k, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+            @ sub.anchor_basis.double().T
+        )
         assert leakage(d - u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T, w0[n], x) < 1e-5, n
 
 

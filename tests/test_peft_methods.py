@@ -33,7 +33,9 @@ def test_osf_freezes_foras_k_per_layer_and_trains_the_rest():
     config = osf.peft_config(None, outer, outer.model, ["a", "b"])
     peft_model = get_peft_model(outer.model, config)
     assert osf.ks == {"model.a": 3, "model.b": 1}  # OSF refuses 0: clipped to 1
-    ranks = {name: m.effective_rank["default"] for name, m in outer.model.named_modules() if hasattr(m, "effective_rank")}
+    ranks = {
+        name: m.effective_rank["default"] for name, m in outer.model.named_modules() if hasattr(m, "effective_rank")
+    }
     assert ranks == {"a": 3, "b": 1}
     trainable = sum(p.numel() for p in outer.parameters() if p.requires_grad)
     # per layer (out x in, m = min): U_low out x (m - k), S_low (m - k), V_low (m - k) x in

@@ -7,7 +7,6 @@ import torch
 from conftest import calibration_loader, span_inputs, task_loader, tiny_trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from fora_lightning.core.reference import dense_pi
 from reference import orthonormal
 
 from fora_lightning import FORA, ForaConfig
@@ -19,13 +18,14 @@ from fora_lightning.core.precision import (
     weight_coords,
 )
 from fora_lightning.core.projection import right_project
-from fora_lightning.eval.metrics import leakage as relative_leakage
+from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import (
     LayerSubspace,
     SubspaceConfig,
     build_subspace,
     spectrum,
 )
+from fora_lightning.eval.metrics import leakage as relative_leakage
 from fora_lightning.layout import TargetLayout
 
 
@@ -35,7 +35,15 @@ def _leak(sub: LayerSubspace, tuned: torch.nn.Linear, w0: torch.Tensor, x: torch
     return relative_leakage(d - u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T, w0, x)
 
 
-def _train(model: torch.nn.Module, targets: dict[str, torch.nn.Linear], subs: dict, batches: list, loss, precision: str, steps: int = 200) -> None:
+def _train(
+    model: torch.nn.Module,
+    targets: dict[str, torch.nn.Linear],
+    subs: dict,
+    batches: list,
+    loss,
+    precision: str,
+    steps: int = 200,
+) -> None:
     """``steps`` AdamW steps (weight decay 0.1) with FORA's per-step work in ``precision``, as the Callback runs it."""
     layout = TargetLayout(targets, model)
     layout.attach_anchors(subs)
@@ -79,7 +87,12 @@ def test_tiny_llama_keeps_span_leakage_below_1e5_in_bf16():
         m.weight.requires_grad_(True)
     held = _layer_inputs(model, _batches(3, seed=7, low=0, high=VOCAB // 2), names)
     calib = _layer_inputs(model, _batches(6, seed=1, low=0, high=VOCAB // 2), names)
-    subs = {n: build_subspace(n, w0[n], SubspaceConfig(energy=0.99, weight_rank=4), spectrum(calib[n].T @ calib[n] / len(calib[n]))) for n in names}
+    subs = {
+        n: build_subspace(
+            n, w0[n], SubspaceConfig(energy=0.99, weight_rank=4), spectrum(calib[n].T @ calib[n] / len(calib[n]))
+        )
+        for n in names
+    }
     train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]
     _train(model, targets, subs, train, lambda m, b: m.training_step(b, 0), "bf16")
     for n in names:
@@ -111,7 +124,13 @@ def test_auto_resolves_as_documented(monkeypatch):
 
 
 @settings(max_examples=15, deadline=None)
-@given(d_out=st.integers(4, 40), d_in=st.integers(4, 40), frac=st.floats(0.1, 0.9), r=st.integers(0, 3), precision=st.sampled_from(["tf32", "bf16"]))
+@given(
+    d_out=st.integers(4, 40),
+    d_in=st.integers(4, 40),
+    frac=st.floats(0.1, 0.9),
+    r=st.integers(0, 3),
+    precision=st.sampled_from(["tf32", "bf16"]),
+)
 def test_cheap_projection_and_compensated_coords_against_float64(d_out, d_in, frac, r, precision):
     gen = torch.Generator().manual_seed(d_out * 100 + d_in)
     k = max(1, int(frac * d_in))

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference import orthonormal
+
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import complement_basis, weight_triplets
@@ -97,10 +97,12 @@ def test_row_sharded_projection_equals_full_rows():
     for rows in (slice(0, 4), slice(4, 10)):
         other = torch.ones(10, dtype=torch.bool)
         other[rows] = False
-        local_g = project(g[rows], q, u[rows], v, all_reduce=lambda t: t + u[other].T @ g[other])
+        local_g = project(g[rows], q, u[rows], v, all_reduce=lambda t, other=other: t + u[other].T @ g[other])
         torch.testing.assert_close(local_g, full_pi[rows], atol=1e-10, rtol=1e-10)
         local_w = w[rows].clone()
-        project_weight_(local_w, q, w0[rows] @ q, u[rows], v, anchor_u, all_reduce=lambda t: t + u[other].T @ w[other])
+        project_weight_(
+            local_w, q, w0[rows] @ q, u[rows], v, anchor_u, all_reduce=lambda t, other=other: t + u[other].T @ w[other]
+        )
         torch.testing.assert_close(local_w, full_w[rows], atol=1e-10, rtol=1e-10)
 
 
@@ -108,7 +110,9 @@ def test_row_sharded_projection_equals_full_rows():
 @pytest.mark.parametrize("r", [1, 3, 6])
 def test_weight_triplets_gram_route_matches_full_svd(shape, r):
     gen = torch.Generator().manual_seed(shape[0] * 7 + r)
-    w = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.linspace(2.0, 0.1, shape[1], dtype=torch.float64)
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64) * torch.linspace(
+        2.0, 0.1, shape[1], dtype=torch.float64
+    )
     u, s, v = weight_triplets(w, r)
     u_ref, s_ref, vh_ref = torch.linalg.svd(w, full_matrices=False)
     torch.testing.assert_close(s.double(), s_ref[:r], rtol=1e-6, atol=1e-6)

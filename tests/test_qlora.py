@@ -36,7 +36,9 @@ def quantize_targets(model: nn.Module, kind: str) -> nn.Module:
     for name, lin in find_targets(model, DEFAULT_TARGETS).items():
         bias = lin.bias is not None
         if kind == "4bit":
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias, compute_dtype=torch.float32, quant_type="nf4")
+            q = bnb.nn.Linear4bit(
+                lin.in_features, lin.out_features, bias=bias, compute_dtype=torch.float32, quant_type="nf4"
+            )
             q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
             q.support_avx512bf16_for_cpu = False  # no CPU-only repacking to a bf16 GEMM (test_cpu_repacked_weight_...)
         else:
@@ -89,7 +91,9 @@ def trained(request):
     probe = _ids(4, seed=5, low=4, high=VOCAB)
     with torch.no_grad():
         base_logits = base(input_ids=probe).logits
-    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _ids(16, 1, 4, VOCAB // 2).split(8)]
+    calibration = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _ids(16, 1, 4, VOCAB // 2).split(8)
+    ]
     recorder = LogitsAtTrainStart(probe)
     cb = ForaLoRA(calibration=calibration, weight_rank=4, lora_rank=4, lora_alpha=8, progress=False)
     train = DataLoader(TensorDataset(_ids(32, seed=2, low=VOCAB // 2, high=VOCAB)), batch_size=8)
@@ -106,7 +110,11 @@ def test_fit_starts_from_the_quantized_base_and_changes_it(trained):
     assert len(layers) == 14 and all(layer.ready and is_quantized(layer.base_layer) for layer in layers.values())
     torch.testing.assert_close(recorder.logits, base_logits, atol=1e-6, rtol=0)
     assert float((tuned_logits - base_logits).abs().max()) > 1e-2
-    assert {n.rpartition(".")[2] for n, p in module.named_parameters() if p.requires_grad} == {"lora_A", "lora_B", "lora_delta"}
+    assert {n.rpartition(".")[2] for n, p in module.named_parameters() if p.requires_grad} == {
+        "lora_A",
+        "lora_B",
+        "lora_delta",
+    }
 
 
 def test_bases_are_the_dequantized_weights_singular_triplets(trained):
@@ -161,10 +169,15 @@ def test_exported_adapter_loads_with_peft_onto_the_quantized_model(trained, tmp_
 def test_merge_is_refused_unless_dequantized(trained):
     kind, module, _, _, probe, _, tuned_logits, _ = trained
     model = copy.deepcopy(module.model)
-    with pytest.raises(TypeError, match=r"merge_lora: FORA-LoRA layer 'model\.layers\.0\.self_attn\.q_proj' wraps .*re-quantize"):
+    with pytest.raises(
+        TypeError, match=r"merge_lora: FORA-LoRA layer 'model\.layers\.0\.self_attn\.q_proj' wraps .*re-quantize"
+    ):
         merge_lora(model)
     assert len(fora_lora_layers(model)) == 14  # nothing was unwrapped
-    expected = {n: dense_weight(layer.base_layer).double() + layer.delta_weight() for n, layer in fora_lora_layers(model).items()}
+    expected = {
+        n: dense_weight(layer.base_layer).double() + layer.delta_weight()
+        for n, layer in fora_lora_layers(model).items()
+    }
     merged = merge_lora(model, dequantize=True)
     assert not fora_lora_layers(merged)
     for name, w in expected.items():
@@ -181,7 +194,10 @@ def test_full_fora_over_a_real_linear4bit_is_refused():
     module = QuantizedLM("4bit")
     cb = FORA(calibration=[{"input_ids": _ids(2, 1, 4, VOCAB)}], progress=False)
     train = DataLoader(TensorDataset(_ids(8, seed=2, low=4, high=VOCAB)), batch_size=4)
-    with pytest.raises(TypeError, match=r"cannot protect quantized layers: 'model\.model\.layers\.0\.self_attn\.q_proj' is a Linear4bit"):
+    with pytest.raises(
+        TypeError,
+        match=r"cannot protect quantized layers: 'model\.model\.layers\.0\.self_attn\.q_proj' is a Linear4bit",
+    ):
         tiny_trainer(max_steps=1, callbacks=[cb]).fit(module, train)
 
 

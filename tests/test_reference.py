@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference import orthonormal
+
 from fora_lightning.core.reference import dense_pi
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fora_lightning"
@@ -23,7 +23,9 @@ def test_dense_pi_is_an_orthogonal_projection(d_out, d_in, k, r, seed):
     p = dense_pi(g, q, u, v)
     torch.testing.assert_close(dense_pi(p, q, u, v), p, atol=1e-12, rtol=0)  # idempotent
     assert abs(float(((g - p) * p).sum())) < 1e-10 * (1 + float(g.norm()) ** 2)  # residual orthogonal to the image
-    torch.testing.assert_close(dense_pi(g.float(), q.float(), u.float(), v.float()), p, atol=1e-5, rtol=0)  # float64 inside
+    torch.testing.assert_close(
+        dense_pi(g.float(), q.float(), u.float(), v.float()), p, atol=1e-5, rtol=0
+    )  # float64 inside
 
 
 def test_the_library_does_not_import_the_reference():

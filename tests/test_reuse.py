@@ -39,7 +39,9 @@ def _fit(model: MLP, cb, steps: int = 40, **kw) -> MLP:
 
 
 def _fora(**kw) -> FORA:
-    return FORA(**{"calibration": calibration_loader(), "target_modules": ["fc1"], "weight_rank": 0, "progress": False, **kw})
+    return FORA(
+        **{"calibration": calibration_loader(), "target_modules": ["fc1"], "weight_rank": 0, "progress": False, **kw}
+    )
 
 
 # ------------------------------------------------------------------ item 1: subspace-file reuse
@@ -48,23 +50,30 @@ def test_file_made_on_other_data_is_reestimated_by_default_refused_strict_loaded
     _fit(copy.deepcopy(mlp), _fora(subspaces=path), steps=1)
     other = DataLoader(_other_inputs(), batch_size=32)
     tuned = copy.deepcopy(mlp)
-    with pytest.warns(UserWarning, match=r"FORA: .*calibration data of 'default' differs.*re-estimating and overwriting"):
+    with pytest.warns(
+        UserWarning, match=r"FORA: .*calibration data of 'default' differs.*re-estimating and overwriting"
+    ):
         _fit(tuned, _fora(calibration=other, subspaces=path))
     fresh = _leak(tuned, mlp, _other_inputs())
     with pytest.raises(ValueError, match=r"calibration data of 'default' differs.*subspaces_reuse='strict' refuses"):
         _fit(copy.deepcopy(mlp), _fora(calibration=calibration_loader(), subspaces=path, subspaces_reuse="strict"))
     forced = copy.deepcopy(mlp)
-    _fit(forced, _fora(calibration=calibration_loader(), subspaces=path, subspaces_reuse="force"))  # the file is now other-data's
+    _fit(
+        forced, _fora(calibration=calibration_loader(), subspaces=path, subspaces_reuse="force")
+    )  # the file is now other-data's
     stale = _leak(forced, mlp, span_inputs(300, seed=9))
     print(f"leak on the new data: re-estimated {fresh:.2e}, forced stale file {stale:.2e}")
     assert fresh < 1e-5 and stale > 0.1
 
 
-@pytest.mark.parametrize(("saved", "now", "named"), [
-    ({"energy": 0.6}, {"energy": 0.999}, "energy=0.6 there, 0.999 here"),
-    ({"weight_rank": 2}, {"weight_rank": 0}, "weight_rank=2 there, 0 here"),
-    ({"mode": "gradient"}, {"mode": "update"}, "mode='gradient' there, 'update' here"),
-])
+@pytest.mark.parametrize(
+    ("saved", "now", "named"),
+    [
+        ({"energy": 0.6}, {"energy": 0.999}, "energy=0.6 there, 0.999 here"),
+        ({"weight_rank": 2}, {"weight_rank": 0}, "weight_rank=2 there, 0 here"),
+        ({"mode": "gradient"}, {"mode": "update"}, "mode='gradient' there, 'update' here"),
+    ],
+)
 def test_file_made_with_other_basis_settings_is_reestimated_with_a_warning(tmp_path, mlp, saved, now, named):
     path = tmp_path / "s.safetensors"
     first = _fora(subspaces=path, **saved)
@@ -82,7 +91,11 @@ def test_file_made_with_other_basis_settings_is_reestimated_with_a_warning(tmp_p
 def test_progress_and_other_non_basis_settings_do_not_count(tmp_path, mlp, recwarn):
     path = tmp_path / "s.safetensors"
     _fit(copy.deepcopy(mlp), _fora(subspaces=path), steps=1)
-    _fit(copy.deepcopy(mlp), _fora(subspaces=path, progress=True, covariance_dtype="float64", subspaces_reuse="strict"), steps=1)
+    _fit(
+        copy.deepcopy(mlp),
+        _fora(subspaces=path, progress=True, covariance_dtype="float64", subspaces_reuse="strict"),
+        steps=1,
+    )
     assert not [w for w in recwarn if "FORA:" in str(w.message)]
 
 
@@ -127,24 +140,33 @@ def _checkpoint(tmp_path, mlp, **kw) -> str:
     return trainer.checkpoint_callback.best_model_path
 
 
-@pytest.mark.parametrize(("now", "named"), [
-    ({"energy": 0.5}, "energy=0.99 there, 0.5 here"),
-    ({"weight_rank": 3}, "weight_rank=0 there, 3 here"),
-    ({"calibration": DataLoader(_other_inputs(), batch_size=32)}, "calibration data of 'default' differs"),
-])
+@pytest.mark.parametrize(
+    ("now", "named"),
+    [
+        ({"energy": 0.5}, "energy=0.99 there, 0.5 here"),
+        ({"weight_rank": 3}, "weight_rank=0 there, 3 here"),
+        ({"calibration": DataLoader(_other_inputs(), batch_size=32)}, "calibration data of 'default' differs"),
+    ],
+)
 def test_resume_with_other_settings_or_data_is_refused_force_keeps_with_a_warning(tmp_path, mlp, now, named):
     ckpt = _checkpoint(tmp_path, mlp)
-    with pytest.raises(ValueError, match=rf"checkpoint's FORA bases were made with other settings.*{named}.*subspaces_reuse='force'"):
+    with pytest.raises(
+        ValueError, match=rf"checkpoint's FORA bases were made with other settings.*{named}.*subspaces_reuse='force'"
+    ):
         tiny_trainer(max_steps=8, callbacks=[_fora(**now)]).fit(MLP(), task_loader(), ckpt_path=ckpt)
     with pytest.warns(UserWarning, match=rf"FORA: resuming with the checkpoint's FORA bases although {named}"):
-        tiny_trainer(max_steps=8, callbacks=[_fora(subspaces_reuse="force", **now)]).fit(MLP(), task_loader(), ckpt_path=ckpt)
+        tiny_trainer(max_steps=8, callbacks=[_fora(subspaces_reuse="force", **now)]).fit(
+            MLP(), task_loader(), ckpt_path=ckpt
+        )
 
 
 def test_gradient_mode_checkpoint_resumed_in_update_mode_is_refused(tmp_path, mlp):
     ckpt = _checkpoint(tmp_path, mlp, mode="gradient")
     for policy in ("auto", "force"):
         with pytest.raises(ValueError, match=r"no anchors W0 Q.*mode='gradient'.*W0 is not in it"):
-            tiny_trainer(max_steps=8, callbacks=[_fora(subspaces_reuse=policy)]).fit(MLP(), task_loader(), ckpt_path=ckpt)
+            tiny_trainer(max_steps=8, callbacks=[_fora(subspaces_reuse=policy)]).fit(
+                MLP(), task_loader(), ckpt_path=ckpt
+            )
 
 
 # ------------------------------------------------------------------ item 9: two callbacks in one Trainer
@@ -157,10 +179,14 @@ def test_two_fora_callbacks_on_different_layers_train_checkpoint_and_resume(tmp_
     assert not torch.equal(mlp.fc1.weight, base.fc1.weight) and not torch.equal(mlp.fc2.weight, base.fc2.weight)
     assert _leak(mlp, base, span_inputs(300, seed=9)) < 1e-5
     a2, b2 = _fora(), _fora(target_modules=["fc2"])
-    tiny_trainer(max_steps=40, callbacks=[a2, b2]).fit(MLP(), task_loader(), ckpt_path=trainer.checkpoint_callback.best_model_path)
+    tiny_trainer(max_steps=40, callbacks=[a2, b2]).fit(
+        MLP(), task_loader(), ckpt_path=trainer.checkpoint_callback.best_model_path
+    )
     for old, new in ((a, a2), (b, b2)):
         assert list(new.subspaces) == list(old.subspaces)
-        assert torch.equal(new.subspaces[next(iter(old.subspaces))].basis.cpu(), old.subspaces[next(iter(old.subspaces))].basis.cpu())
+        assert torch.equal(
+            new.subspaces[next(iter(old.subspaces))].basis.cpu(), old.subspaces[next(iter(old.subspaces))].basis.cpu()
+        )
 
 
 def test_a_checkpoint_under_the_bare_fora_key_still_resumes(tmp_path, mlp):
@@ -179,4 +205,6 @@ def test_fora_with_fora_lora_and_overlapping_foras_are_refused(mlp):
     with pytest.raises(ValueError, match="FORA and ForaLoRA are both in this Trainer"):
         tiny_trainer(max_steps=1, callbacks=[_fora(), lora]).fit(copy.deepcopy(mlp), task_loader())
     with pytest.raises(ValueError, match=r"two FORA callbacks both target \['fc1'\]"):
-        tiny_trainer(max_steps=1, callbacks=[_fora(), _fora(target_modules=["fc1", "fc2"])]).fit(copy.deepcopy(mlp), task_loader())
+        tiny_trainer(max_steps=1, callbacks=[_fora(), _fora(target_modules=["fc1", "fc2"])]).fit(
+            copy.deepcopy(mlp), task_loader()
+        )

@@ -11,10 +11,10 @@ import random
 from pathlib import Path
 
 import pytest
+from tiny_lm import word_tokenizer
 
 from fora_lightning.eval.methods import METHODS
 from fora_lightning.eval.setting import load_setting
-from tiny_lm import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets" / "smollm2"
@@ -64,8 +64,13 @@ def test_calibration_and_evaluation_share_no_long_prefix() -> None:
     chat = word_tokenizer()
     chat.chat_template = _script().CHAT_TEMPLATE  # what the exported SmolLM2 tokenizer renders with
     calibration = [r["prompt"] for r in _rows(ASSETS / "arithmetic" / "calibration.jsonl")]
-    calibration += [chat.apply_chat_template(r["messages"], tokenize=False) for r in _rows(ASSETS / "dialogue" / "calibration.jsonl")]
-    evaluation = [r["prompt"] for name in ("arithmetic/test.jsonl", "dialogue/test.jsonl") for r in _rows(ASSETS / name)]
+    calibration += [
+        chat.apply_chat_template(r["messages"], tokenize=False)
+        for r in _rows(ASSETS / "dialogue" / "calibration.jsonl")
+    ]
+    evaluation = [
+        r["prompt"] for name in ("arithmetic/test.jsonl", "dialogue/test.jsonl") for r in _rows(ASSETS / name)
+    ]
     header = "<|im_start|>user\n"
 
     def common(a: str, b: str) -> int:
@@ -97,5 +102,7 @@ def test_chat_template_renders_the_prompts_the_setting_evaluates() -> None:
     chat.chat_template = _script().CHAT_TEMPLATE
     for row in _rows(ASSETS / "dialogue" / "test.jsonl"):
         question = row["prompt"].split("\n", 1)[1].split("<|im_end|>")[0]
-        rendered = chat.apply_chat_template(_script().chat_messages(question), tokenize=False, add_generation_prompt=True)
+        rendered = chat.apply_chat_template(
+            _script().chat_messages(question), tokenize=False, add_generation_prompt=True
+        )
         assert rendered == row["prompt"]

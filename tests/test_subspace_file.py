@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import MLP, calibration_loader, task_loader, tiny_trainer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import MLP, calibration_loader, task_loader, tiny_trainer
 from fora_lightning import FORA
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.subspace_file import (
@@ -25,14 +25,24 @@ from fora_lightning.core.subspace_file import (
 )
 
 
-def _sub(d_out: int = 6, d_in: int = 5, k: int = 2, r: int = 1, complement: bool = False, seed: int = 0) -> LayerSubspace:
+def _sub(
+    d_out: int = 6, d_in: int = 5, k: int = 2, r: int = 1, complement: bool = False, seed: int = 0
+) -> LayerSubspace:
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen))
     u, _ = torch.linalg.qr(torch.randn(d_out, r, generator=gen))
     basis = q[:, k:] if complement else q[:, :k]
     return LayerSubspace(
-        d_out, d_in, k, basis.contiguous(), complement, u, torch.rand(r, generator=gen).sort(descending=True).values, q[:, :r].contiguous(),
-        energy=0.9, spectrum=torch.linspace(1, 0, d_in),
+        d_out,
+        d_in,
+        k,
+        basis.contiguous(),
+        complement,
+        u,
+        torch.rand(r, generator=gen).sort(descending=True).values,
+        q[:, :r].contiguous(),
+        energy=0.9,
+        spectrum=torch.linspace(1, 0, d_in),
     )
 
 
@@ -61,8 +71,13 @@ def saved(tmp_path):
     net = Net()
     subs = {"a": _sub(6, 5, 2, 1), "b": _sub(3, 6, 4, 2, complement=True, seed=1)}
     path = save_subspaces(
-        tmp_path / "s.safetensors", subs,
-        {"model": model_identity(net), "capabilities": {"keep": {"tokens": 7, "weight": 1.0, "fingerprint": "sha256:x", "step": 1}}, "chain": []},
+        tmp_path / "s.safetensors",
+        subs,
+        {
+            "model": model_identity(net),
+            "capabilities": {"keep": {"tokens": 7, "weight": 1.0, "fingerprint": "sha256:x", "step": 1}},
+            "chain": [],
+        },
         {"a": {"capability_energy": {"keep": 0.95}}},
     )
     return path, subs, net
@@ -74,13 +89,26 @@ def test_round_trip_keeps_every_tensor_and_field(saved):
     assert list(loaded) == ["a", "b"]
     for name, sub in subs.items():
         got = loaded[name]
-        assert (got.d_out, got.d_in, got.k, got.r, got.complement, got.energy) == (sub.d_out, sub.d_in, sub.k, sub.r, sub.complement, pytest.approx(sub.energy))
+        assert (got.d_out, got.d_in, got.k, got.r, got.complement, got.energy) == (
+            sub.d_out,
+            sub.d_in,
+            sub.k,
+            sub.r,
+            sub.complement,
+            pytest.approx(sub.energy),
+        )
         for field in ("basis", "u", "s", "v", "spectrum"):
             torch.testing.assert_close(getattr(got, field), getattr(sub, field), rtol=0, atol=0)
         assert got.anchor_q is None
     assert meta["version"] == VERSION and meta["format"] == "fora-subspaces" and meta["created"]
     assert meta["layers"]["a"] == {
-        "d_out": 6, "d_in": 5, "k": 2, "r": 1, "complement": False, "energy": pytest.approx(0.9), "nbytes": subs["a"].nbytes(),
+        "d_out": 6,
+        "d_in": 5,
+        "k": 2,
+        "r": 1,
+        "complement": False,
+        "energy": pytest.approx(0.9),
+        "nbytes": subs["a"].nbytes(),
         "capability_energy": {"keep": 0.95},
     }
     assert meta["model"] == model_identity(net)
@@ -90,7 +118,12 @@ def test_round_trip_keeps_every_tensor_and_field(saved):
 
 def test_the_callback_records_model_capabilities_tokens_and_fingerprint(tmp_path, mlp):
     path = tmp_path / "mlp.safetensors"
-    tiny_trainer(max_steps=2, callbacks=[FORA(calibration=calibration_loader(), target_modules=["fc1", "fc2"], subspaces=path, progress=False)]).fit(mlp, task_loader())
+    tiny_trainer(
+        max_steps=2,
+        callbacks=[
+            FORA(calibration=calibration_loader(), target_modules=["fc1", "fc2"], subspaces=path, progress=False)
+        ],
+    ).fit(mlp, task_loader())
     meta = read_metadata(path)
     assert meta["model"]["name"] == "MLP" and meta["model"]["n_parameters"] == 4
     cap = meta["capabilities"]["default"]
@@ -152,7 +185,10 @@ def test_error_model_architecture_differs(saved):
     loaded, meta = load_subspaces(path)
     bigger = Net()
     bigger.extra = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"architecture differs: the file was computed on 'Net' \(4 parameter tensors.*this is 'Net' \(6"):
+    with pytest.raises(
+        ValueError,
+        match=r"architecture differs: the file was computed on 'Net' \(4 parameter tensors.*this is 'Net' \(6",
+    ):
         validate_against(loaded, {"a": bigger.a, "b": bigger.b}, "f", meta, model_identity(bigger))
 
 
@@ -160,7 +196,14 @@ def test_error_hf_config_differs_names_the_entries(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def tiny(layers: int, heads: int) -> LlamaForCausalLM:
-        cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)
+        cfg = LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+        )
         return LlamaForCausalLM(cfg)
 
     saved_model, other = tiny(1, 2), tiny(1, 4)
@@ -178,21 +221,29 @@ def test_error_hf_config_differs_names_the_entries(tmp_path):
 def test_error_configured_capability_not_in_file(saved):
     path, _, net = saved
     loaded, meta = load_subspaces(path)
-    with pytest.raises(ValueError, match=r"configured to keep capabilities \['keep', 'math'\], the file protects \['keep'\] \(not \['math'\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"configured to keep capabilities \['keep', 'math'\], the file protects \['keep'\] \(not \['math'\]\)",
+    ):
         validate_against(loaded, {"a": net.a, "b": net.b}, "f", meta, model_identity(net), ["keep", "math"])
 
 
 def test_error_newer_format_version_says_which_version_is_needed(saved):
     path, _, _ = saved
     _rewrite_header(path, version=VERSION + 1)
-    with pytest.raises(ValueError, match=rf"format version {VERSION + 1}.*reads versions {MIN_VERSION}-{VERSION}.*supports format version {VERSION + 1}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"format version {VERSION + 1}.*reads versions {MIN_VERSION}-{VERSION}.*supports format version {VERSION + 1}",
+    ):
         read_metadata(path)
 
 
 def test_error_older_unsupported_version_is_refused_with_the_needed_version(saved):
     path, _, _ = saved
     _rewrite_header(path, version=0)
-    with pytest.raises(ValueError, match=rf"format version 0.*needs format version {MIN_VERSION}-{VERSION}.*re-estimate"):
+    with pytest.raises(
+        ValueError, match=rf"format version 0.*needs format version {MIN_VERSION}-{VERSION}.*re-estimate"
+    ):
         read_metadata(path)
 
 
@@ -225,7 +276,10 @@ def test_error_missing_tensor_and_inconsistent_shape(saved):
     del tensors["a::u"]
     tensors["b::basis"] = tensors["b::basis"][:, :1].contiguous()
     save_file(tensors, str(path), metadata={"fora": json.dumps(meta)})
-    with pytest.raises(ValueError, match=r"layer 'a': tensor 'a::u' is missing; layer 'b': 'basis' is \(6, 1\), the header implies \(6, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'a': tensor 'a::u' is missing; layer 'b': 'basis' is \(6, 1\), the header implies \(6, 2\)",
+    ):
         load_subspaces(path)
 
 

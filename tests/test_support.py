@@ -51,8 +51,13 @@ class TorchaoLinear(nn.Linear):
 def test_deepspeed_is_refused_by_name_at_setup(stage):
     trainer = SimpleNamespace(strategy=FakeDeepSpeed(stage))
     assert is_deepspeed(trainer.strategy) and not is_deepspeed(DDPStrategy())
-    for cb, who in ((FORA(calibration=[torch.randn(2, 8)]), "FORA"), (ForaLoRA(calibration=[torch.randn(2, 8)], lora_rank=2), "FORA-LoRA")):
-        with pytest.raises(RuntimeError, match=rf"{who} does not support FakeDeepSpeed \(ZeRO stage {stage}\).*strategy='ddp'"):
+    for cb, who in (
+        (FORA(calibration=[torch.randn(2, 8)]), "FORA"),
+        (ForaLoRA(calibration=[torch.randn(2, 8)], lora_rank=2), "FORA-LoRA"),
+    ):
+        with pytest.raises(
+            RuntimeError, match=rf"{who} does not support FakeDeepSpeed \(ZeRO stage {stage}\).*strategy='ddp'"
+        ):
             cb.setup(trainer, MLP(), "fit")
 
 
@@ -75,7 +80,9 @@ def test_deepspeed_named_class_without_lightning_base_is_refused():
 )
 def test_quantized_layers_are_detected_and_refused(layer, why):
     assert why in quantization_of(layer)
-    with pytest.raises(TypeError, match=rf"FORA \(full fine-tuning\) cannot protect quantized layers: 'fc1' is .*{why}"):
+    with pytest.raises(
+        TypeError, match=rf"FORA \(full fine-tuning\) cannot protect quantized layers: 'fc1' is .*{why}"
+    ):
         refuse_quantized_targets({"fc1": layer, "fc2": nn.Linear(4, 4)}, "FORA")
 
 

@@ -27,8 +27,16 @@ def test_expand_one_knob_at_a_time_with_the_own_config_once():
     methods = {"fora": {"energy": 0.99}, "l2sp": {"lambda_": 0.1}, "plain_ft": {}}
     sweeps = {"fora": {"energy": [0.9, 0.99, 0.995], "model.lr": [1e-3]}, "l2sp": {"lambda_": [0.01, 1.0]}}
     keys = [p.key for p in expand(methods, ["fora", "l2sp", "plain_ft"], sweeps)]
-    assert keys == ["fora", "fora[energy=0.9]", "fora[energy=0.995]", "fora[model.lr=0.001]",
-                    "l2sp", "l2sp[lambda_=0.01]", "l2sp[lambda_=1.0]", "plain_ft"]
+    assert keys == [
+        "fora",
+        "fora[energy=0.9]",
+        "fora[energy=0.995]",
+        "fora[model.lr=0.001]",
+        "l2sp",
+        "l2sp[lambda_=0.01]",
+        "l2sp[lambda_=1.0]",
+        "plain_ft",
+    ]
     assert [p.key for p in expand(methods, ["fora"], None)] == ["fora"]
 
 
@@ -66,21 +74,38 @@ def test_pareto_mask_front_is_nondominated_and_dominates_the_rest(pts):
 
 def _setting(tmp_path) -> Setting:
     ev = EvalSet(path=str(tmp_path / "x.jsonl"), name="keep")
-    return Setting(setting="synthetic", model={}, data={}, preserved=ev, new_task=EvalSet(path=str(tmp_path / "t.jsonl"), name="task"),
-                   heldout=ev, methods={"fora": {}, "l2sp": {}}, target_modules=["q_proj"])
+    return Setting(
+        setting="synthetic",
+        model={},
+        data={},
+        preserved=ev,
+        new_task=EvalSet(path=str(tmp_path / "t.jsonl"), name="task"),
+        heldout=ev,
+        methods={"fora": {}, "l2sp": {}},
+        target_modules=["q_proj"],
+    )
 
 
 def _row(new: float, kept: float) -> dict[str, float]:
-    return {"preserved": kept, "preserved_base": 1.0, "new_task": new, "kl": 0.1, "leakage": 0.2, "heldout_loss_delta": 0.05,
-            "trainable_params": 100, "wall_s": 1.0, "k_mean": 3.0}
+    return {
+        "preserved": kept,
+        "preserved_base": 1.0,
+        "new_task": new,
+        "kl": 0.1,
+        "leakage": 0.2,
+        "heldout_loss_delta": 0.05,
+        "trainable_params": 100,
+        "wall_s": 1.0,
+        "k_mean": 3.0,
+    }
 
 
 def test_sweep_outputs_on_synthetic_rows(tmp_path):
     setting = _setting(tmp_path)
     points = [Point("fora", {}), Point("l2sp", {"lambda_": 0.1}), Point("l2sp", {"lambda_": 1.0}, "lambda_", 1.0)]
     rows = {
-        "fora": {0: _row(0.6, 0.9), 1: _row(0.8, 0.7)},                # mean (0.7, 0.8)
-        "l2sp": {0: _row(0.5, 0.5), 1: _row(0.5, 0.7)},                # mean (0.5, 0.6): beaten by fora
+        "fora": {0: _row(0.6, 0.9), 1: _row(0.8, 0.7)},  # mean (0.7, 0.8)
+        "l2sp": {0: _row(0.5, 0.5), 1: _row(0.5, 0.7)},  # mean (0.5, 0.6): beaten by fora
         "l2sp[lambda_=1.0]": {0: _row(0.1, 1.0), 1: _row(0.1, 1.0)},  # mean (0.1, 1.0): on the front
     }
     base = {"preserved": 1.0, "new_task": 0.0, "heldout_loss": 2.0}

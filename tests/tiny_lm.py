@@ -36,9 +36,17 @@ def save_tokenizer(directory: Path) -> str:
 def tiny_llama_config(vocab_size: int = len(SPECIALS) + len(WORDS)) -> dict[str, Any]:
     """An inline ``AutoConfig.for_model`` dict: Llama, hidden 32, 2 layers."""
     return {
-        "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "tie_word_embeddings": False,
     }
 
@@ -51,13 +59,18 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 def task_rows(n: int = 24) -> list[dict[str, str]]:
     """The 'new task': 'add a b' -> 'c' style rows (prompt / response fields)."""
     letters = "abcdefgh"
-    return [{"prompt": f"add {letters[i % 8]} {letters[(i + 1) % 8]} =", "response": letters[(i * 3) % 8]} for i in range(n)]
+    return [
+        {"prompt": f"add {letters[i % 8]} {letters[(i + 1) % 8]} =", "response": letters[(i * 3) % 8]} for i in range(n)
+    ]
 
 
 def keep_rows(n: int = 24) -> list[dict[str, str]]:
     """The capability to keep: 'translate one' -> 'a' style rows (question / answer fields)."""
     nums = ["one", "two", "three", "four", "five"]
-    return [{"question": f"translate {nums[i % 5]} {'abcdefgh'[(i // 5) % 8]} :", "answer": "abcde"[i % 5]} for i in range(n)]
+    return [
+        {"question": f"translate {nums[i % 5]} {'abcdefgh'[(i // 5) % 8]} :", "answer": "abcde"[i % 5]}
+        for i in range(n)
+    ]
 
 
 # ChatML, as SmolLM2 and Qwen write it (without a default system prompt)
@@ -75,7 +88,11 @@ def chat_word_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]",
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        unk_token="[UNK]",
         additional_special_tokens=CHAT_SPECIALS,
     )
     fast.chat_template = CHATML
@@ -95,9 +112,13 @@ def chat_bpe_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>", *CHAT_SPECIALS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>", *CHAT_SPECIALS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", additional_special_tokens=CHAT_SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", additional_special_tokens=CHAT_SPECIALS
+    )
     fast.chat_template = CHATML
     return fast

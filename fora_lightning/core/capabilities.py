@@ -56,7 +56,9 @@ def capability_weights(names: Sequence[str], weights: Mapping[str, float] | None
     return {n: float(weights[n]) / total for n in names}
 
 
-def combine_covariances(per_capability: Mapping[str, Covariances], weights: Mapping[str, float] | None = None) -> Covariances:
+def combine_covariances(
+    per_capability: Mapping[str, Covariances], weights: Mapping[str, float] | None = None
+) -> Covariances:
     """``C = sum_c w_c S_c / N_c`` (weights normalised to sum 1) per layer input.
 
     The result's ``counts`` are the total token counts ``sum_c N_c`` and its ``sums`` are
@@ -178,7 +180,9 @@ def principal_cosines(basis: Tensor, v: Tensor, complement: bool = False) -> Ten
     if complement:
         k = b.shape[0] - b.shape[1]
         outside = vv.T @ b
-        cos2 = torch.linalg.eigvalsh(torch.eye(vv.shape[1], dtype=torch.float64, device=vv.device) - outside @ outside.T).flip(0)
+        cos2 = torch.linalg.eigvalsh(
+            torch.eye(vv.shape[1], dtype=torch.float64, device=vv.device) - outside @ outside.T
+        ).flip(0)
         return cos2.clamp(0, 1).sqrt()[: min(k, vv.shape[1])]
     return torch.linalg.svdvals(b.T @ vv).clamp(0, 1)
 
@@ -222,8 +226,9 @@ class GrownBasis:
     spectrum: Tensor  # eigenvalues of the new covariance, float32
 
 
-def grow_basis(sub: LayerSubspace, cov: Tensor, energy: float = 0.99, max_rank: int | None = None,
-               allow_complement: bool = False) -> GrownBasis:
+def grow_basis(
+    sub: LayerSubspace, cov: Tensor, energy: float = 0.99, max_rank: int | None = None, allow_complement: bool = False
+) -> GrownBasis:
     """``sub``'s Q grown by :func:`gpm_extend` with ``cov`` (``max_rank`` caps the merged k)."""
     q = complement_basis(sub.basis) if sub.complement else sub.basis
     max_new = None if max_rank is None else max(0, max_rank - q.shape[1])
@@ -232,8 +237,12 @@ def grow_basis(sub: LayerSubspace, cov: Tensor, energy: float = 0.99, max_rank: 
     complement = allow_complement and k > sub.d_in / 2
     evals, _ = spectrum(cov)
     return GrownBasis(
-        basis=(complement_basis(merged) if complement else merged).float().contiguous(), complement=complement, k=k,
-        k_new=k_new, energy=captured_energy(merged, cov), spectrum=evals.float(),
+        basis=(complement_basis(merged) if complement else merged).float().contiguous(),
+        complement=complement,
+        k=k,
+        k_new=k_new,
+        energy=captured_energy(merged, cov),
+        spectrum=evals.float(),
     )
 
 
@@ -259,8 +268,16 @@ def extend_subspace(
     d_out, d_in = weight.shape
     return (
         LayerSubspace(
-            d_out=d_out, d_in=d_in, k=grown.k, basis=grown.basis, complement=grown.complement,
-            u=u, s=s, v=v, energy=grown.energy, spectrum=grown.spectrum,
+            d_out=d_out,
+            d_in=d_in,
+            k=grown.k,
+            basis=grown.basis,
+            complement=grown.complement,
+            u=u,
+            s=s,
+            v=v,
+            energy=grown.energy,
+            spectrum=grown.spectrum,
         ),
         grown.k_new,
     )

@@ -132,7 +132,11 @@ def split_supported(precision: str, device: torch.device | str) -> bool:
     if precision == "tf32":
         return True
     try:
-        torch.mm(torch.ones(1, 1, dtype=torch.bfloat16, device=dev), torch.ones(1, 1, dtype=torch.bfloat16, device=dev), out_dtype=torch.float32)
+        torch.mm(
+            torch.ones(1, 1, dtype=torch.bfloat16, device=dev),
+            torch.ones(1, 1, dtype=torch.bfloat16, device=dev),
+            out_dtype=torch.float32,
+        )
     except (TypeError, RuntimeError, NotImplementedError):
         return False
     return True

@@ -33,7 +33,8 @@ class SubspaceConfig:
     """How the bases are chosen (FORA.md, steps 2-3); each field's help says what it does."""
 
     energy: float = field(
-        default=0.99, metadata={"help": "keep the smallest k whose eigenvalues hold this fraction of the trace (GPM's rule)"}
+        default=0.99,
+        metadata={"help": "keep the smallest k whose eigenvalues hold this fraction of the trace (GPM's rule)"},
     )
     rank: RankSpec = field(
         default=None, metadata={"help": "a fixed k instead of energy (int >= 1, or a per-layer mapping name -> k)"}
@@ -45,7 +46,9 @@ class SubspaceConfig:
     )
     source: Source = field(
         default="activations",
-        metadata={"help": "'activations' (FORA), 'weights' (weight-space baseline), 'random' (control), 'none' (k = 0: plain LoRA)"},
+        metadata={
+            "help": "'activations' (FORA), 'weights' (weight-space baseline), 'random' (control), 'none' (k = 0: plain LoRA)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of source='random'"})
 
@@ -57,8 +60,12 @@ class SubspaceConfig:
         if not _is_int(self.weight_rank) or self.weight_rank < 0:
             raise ValueError(f"weight_rank must be an int >= 0, got {self.weight_rank!r}")
         if self.max_rank is not None and (not _is_int(self.max_rank) or self.max_rank < 1):
-            raise ValueError(f"max_rank must be an int >= 1 (or None for no cap), got {self.max_rank!r}: 0 protects nothing")
-        ranks = self.rank.items() if isinstance(self.rank, Mapping) else [("", self.rank)] if self.rank is not None else []
+            raise ValueError(
+                f"max_rank must be an int >= 1 (or None for no cap), got {self.max_rank!r}: 0 protects nothing"
+            )
+        ranks = (
+            self.rank.items() if isinstance(self.rank, Mapping) else [("", self.rank)] if self.rank is not None else []
+        )
         for layer, k in ranks:
             where = f" for layer '{layer}'" if layer else ""
             if not _is_int(k):

@@ -36,13 +36,32 @@ FORMAT = "fora-subspaces"
 VERSION = 2
 MIN_VERSION = 1
 _SEP = "::"
-_TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {"d_out", "d_in", "k", "complement", "energy", "anchors_on_host"}
+_TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {
+    "d_out",
+    "d_in",
+    "k",
+    "complement",
+    "energy",
+    "anchors_on_host",
+}
 _SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u", "anchor_basis"}
 # HF config entries that describe a run, not the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
-    "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal", "use_cache",
-    "output_attentions", "output_hidden_states", "return_dict", "architectures", "auto_map",
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_attn_implementation_internal",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "architectures",
+    "auto_map",
 }
 
 
@@ -159,7 +178,9 @@ def save_subspaces(
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"subspace file {path} is a directory; give a file path such as {path / 'subspaces.safetensors'}")
+        raise IsADirectoryError(
+            f"subspace file {path} is a directory; give a file path such as {path / 'subspaces.safetensors'}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     layers = {}
@@ -168,12 +189,21 @@ def save_subspaces(
             if field in _SAVED_FIELDS:
                 tensors[f"{name}{_SEP}{field}"] = t.detach().cpu().contiguous().clone()
         layers[name] = {
-            "d_out": sub.d_out, "d_in": sub.d_in, "k": sub.k, "r": sub.r, "complement": sub.complement,
-            "energy": None if math.isnan(sub.energy) else sub.energy, "nbytes": sub.nbytes(),
+            "d_out": sub.d_out,
+            "d_in": sub.d_in,
+            "k": sub.k,
+            "r": sub.r,
+            "complement": sub.complement,
+            "energy": None if math.isnan(sub.energy) else sub.energy,
+            "nbytes": sub.nbytes(),
             **_jsonable(dict((layer_metadata or {}).get(name, {}))),
         }
     header = {
-        "format": FORMAT, "version": VERSION, "created": now(), "writer": _writer_version(), "layers": layers,
+        "format": FORMAT,
+        "version": VERSION,
+        "created": now(),
+        "writer": _writer_version(),
+        "layers": layers,
         **_jsonable(dict(metadata or {})),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -214,7 +244,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     version = meta.get("version")
     if not isinstance(version, int):
-        raise ValueError(f"{path}: format version {version!r} is not an integer; this fora-lightning reads versions {MIN_VERSION}-{VERSION}")
+        raise ValueError(
+            f"{path}: format version {version!r} is not an integer; this fora-lightning reads versions {MIN_VERSION}-{VERSION}"
+        )
     if version > VERSION:
         raise ValueError(
             f"{path} was written in subspace-file format version {version}; this fora-lightning ({_writer_version()}) "
@@ -234,7 +266,9 @@ def _expected_shapes(info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {"basis": (d_in, d_in - k if info["complement"] else k), "u": (d_out, r), "s": (r,), "v": (d_in, r)}
 
 
-def load_subspaces(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, LayerSubspace], dict[str, Any]]:
+def load_subspaces(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[dict[str, LayerSubspace], dict[str, Any]]:
     """Read a subspace file: ``(layer -> LayerSubspace, metadata)``.
 
     Checks the file against itself: every layer's header entry has its tensors, with the shapes
@@ -264,8 +298,12 @@ def load_subspaces(path: str | Path, device: torch.device | str = "cpu") -> tupl
             continue
         energy = info.get("energy")
         subspaces[name] = LayerSubspace(
-            d_out=d_out, d_in=d_in, k=k, complement=bool(info["complement"]),
-            energy=float("nan") if energy is None else float(energy), **t,
+            d_out=d_out,
+            d_in=d_in,
+            k=k,
+            complement=bool(info["complement"]),
+            energy=float("nan") if energy is None else float(energy),
+            **t,
         )
     if flat:
         problems.append(f"tensors for no layer in the header: {sorted(flat)[:5]}")
@@ -302,7 +340,11 @@ def _value_problems(name: str, t: Mapping[str, Tensor]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- validation
 def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    return [f"{k}={saved[k]!r} in the file, {current[k]!r} here" for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+    return [
+        f"{k}={saved[k]!r} in the file, {current[k]!r} here"
+        for k in sorted(set(saved) & set(current))
+        if saved[k] != current[k]
+    ]
 
 
 def validate_against(
@@ -327,24 +369,31 @@ def validate_against(
     if missing:
         problems.append(f"no subspace for target layer(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra:
-        problems.append(f"subspaces for layer(s) the model's targets do not include {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        problems.append(
+            f"subspaces for layer(s) the model's targets do not include {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        )
     for name in [n for n in targets if n in subspaces]:
         w = targets[name].weight
         shape = (subspaces[name].d_out, subspaces[name].d_in)
         full = tuple(getattr(w, "shape", ()))
         if full != shape:
-            problems.append(f"layer '{name}': subspace is for a {shape[0]}x{shape[1]} weight, the model's is {'x'.join(map(str, full))}")
+            problems.append(
+                f"layer '{name}': subspace is for a {shape[0]}x{shape[1]} weight, the model's is {'x'.join(map(str, full))}"
+            )
     if metadata is not None and model is not None:
         saved = metadata.get("model")
         if saved is None:
             warnings.warn(
                 f"{source} was written in format version {metadata.get('upgraded_from', metadata.get('version'))}, which "
-                "records no model: only layer names and shapes were checked", stacklevel=2,
+                "records no model: only layer names and shapes were checked",
+                stacklevel=2,
             )
         elif saved.get("config") is not None and model.get("config") is not None:
             diff = _config_differences(saved["config"], model["config"])
             if diff:
-                problems.append(f"model config differs from '{saved.get('name')}' the file was computed on: " + ", ".join(diff[:8]))
+                problems.append(
+                    f"model config differs from '{saved.get('name')}' the file was computed on: " + ", ".join(diff[:8])
+                )
         elif saved.get("architecture_sha256") != model.get("architecture_sha256"):
             problems.append(
                 f"model architecture differs: the file was computed on '{saved.get('name')}' "
@@ -355,6 +404,8 @@ def validate_against(
         saved_caps = list(metadata.get("capabilities") or {})
         absent = [c for c in capabilities if c not in saved_caps]
         if saved_caps and absent:
-            problems.append(f"FORA was configured to keep capabilities {list(capabilities)}, the file protects {saved_caps} (not {absent})")
+            problems.append(
+                f"FORA was configured to keep capabilities {list(capabilities)}, the file protects {saved_caps} (not {absent})"
+            )
     if problems:
         raise ValueError(f"subspaces from {source} do not match the model: " + "; ".join(problems))

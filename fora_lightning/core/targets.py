@@ -17,7 +17,15 @@ import torch
 from torch import Tensor, nn
 
 TargetModules = str | Sequence[str]
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama/Qwen/Mistral names
+DEFAULT_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)  # Llama/Qwen/Mistral names
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2 Conv1D names: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 LORA_PARAMETERS = ("lora_A", "lora_B", "lora_delta")  # what a FORA-LoRA wrapper adds beside ``base_layer``
 _QUANTIZED_CLASSES = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4", "QuantLinear", "FP8Linear")
@@ -140,7 +148,9 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, n
     when a matched module is neither.
     """
     if not isinstance(target_modules, str) and (not target_modules or isinstance(target_modules, bytes)):
-        raise ValueError("no target name patterns (an empty list): give module-name suffixes (e.g. ['q_proj', 'up_proj']) or a regex")
+        raise ValueError(
+            "no target name patterns (an empty list): give module-name suffixes (e.g. ['q_proj', 'up_proj']) or a regex"
+        )
     target_modules = resolve_target_modules(model, target_modules)
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -159,7 +169,8 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, n
             f" A single string is a regular expression matched against the whole module name (re.fullmatch): "
             f"{target_modules!r} matches only a module named exactly so; give a list ([{target_modules!r}]) to match "
             f"name suffixes, or a pattern such as {'.*' + target_modules!r}."
-            if isinstance(target_modules, str) else ""
+            if isinstance(target_modules, str)
+            else ""
         )
         raise ValueError(
             f"target name patterns {target_modules!r} matched no module of {type(model).__name__}.{regex} "

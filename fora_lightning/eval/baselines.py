@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
-from fora_lightning.core.targets import DEFAULT_TARGETS
+from fora_lightning.core.targets import DEFAULT_TARGETS, TargetModules
 from fora_lightning.targeting import restore_configure_model, select_targets, when_targets_exist
-from fora_lightning.core.targets import TargetModules
+
 
 class TrainTargetsOnly(Callback):
     """Plain fine-tuning of the ``target_modules`` weights only (with ``freeze_other``, all else frozen).
@@ -25,6 +26,7 @@ class TrainTargetsOnly(Callback):
         self.freeze_other = freeze_other
         self._targets: dict[str, nn.Linear] = {}
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -33,5 +35,6 @@ class TrainTargetsOnly(Callback):
     def _select_targets(self, pl_module: LightningModule) -> None:
         self._targets = select_targets(pl_module, self.target_modules, self.freeze_other, type(self).__name__)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         restore_configure_model(pl_module)

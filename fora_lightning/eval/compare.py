@@ -51,23 +51,28 @@ from fora_lightning.lora import merge_lora, trainable_parameters
 class Evaluator:
     """Scores a model on the setting's evaluation sets; holds the base model and the held-out batches."""
 
-    def __init__(self, setting: Setting, tokenizer, base: nn.Module, add_bos: bool, append_eos: bool, max_length: int) -> None:
+    def __init__(
+        self, setting: Setting, tokenizer, base: nn.Module, add_bos: bool, append_eos: bool, max_length: int
+    ) -> None:
         self.setting, self.tokenizer, self.base = setting, tokenizer, base
         self.encode = dict(tokenizer=tokenizer, max_length=max_length, add_bos=add_bos, append_eos=append_eos)
         self.pairs = {
-            key: read_pairs(s.path, s.prompt_field, s.answer_field, s.limit)
-            for key, s in self.sets().items()
+            key: read_pairs(s.path, s.prompt_field, s.answer_field, s.limit) for key, s in self.sets().items()
         }
 
     def sets(self) -> dict[str, EvalSet]:
-        return {"preserved": self.setting.preserved, "new_task": self.setting.new_task, "heldout": self.setting.heldout, **{
-            f"extra/{n}": s for n, s in self.setting.extra.items()}}
+        return {
+            "preserved": self.setting.preserved,
+            "new_task": self.setting.new_task,
+            "heldout": self.setting.heldout,
+            **{f"extra/{n}": s for n, s in self.setting.extra.items()},
+        }
 
     def batches(self, key: str) -> list[dict[str, torch.Tensor]]:
         """Tokenised ``[bos] prompt response [eos]`` rows (labels on the response), padded per batch."""
         prompts, answers = self.pairs[key]
         enc = encode_pairs({"prompt": prompts, "response": answers}, **self.encode)
-        rows = [{"input_ids": i, "labels": l} for i, l in zip(enc["input_ids"], enc["labels"])]
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(enc["input_ids"], enc["labels"])]
         collate = PadCollator(self.tokenizer.pad_token_id)
         size = self.sets()[key].batch_size
         return [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
@@ -94,7 +99,9 @@ class Evaluator:
         for batch in self.batches(key):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            metric.update(logits, batch["input_ids"], batch["attention_mask"], batch["labels"] if responses_only else None)
+            metric.update(
+                logits, batch["input_ids"], batch["attention_mask"], batch["labels"] if responses_only else None
+            )
         model.train(was_training)
         return float(metric.compute())
 
@@ -108,7 +115,10 @@ class Evaluator:
         return {**{key: self.score(self.base, key) for key in keys}, "heldout_loss": self.heldout_loss(self.base)}
 
     def evaluate(self, model: nn.Module, layers: Sequence[str]) -> dict[str, Any]:
-        out = {key: self.score(model, key) for key in ("preserved", "new_task", *[f"extra/{n}" for n in self.setting.extra])}
+        out = {
+            key: self.score(model, key)
+            for key in ("preserved", "new_task", *[f"extra/{n}" for n in self.setting.extra])
+        }
         out["heldout_loss"] = self.heldout_loss(model)
         out["preservation"] = evaluate_preservation(self.base, model, self.batches("heldout"), layers)
         return out
@@ -125,8 +135,16 @@ class Run:
     ks: dict[str, int]
 
 
-def run_method(name: str, args: dict[str, Any], setting: Setting, dm: TextDataModule, evaluator: Evaluator,
-               fora_ks: Mapping[str, int] | None, progress: bool, key: str | None = None) -> Run:
+def run_method(
+    name: str,
+    args: dict[str, Any],
+    setting: Setting,
+    dm: TextDataModule,
+    evaluator: Evaluator,
+    fora_ks: Mapping[str, int] | None,
+    progress: bool,
+    key: str | None = None,
+) -> Run:
     """Fit method ``name`` from a fresh model with the setting's seed, then score it (PEFT peers merged)."""
     args = dict(args)
     model_overrides = args.pop("model", {}) or {}
@@ -134,10 +152,17 @@ def run_method(name: str, args: dict[str, Any], setting: Setting, dm: TextDataMo
     module = CausalLMModule(**{**setting.model, **model_overrides})
     callback = build_callback(name, args, setting.target_modules, fora_ks)
     trainer_kwargs = {
-        "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-        "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-        "default_root_dir": str(Path(setting.output_dir) / "runs" / (key or name)), **setting.trainer,
-        "enable_progress_bar": progress, "callbacks": [callback],
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": str(Path(setting.output_dir) / "runs" / (key or name)),
+        **setting.trainer,
+        "enable_progress_bar": progress,
+        "callbacks": [callback],
     }
     trainer = pl.Trainer(**trainer_kwargs)
     start = time.perf_counter()
@@ -157,13 +182,21 @@ def run_method(name: str, args: dict[str, Any], setting: Setting, dm: TextDataMo
 
 def needs_fora_ks(methods: Mapping[str, Mapping[str, Any]], chosen: Sequence[str]) -> list[str]:
     """The chosen methods that copy FORA's per-layer k (weight_projection, random, OSF at ``effective_rank: fora``)."""
-    return [m for m in chosen if m in ("weight_projection", "random")
-            or (m == "osf" and methods[m].get("effective_rank", "fora") == "fora")]
+    return [
+        m
+        for m in chosen
+        if m in ("weight_projection", "random") or (m == "osf" and methods[m].get("effective_rank", "fora") == "fora")
+    ]
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def compare(setting: Setting, methods: Sequence[str] | None = None, progress: bool = True,
-            seeds: Sequence[int] | None = None, sweep: bool = False) -> dict[str, Any]:
+def compare(
+    setting: Setting,
+    methods: Sequence[str] | None = None,
+    progress: bool = True,
+    seeds: Sequence[int] | None = None,
+    sweep: bool = False,
+) -> dict[str, Any]:
     """Run ``methods`` (default: those in the config) and write the outputs to ``setting.output_dir``.
 
     One seed and no ``sweep``: ``results.json`` (the issue's shape), ``details.json``, ``table.md``, ``plot.png``.
@@ -212,9 +245,18 @@ def compare(setting: Setting, methods: Sequence[str] | None = None, progress: bo
     rows = {key: {s: run_row(r, base) for s, r in by_seed.items()} for key, by_seed in runs.items()}
     results = sweep_results(setting, base, points, rows, seeds)
     details = {
-        "setting": setting.setting, "seeds": seeds, "max_steps": steps, "base": base, "config": asdict(setting),
-        "runs": {key: {str(s): {"k": r.ks, **{k: v for k, v in r.scores.items() if k not in ("preserved", "new_task")}}
-                       for s, r in by_seed.items()} for key, by_seed in runs.items()},
+        "setting": setting.setting,
+        "seeds": seeds,
+        "max_steps": steps,
+        "base": base,
+        "config": asdict(setting),
+        "runs": {
+            key: {
+                str(s): {"k": r.ks, **{k: v for k, v in r.scores.items() if k not in ("preserved", "new_task")}}
+                for s, r in by_seed.items()
+            }
+            for key, by_seed in runs.items()
+        },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / "details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
@@ -223,17 +265,27 @@ def compare(setting: Setting, methods: Sequence[str] | None = None, progress: bo
     (out / "table.md").write_text(table + "\n")
     pareto_plot(results, setting, out / "pareto.png")
     if progress:
-        print("\n" + table + f"\n\nwritten to {out}/results.json, results.csv, details.json, table.md, pareto.png", flush=True)
+        print(
+            "\n" + table + f"\n\nwritten to {out}/results.json, results.csv, details.json, table.md, pareto.png",
+            flush=True,
+        )
     return results
 
 
-def _write_single(setting: Setting, base: dict[str, float], runs: Mapping[str, Run], steps: int, out: Path,
-                  progress: bool) -> dict[str, Any]:
+def _write_single(
+    setting: Setting, base: dict[str, float], runs: Mapping[str, Run], steps: int, out: Path, progress: bool
+) -> dict[str, Any]:
     """One seed, no sweep: results.json (the issue's shape), details.json, table.md, plot.png."""
     results = results_json(setting, base, runs)
     details = {
-        "setting": setting.setting, "seed": setting.seed, "max_steps": steps, "base": base,
-        "methods": {n: {"k": r.ks, **{k: v for k, v in r.scores.items() if k not in ("preserved", "new_task")}} for n, r in runs.items()},
+        "setting": setting.setting,
+        "seed": setting.seed,
+        "max_steps": steps,
+        "base": base,
+        "methods": {
+            n: {"k": r.ks, **{k: v for k, v in r.scores.items() if k not in ("preserved", "new_task")}}
+            for n, r in runs.items()
+        },
         "config": asdict(setting),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -248,15 +300,21 @@ def _write_single(setting: Setting, base: dict[str, float], runs: Mapping[str, R
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``compare --config FILE [--max-steps N] [--methods a,b] [--output DIR] [--seeds 0 1 2] [--sweep] [--no-progress]``."""
-    parser = argparse.ArgumentParser(prog="compare", description="Run FORA and the baselines on one setting and tabulate them.")
+    parser = argparse.ArgumentParser(
+        prog="compare", description="Run FORA and the baselines on one setting and tabulate them."
+    )
     parser.add_argument("--config", required=True, help="a compare YAML (see configs/compare_demo.yaml)")
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps for every method")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--output", default=None, help="override output_dir")
     parser.add_argument("--limit", type=int, default=None, help="cap every evaluation set at this many items")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or table print")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every point under each seed (mean and spread)")
-    parser.add_argument("--sweep", action="store_true", help="also run the config's sweeps: block (each method's own knob)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="run every point under each seed (mean and spread)"
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="also run the config's sweeps: block (each method's own knob)"
+    )
     args = parser.parse_args(argv)
     setting = load_setting(args.config)
     if args.max_steps is not None:

@@ -35,7 +35,10 @@ def metric_names(setting: Setting) -> dict[str, Any]:
         "setting": setting.setting,
         "preserved_metric": setting.preserved.label,
         "new_task_metric": setting.new_task.label,
-        "higher_is_better": {"preserved": setting.preserved.higher_is_better, "new_task": setting.new_task.higher_is_better},
+        "higher_is_better": {
+            "preserved": setting.preserved.higher_is_better,
+            "new_task": setting.new_task.higher_is_better,
+        },
     }
 
 
@@ -49,16 +52,26 @@ def _fmt(value: float, metric: str) -> str:
     return f"{100 * value:.1f}%" if metric == "exact_match" else f"{value:.3f}"
 
 
-def format_table(results: dict[str, Any], setting: Setting, base: dict[str, Any], runs: Mapping[str, Run], steps: int) -> str:
+def format_table(
+    results: dict[str, Any], setting: Setting, base: dict[str, Any], runs: Mapping[str, Run], steps: int
+) -> str:
     """Markdown: method x {new task, preserved (change), extras, KL, leakage, trainable params, wall time, k}."""
     pm, nm = setting.preserved.metric, setting.new_task.metric
     extra = list(setting.extra.values())
     head = ["method", f"new task: {setting.new_task.label}", f"preserved: {setting.preserved.label}", "change"]
-    head += [f"preserved: {e.label}" for e in extra] + ["KL(base‖tuned)", "Δ held-out loss", "leakage", "trainable params", "wall s", "k mean"]
+    head += [f"preserved: {e.label}" for e in extra] + [
+        "KL(base‖tuned)",
+        "Δ held-out loss",
+        "leakage",
+        "trainable params",
+        "wall s",
+        "k mean",
+    ]
     lines = [
         f"Setting `{setting.setting}`, seed {setting.seed}, {steps} optimizer steps per method. "
         f"Base model: new task {_fmt(base['new_task'], nm)}, preserved {_fmt(base['preserved'], pm)}"
-        + "".join(f", {e.label} {_fmt(base[f'extra/{e.name}'], e.metric)}" for e in extra) + ".",
+        + "".join(f", {e.label} {_fmt(base[f'extra/{e.name}'], e.metric)}" for e in extra)
+        + ".",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" + "---:|" * (len(head) - 1),
@@ -68,18 +81,26 @@ def format_table(results: dict[str, Any], setting: Setting, base: dict[str, Any]
         change_s = f"{100 * change:+.1f} pt" if pm == "exact_match" else f"{change:+.3f}"
         cells = [LABELS[name], _fmt(r["new_task"], nm), _fmt(r["preserved"], pm), change_s]
         cells += [_fmt(runs[name].scores[f"extra/{e.name}"], e.metric) for e in extra]
-        cells += [f"{r['kl']:.4f}", f"{r['heldout_loss_delta']:+.4f}", f"{r['leakage']:.4f}", f"{r['trainable_params']:,}", f"{r['wall_s']:.1f}",
-                  f"{r['k_mean']:.1f}" if r["k_mean"] else "-"]
+        cells += [
+            f"{r['kl']:.4f}",
+            f"{r['heldout_loss_delta']:+.4f}",
+            f"{r['leakage']:.4f}",
+            f"{r['trainable_params']:,}",
+            f"{r['wall_s']:.1f}",
+            f"{r['k_mean']:.1f}" if r["k_mean"] else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", FOOTNOTE]
     return "\n".join(lines)
 
 
-FOOTNOTE = ("KL: mean per-token KL(base ‖ tuned) in nats on held-out preserved text; Δ held-out loss: PEFT's forgetting "
-            "measure, the change in mean per-token loss (nats, every token) on that text; leakage: mean over target layers of "
-            "‖(W − W0) X‖ / ‖W0 X‖ with X the layer's inputs in the base model on that text; k mean: protected input "
-            "directions per layer (weight projection, random and OSF copy FORA's k layer by layer; OSF's are frozen "
-            "singular triplets). PEFT peers are scored merged (merge_and_unload).")
+FOOTNOTE = (
+    "KL: mean per-token KL(base ‖ tuned) in nats on held-out preserved text; Δ held-out loss: PEFT's forgetting "
+    "measure, the change in mean per-token loss (nats, every token) on that text; leakage: mean over target layers of "
+    "‖(W − W0) X‖ / ‖W0 X‖ with X the layer's inputs in the base model on that text; k mean: protected input "
+    "directions per layer (weight projection, random and OSF copy FORA's k layer by layer; OSF's are frozen "
+    "singular triplets). PEFT peers are scored merged (merge_and_unload)."
+)
 
 
 def plot(results: dict[str, Any], setting: Setting, path: Path) -> None:
@@ -95,15 +116,28 @@ def plot(results: dict[str, Any], setting: Setting, path: Path) -> None:
     for i, (name, r) in enumerate(methods.items()):
         x, y = r["new_task"] * scale[setting.new_task.metric], r["preserved"] * scale[setting.preserved.metric]
         color = f"C{i}"  # baselines hollow, each its own marker, so that coinciding points stay visible
-        ax.scatter(x, y, s=140 if name.startswith("fora") else 70, marker=MARKERS[name], label=LABELS[name], zorder=3,
-                   facecolors=color if name.startswith("fora") else "none", edgecolors=color, linewidths=1.5)
+        ax.scatter(
+            x,
+            y,
+            s=140 if name.startswith("fora") else 70,
+            marker=MARKERS[name],
+            label=LABELS[name],
+            zorder=3,
+            facecolors=color if name.startswith("fora") else "none",
+            edgecolors=color,
+            linewidths=1.5,
+        )
     base = next(iter(methods.values()))["preserved_base"] * scale[setting.preserved.metric]
     ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model (preserved)")
     unit = {"exact_match": " (%)", "perplexity": ""}
-    ax.set_xlabel(f"new task: {setting.new_task.label}{unit[setting.new_task.metric]}"
-                  + ("" if setting.new_task.higher_is_better else " (lower is better)"))
-    ax.set_ylabel(f"preserved: {setting.preserved.label}{unit[setting.preserved.metric]}"
-                  + ("" if setting.preserved.higher_is_better else " (lower is better)"))
+    ax.set_xlabel(
+        f"new task: {setting.new_task.label}{unit[setting.new_task.metric]}"
+        + ("" if setting.new_task.higher_is_better else " (lower is better)")
+    )
+    ax.set_ylabel(
+        f"preserved: {setting.preserved.label}{unit[setting.preserved.metric]}"
+        + ("" if setting.preserved.higher_is_better else " (lower is better)")
+    )
     ax.set_title(f"{setting.setting}: preservation vs new task")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)

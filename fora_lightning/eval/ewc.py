@@ -26,11 +26,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
+from typing_extensions import override
 
-from fora_lightning.core.targets import DEFAULT_TARGETS
-from fora_lightning.core.covariance import eval_mode
-from fora_lightning.core.targets import TargetModules
 from fora_lightning.calibration import CalibrationSource, resolve_calibration
+from fora_lightning.core.covariance import eval_mode
+from fora_lightning.core.targets import DEFAULT_TARGETS, TargetModules
 from fora_lightning.eval.l2sp import L2SP
 
 FisherKind = Literal["sampled", "empirical"]
@@ -72,6 +72,7 @@ class EWC(L2SP):
         self.progress = progress
         self.fisher: dict[str, Tensor] = {}
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if not self.fisher:
@@ -110,26 +111,34 @@ class EWC(L2SP):
             raise ValueError("EWC: the calibration data holds no sequence with two or more tokens")
         mean = sum(float(s.sum()) for s in sums.values()) / (sum(s.numel() for s in sums.values()) * count.item())
         scale = 1.0 / (count.item() * max(mean, 1e-30))
-        rank_zero_info(f"EWC: {self.fisher_kind} Fisher from {int(count.item())} calibration sequences (mean {mean:.3e}, normalised to 1)")
+        rank_zero_info(
+            f"EWC: {self.fisher_kind} Fisher from {int(count.item())} calibration sequences (mean {mean:.3e}, normalised to 1)"
+        )
         return {n: s * scale for n, s in sums.items()}
 
-    def _sequence_log_likelihood(self, pl_module: LightningModule, row: Mapping[str, Tensor], gen: torch.Generator) -> Tensor | None:
+    def _sequence_log_likelihood(
+        self, pl_module: LightningModule, row: Mapping[str, Tensor], gen: torch.Generator
+    ) -> Tensor | None:
         """``(1/|T|) sum_{t in T} log p(y_t | x_{<=t})`` for one sequence, or None if it has no next-token position."""
         ids, mask = row["input_ids"], row.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         positions = mask[0, 1:] != 0
         if not positions.any():
             return None
-        log_probs = _logits(pl_module, {"input_ids": ids, "attention_mask": mask})[0, :-1][positions].float().log_softmax(-1)
+        log_probs = (
+            _logits(pl_module, {"input_ids": ids, "attention_mask": mask})[0, :-1][positions].float().log_softmax(-1)
+        )
         if self.fisher_kind == "sampled":
             labels = torch.multinomial(log_probs.detach().exp(), 1, generator=gen).squeeze(1)
         else:
             labels = ids[0, 1:][positions]
         return log_probs.gather(1, labels[:, None]).mean()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "fisher": {n: f.detach().cpu() for n, f in self.fisher.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.fisher = {n: f.clone() for n, f in state_dict.get("fisher", {}).items()}

@@ -94,8 +94,13 @@ def greedy_extend(
     model.eval()
     try:
         generated = model.generate(
-            input_ids=left, attention_mask=left_mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad_token_id, eos_token_id=eos_token_id, synced_gpus=synced,
+            input_ids=left,
+            attention_mask=left_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            synced_gpus=synced,
         )
     finally:
         model.train(was_training)

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
-from fora_lightning.core.targets import DEFAULT_TARGETS
-from fora_lightning.core.targets import TargetModules
+from fora_lightning.core.targets import DEFAULT_TARGETS, TargetModules
 from fora_lightning.eval.baselines import TrainTargetsOnly
 
 
@@ -35,7 +35,9 @@ class L2SP(TrainTargetsOnly):
         freeze_other: train only the target weights (the same parameters as FORA).
     """
 
-    def __init__(self, lambda_: float = 1e-2, target_modules: TargetModules = DEFAULT_TARGETS, freeze_other: bool = True) -> None:
+    def __init__(
+        self, lambda_: float = 1e-2, target_modules: TargetModules = DEFAULT_TARGETS, freeze_other: bool = True
+    ) -> None:
         super().__init__(target_modules, freeze_other)
         if lambda_ < 0:
             raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
@@ -46,6 +48,7 @@ class L2SP(TrainTargetsOnly):
     def state_key(self) -> str:
         return type(self).__name__
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.anchors:
             self.anchors = {n: m.weight.detach().float().clone() for n, m in self._targets.items()}
@@ -56,7 +59,10 @@ class L2SP(TrainTargetsOnly):
         return 1.0
 
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         """``grad += 2 lambda F (W - W0)`` (``F = 1`` here); logs ``lambda sum F (W - W0)^2``."""
         terms: list[Tensor] = []
         for name, module in self._targets.items():
@@ -75,8 +81,10 @@ class L2SP(TrainTargetsOnly):
             penalty = self.lambda_ * torch.stack(terms).sum()
             pl_module.log(f"{self.state_key.lower()}/penalty", penalty, on_step=True, on_epoch=False)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"anchors": {n: a.detach().cpu() for n, a in self.anchors.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.anchors = {n: a.clone() for n, a in state_dict.get("anchors", {}).items()}

@@ -31,21 +31,66 @@ from fora_lightning.eval.l2sp import L2SP
 from fora_lightning.eval.peft_methods import PeftCorDA, PeftLoRA, PeftOSF
 from fora_lightning.lora import ForaLoRA
 
-METHODS = ("fora", "plain_ft", "lora", "l2sp", "ewc", "weight_projection", "random", "fora_lora", "peft_lora", "osf", "corda_kpm")
-DISPLAY_ORDER = ("plain_ft", "lora", "peft_lora", "l2sp", "ewc", "weight_projection", "random", "osf", "corda_kpm", "fora", "fora_lora")
+METHODS = (
+    "fora",
+    "plain_ft",
+    "lora",
+    "l2sp",
+    "ewc",
+    "weight_projection",
+    "random",
+    "fora_lora",
+    "peft_lora",
+    "osf",
+    "corda_kpm",
+)
+DISPLAY_ORDER = (
+    "plain_ft",
+    "lora",
+    "peft_lora",
+    "l2sp",
+    "ewc",
+    "weight_projection",
+    "random",
+    "osf",
+    "corda_kpm",
+    "fora",
+    "fora_lora",
+)
 LABELS = {
-    "plain_ft": "plain fine-tuning", "lora": "LoRA", "l2sp": "L2-SP", "ewc": "EWC",
-    "weight_projection": "weight-space projection (matched k)", "random": "random subspace (matched k)",
-    "fora": "FORA", "fora_lora": "FORA-LoRA", "peft_lora": "PEFT LoRA", "osf": "PEFT OSF", "corda_kpm": "PEFT CorDA-KPM",
+    "plain_ft": "plain fine-tuning",
+    "lora": "LoRA",
+    "l2sp": "L2-SP",
+    "ewc": "EWC",
+    "weight_projection": "weight-space projection (matched k)",
+    "random": "random subspace (matched k)",
+    "fora": "FORA",
+    "fora_lora": "FORA-LoRA",
+    "peft_lora": "PEFT LoRA",
+    "osf": "PEFT OSF",
+    "corda_kpm": "PEFT CorDA-KPM",
 }
-MARKERS = {"plain_ft": "o", "lora": "s", "l2sp": "^", "ewc": "v", "weight_projection": "D", "random": "X", "fora": "*",
-           "fora_lora": "P", "peft_lora": "h", "osf": "<", "corda_kpm": ">"}
+MARKERS = {
+    "plain_ft": "o",
+    "lora": "s",
+    "l2sp": "^",
+    "ewc": "v",
+    "weight_projection": "D",
+    "random": "X",
+    "fora": "*",
+    "fora_lora": "P",
+    "peft_lora": "h",
+    "osf": "<",
+    "corda_kpm": ">",
+}
 PEERS = {"peft_lora": PeftLoRA, "osf": PeftOSF, "corda_kpm": PeftCorDA}
 _FORA_SOURCES = {"activations": "fora", "weights": "weight_projection", "random": "random"}
 _PLAIN_LORA = {"source": "none", "weight_rank": 0}  # FORA-LoRA with no protected inputs (k = 0) and no channel
 
 
-def build_callback(name: str, args: dict[str, Any], targets: list[str] | str, fora_ks: Mapping[str, int] | None) -> Callback:
+def build_callback(
+    name: str, args: dict[str, Any], targets: list[str] | str, fora_ks: Mapping[str, int] | None
+) -> Callback:
     """The Callback that makes plain ``CausalLMModule`` training into method ``name``."""
     args = {"target_modules": targets, **args}
     if name in ("fora", "weight_projection", "random", "fora_lora"):
@@ -84,7 +129,14 @@ def method_of(callback: Callback) -> str | None:
         return "lora" if plain else "fora_lora"
     if isinstance(callback, FORA):
         return _FORA_SOURCES[callback.config.source]
-    for cls, name in ((PeftLoRA, "peft_lora"), (PeftOSF, "osf"), (PeftCorDA, "corda_kpm"), (EWC, "ewc"), (L2SP, "l2sp"), (TrainTargetsOnly, "plain_ft")):
+    for cls, name in (
+        (PeftLoRA, "peft_lora"),
+        (PeftOSF, "osf"),
+        (PeftCorDA, "corda_kpm"),
+        (EWC, "ewc"),
+        (L2SP, "l2sp"),
+        (TrainTargetsOnly, "plain_ft"),
+    ):
         if isinstance(callback, cls):
             return name
     return None

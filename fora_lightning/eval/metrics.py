@@ -76,7 +76,9 @@ class LayerLeakage(Metric):
     def update(self, layer: str, x: Tensor, weight: Tensor, w0: Tensor, mask: Tensor | None = None) -> None:
         """Add ``||X (W - W0)^T||^2`` and ``||X W0^T||^2`` for one layer's inputs ``x`` (``... x d_in``)."""
         i = self._index[layer]
-        delta_sq, base_sq = leakage_terms(x, weight.detach().double() - w0.detach().to(weight.device).double(), w0, mask)
+        delta_sq, base_sq = leakage_terms(
+            x, weight.detach().double() - w0.detach().to(weight.device).double(), w0, mask
+        )
         self.delta_sq[i] += delta_sq
         self.base_sq[i] += base_sq
 
@@ -120,7 +122,9 @@ class LeakageProbe:
         self.metric = metric
         self.mask: Tensor | None = None
         self._handles = [
-            m.register_forward_pre_hook(self._hook(name, m, base_weights[name], None if weights is None else weights[name]))
+            m.register_forward_pre_hook(
+                self._hook(name, m, base_weights[name], None if weights is None else weights[name])
+            )
             for name, m in modules.items()
         ]
 

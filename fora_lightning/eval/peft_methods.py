@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
 from fora_lightning.calibration import resolve_calibration
 from fora_lightning.core.targets import DEFAULT_TARGETS, TargetModules
@@ -42,6 +43,7 @@ class PeftPeer(Callback):
     def peft_config(self, trainer: Trainer, pl_module: LightningModule, model: nn.Module, layers: list[str]) -> Any:
         raise NotImplementedError
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.peft_model is not None:
             return
@@ -66,7 +68,9 @@ class PeftPeer(Callback):
 class PeftLoRA(PeftPeer):
     """PEFT's ``LoraConfig`` on the target layers."""
 
-    def __init__(self, target_modules: TargetModules = DEFAULT_TARGETS, lora_rank: int = 8, lora_alpha: float = 16.0) -> None:
+    def __init__(
+        self, target_modules: TargetModules = DEFAULT_TARGETS, lora_rank: int = 8, lora_alpha: float = 16.0
+    ) -> None:
         super().__init__(target_modules)
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
 
@@ -88,8 +92,12 @@ class PeftOSF(PeftPeer):
     then freezes ``clip(k, 1, min(out, in) - 1)`` singular triplets (OSF refuses 0 and trains nothing at full rank).
     """
 
-    def __init__(self, target_modules: TargetModules = DEFAULT_TARGETS, effective_rank: int | float | str = "fora",
-                 fora_ks: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        target_modules: TargetModules = DEFAULT_TARGETS,
+        effective_rank: int | float | str = "fora",
+        fora_ks: Mapping[str, int] | None = None,
+    ) -> None:
         super().__init__(target_modules)
         if effective_rank == "fora" and fora_ks is None:
             raise ValueError("osf: effective_rank='fora' needs FORA's per-layer k: run 'fora' first, or give a number")
@@ -126,18 +134,28 @@ def unpadded_rows(loader: Iterable[Any] | Mapping[str, Iterable[Any]]) -> Iterab
 class PeftCorDA(PeftPeer):
     """PEFT's CorDA in knowledge-preserved mode, its covariance from FORA's calibration batches."""
 
-    def __init__(self, target_modules: TargetModules = DEFAULT_TARGETS, lora_rank: int = 8, lora_alpha: float | None = None) -> None:
+    def __init__(
+        self, target_modules: TargetModules = DEFAULT_TARGETS, lora_rank: int = 8, lora_alpha: float | None = None
+    ) -> None:
         super().__init__(target_modules)
         self.lora_rank = lora_rank
-        self.lora_alpha = float(lora_rank) if lora_alpha is None else lora_alpha  # alpha = r: the adapter is W0's own part
+        self.lora_alpha = (
+            float(lora_rank) if lora_alpha is None else lora_alpha
+        )  # alpha = r: the adapter is W0's own part
 
     def peft_config(self, trainer: Trainer, pl_module: LightningModule, model: nn.Module, layers: list[str]) -> Any:
         from peft import LoraConfig
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
 
-        config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=layers,
-                            init_lora_weights="corda", corda_config=CordaConfig(corda_method="kpm"))
+        config = LoraConfig(
+            r=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=layers,
+            init_lora_weights="corda",
+            corda_config=CordaConfig(corda_method="kpm"),
+        )
         loader = resolve_calibration(None, trainer, pl_module)
         device = next(model.parameters()).device
         was_training = model.training

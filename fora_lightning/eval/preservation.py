@@ -16,9 +16,16 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
+from typing_extensions import override
 
-from fora_lightning.core.targets import DEFAULT_TARGETS
-from fora_lightning.core.targets import TargetModules, is_target_layer, name_matches, resolve_target_modules, weight_matrix
+from fora_lightning.core.targets import (
+    DEFAULT_TARGETS,
+    TargetModules,
+    is_target_layer,
+    name_matches,
+    resolve_target_modules,
+    weight_matrix,
+)
 from fora_lightning.eval.metrics import CausalPerplexity, LayerLeakage, TokenKL
 from fora_lightning.eval.report import find_hf_model
 from fora_lightning.lora.layer import ForaLoraLinear
@@ -28,8 +35,12 @@ def target_names(model: nn.Module, target_modules: TargetModules) -> list[str]:
     """Names of the linear layers (plain or FORA-LoRA-wrapped) matched by ``target_modules``."""
     target_modules = resolve_target_modules(model, target_modules)
     names = [
-        n for n, m in model.named_modules()
-        if n and (is_target_layer(m) or isinstance(m, ForaLoraLinear)) and name_matches(n, target_modules) and ".base_layer" not in n
+        n
+        for n, m in model.named_modules()
+        if n
+        and (is_target_layer(m) or isinstance(m, ForaLoraLinear))
+        and name_matches(n, target_modules)
+        and ".base_layer" not in n
     ]
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer of {type(model).__name__}")
@@ -148,6 +159,7 @@ class PreservationMetrics(Callback):
         self.base: nn.Module | None = None
         self.state: PreservationState | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.base is None:
             model = find_hf_model(pl_module)
@@ -158,16 +170,25 @@ class PreservationMetrics(Callback):
         names = getattr(trainer.datamodule, "val_dataloader_names", None)
         return names.index(self.dataloader_name) if names and self.dataloader_name in names else self.dataloader_idx
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.base.to(pl_module.device)
         self.state.to(pl_module.device).reset()
 
+    @override
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if dataloader_idx == self._preserved_idx(trainer):
             self.state.update(self.base, find_hf_model(pl_module), batch)
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size == 1 and self.state.kl.tokens.item() == 0:  # no preserved loader this epoch
             return

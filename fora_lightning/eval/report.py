@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from transformers import AutoTokenizer, PreTrainedModel
+from typing_extensions import override
 
 from fora_lightning.eval.generation import ExactMatchResult, evaluate_exact_match, read_pairs
 from fora_lightning.eval.methods import trainer_method
@@ -66,10 +67,12 @@ class ExactMatchReport(Callback):
         self.result: dict[str, Any] | None = None
         self._start = 0.0
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start = time.perf_counter()
         self.before = self._evaluate(trainer, pl_module, "before")
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         after = self._evaluate(trainer, pl_module, "after")
         self.result = {
@@ -78,7 +81,13 @@ class ExactMatchReport(Callback):
             "global_step": trainer.global_step,
             "wall_s": round(time.perf_counter() - self._start, 1),
             **{
-                role: {"name": name, "path": path, "n": after[role].n, "before": self.before[role].accuracy, "after": after[role].accuracy}
+                role: {
+                    "name": name,
+                    "path": path,
+                    "n": after[role].n,
+                    "before": self.before[role].accuracy,
+                    "after": after[role].accuracy,
+                }
                 for role, (name, path) in self.sets.items()
             },
         }
@@ -103,7 +112,9 @@ class ExactMatchReport(Callback):
             prompts, answers = read_pairs(path, self.prompt_field, self.answer_field, self.limit)
             if trainer.is_global_zero:
                 print(f"ExactMatchReport ({when}): greedy decoding {len(prompts)} {name} prompts", flush=True)
-            scores[role] = evaluate_exact_match(model, tokenizer, prompts, answers, self.batch_size, self.max_new_tokens)
+            scores[role] = evaluate_exact_match(
+                model, tokenizer, prompts, answers, self.batch_size, self.max_new_tokens
+            )
         return scores
 
     def _tokenizer(self, trainer: Trainer, pl_module: LightningModule):
@@ -113,7 +124,9 @@ class ExactMatchReport(Callback):
             tok = getattr(owner, "tokenizer", None)
             if tok is not None:
                 return tok
-        raise ValueError("ExactMatchReport: no tokenizer on the module, the wrapped module or the datamodule; pass tokenizer=")
+        raise ValueError(
+            "ExactMatchReport: no tokenizer on the module, the wrapped module or the datamodule; pass tokenizer="
+        )
 
 
 def find_hf_model(module: LightningModule) -> PreTrainedModel:

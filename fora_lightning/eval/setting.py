@@ -73,7 +73,19 @@ class Setting:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> Setting:
         cfg = dict(cfg)
-        unknown = set(cfg) - {"setting", "model", "data", "evaluation", "methods", "target_modules", "trainer", "seed", "output_dir", "threads", "sweeps"}
+        unknown = set(cfg) - {
+            "setting",
+            "model",
+            "data",
+            "evaluation",
+            "methods",
+            "target_modules",
+            "trainer",
+            "seed",
+            "output_dir",
+            "threads",
+            "sweeps",
+        }
         if unknown:
             raise ValueError(f"compare config: unknown keys {sorted(unknown)}")
         ev = dict(cfg.pop("evaluation"))
@@ -98,8 +110,12 @@ class Setting:
                 raise ValueError(f"compare config: sweeps.{name} has no entry in methods; add methods.{name}")
             for knob, values in knobs.items():
                 if not isinstance(values, list) or not values:
-                    raise ValueError(f"compare config: sweeps.{name}.{knob} must be a non-empty list of values, got {values!r}")
-        return cls(sweeps=sweeps, preserved=preserved, new_task=new_task, heldout=heldout, extra=extra, methods=methods, **cfg)
+                    raise ValueError(
+                        f"compare config: sweeps.{name}.{knob} must be a non-empty list of values, got {values!r}"
+                    )
+        return cls(
+            sweeps=sweeps, preserved=preserved, new_task=new_task, heldout=heldout, extra=extra, methods=methods, **cfg
+        )
 
 
 def load_setting(path: str | Path) -> Setting:

@@ -46,8 +46,11 @@ def set_knob(args: Mapping[str, Any], knob: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def expand(methods: Mapping[str, Mapping[str, Any]], chosen: Sequence[str],
-           sweeps: Mapping[str, Mapping[str, Sequence[Any]]] | None) -> list[Point]:
+def expand(
+    methods: Mapping[str, Mapping[str, Any]],
+    chosen: Sequence[str],
+    sweeps: Mapping[str, Mapping[str, Sequence[Any]]] | None,
+) -> list[Point]:
     """Every method's own point, then its swept points, in the order of ``chosen``."""
     points: list[Point] = []
     for name in chosen:
@@ -80,7 +83,4 @@ def pareto_mask(xs: Sequence[float], ys: Sequence[float], higher_x: bool = True,
     """``True`` where no other point is at least as good on both axes and strictly better on one."""
     sx, sy = (1.0 if higher_x else -1.0), (1.0 if higher_y else -1.0)
     pts = [(sx * x, sy * y) for x, y in zip(xs, ys, strict=True)]
-    return [
-        not any(qx >= px and qy >= py and (qx > px or qy > py) for qx, qy in pts)
-        for px, py in pts
-    ]
+    return [not any(qx >= px and qy >= py and (qx > px or qy > py) for qx, qy in pts) for px, py in pts]

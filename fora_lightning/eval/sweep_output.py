@@ -20,16 +20,34 @@ from fora_lightning.eval.sweep import Point, aggregate, pareto_mask
 CSV_FIELDS = ("preserved", "new_task", "heldout_loss_delta", "kl", "leakage", "k_mean", "trainable_params", "wall_s")
 
 
-def sweep_results(setting: Setting, base: Mapping[str, Any], points: Sequence[Point],
-                  rows: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequence[int]) -> dict[str, Any]:
+def sweep_results(
+    setting: Setting,
+    base: Mapping[str, Any],
+    points: Sequence[Point],
+    rows: Mapping[str, Mapping[int, Mapping[str, Any]]],
+    seeds: Sequence[int],
+) -> dict[str, Any]:
     """``{setting, metrics, seeds, base, points: [{key, method, knob, value, args, seeds: {seed: row}, stats, pareto}]}``;
     ``rows[point.key][seed]`` is one run's row; points sorted by method (display order), then as swept."""
     order = sorted(points, key=lambda p: DISPLAY_ORDER.index(p.method))
-    out = [{"key": p.key, "method": p.method, "knob": p.knob, "value": p.value, "args": p.args,
-            "seeds": {str(s): dict(rows[p.key][s]) for s in seeds}, "stats": aggregate([rows[p.key][s] for s in seeds])}
-           for p in order]
-    mask = pareto_mask([p["stats"]["new_task"]["mean"] for p in out], [p["stats"]["preserved"]["mean"] for p in out],
-                       setting.new_task.higher_is_better, setting.preserved.higher_is_better)
+    out = [
+        {
+            "key": p.key,
+            "method": p.method,
+            "knob": p.knob,
+            "value": p.value,
+            "args": p.args,
+            "seeds": {str(s): dict(rows[p.key][s]) for s in seeds},
+            "stats": aggregate([rows[p.key][s] for s in seeds]),
+        }
+        for p in order
+    ]
+    mask = pareto_mask(
+        [p["stats"]["new_task"]["mean"] for p in out],
+        [p["stats"]["preserved"]["mean"] for p in out],
+        setting.new_task.higher_is_better,
+        setting.preserved.higher_is_better,
+    )
     for p, on_front in zip(out, mask, strict=True):
         p["pareto"] = on_front
     return {**metric_names(setting), "seeds": list(seeds), "base": dict(base), "points": out}
@@ -44,9 +62,17 @@ def write_csv(results: Mapping[str, Any], path: Path) -> None:
         writer.writerow(head)
         for p in results["points"]:
             st = p["stats"]
-            writer.writerow([p["key"], p["method"], p["knob"] or "", "" if p["value"] is None else p["value"],
-                             st["new_task"]["n"], int(p["pareto"])]
-                            + [st[f][s] for f in CSV_FIELDS for s in ("mean", "std", "min", "max")])
+            writer.writerow(
+                [
+                    p["key"],
+                    p["method"],
+                    p["knob"] or "",
+                    "" if p["value"] is None else p["value"],
+                    st["new_task"]["n"],
+                    int(p["pareto"]),
+                ]
+                + [st[f][s] for f in CSV_FIELDS for s in ("mean", "std", "min", "max")]
+            )
 
 
 def _pm(stats: Mapping[str, float], metric: str) -> str:
@@ -61,8 +87,18 @@ def sweep_table(results: Mapping[str, Any], setting: Setting, steps: int) -> str
     pm, nm = setting.preserved.metric, setting.new_task.metric
     base = results["base"]
     seeds = results["seeds"]
-    head = ["method", "knob", f"new task: {setting.new_task.label}", f"preserved: {setting.preserved.label}",
-            "Δ held-out loss", "KL(base‖tuned)", "leakage", "trainable params", "k mean", "Pareto"]
+    head = [
+        "method",
+        "knob",
+        f"new task: {setting.new_task.label}",
+        f"preserved: {setting.preserved.label}",
+        "Δ held-out loss",
+        "KL(base‖tuned)",
+        "leakage",
+        "trainable params",
+        "k mean",
+        "Pareto",
+    ]
     lines = [
         f"Setting `{setting.setting}`, seeds {', '.join(map(str, seeds))} (mean ± std over {len(seeds)}), {steps} optimizer "
         f"steps per run. Base model: new task {_fmt(base['new_task'], nm)}, preserved {_fmt(base['preserved'], pm)}.",
@@ -73,14 +109,24 @@ def sweep_table(results: Mapping[str, Any], setting: Setting, steps: int) -> str
     for p in results["points"]:
         st = p["stats"]
         knob = "(own config)" if p["knob"] is None else f"{p['knob']} = {p['value']}"
-        cells = [LABELS[p["method"]], knob, _pm(st["new_task"], nm), _pm(st["preserved"], pm),
-                 f"{st['heldout_loss_delta']['mean']:+.4f} ± {st['heldout_loss_delta']['std']:.4f}",
-                 f"{st['kl']['mean']:.4f} ± {st['kl']['std']:.4f}", f"{st['leakage']['mean']:.4f}",
-                 f"{int(st['trainable_params']['mean']):,}", f"{st['k_mean']['mean']:.1f}" if st["k_mean"]["mean"] else "-",
-                 "**yes**" if p["pareto"] else ""]
+        cells = [
+            LABELS[p["method"]],
+            knob,
+            _pm(st["new_task"], nm),
+            _pm(st["preserved"], pm),
+            f"{st['heldout_loss_delta']['mean']:+.4f} ± {st['heldout_loss_delta']['std']:.4f}",
+            f"{st['kl']['mean']:.4f} ± {st['kl']['std']:.4f}",
+            f"{st['leakage']['mean']:.4f}",
+            f"{int(st['trainable_params']['mean']):,}",
+            f"{st['k_mean']['mean']:.1f}" if st["k_mean"]["mean"] else "-",
+            "**yes**" if p["pareto"] else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "± is the sample standard deviation over seeds (min and max in results.csv); Pareto: no other point "
-              "has a higher mean on both axes. " + FOOTNOTE]
+    lines += [
+        "",
+        "± is the sample standard deviation over seeds (min and max in results.csv); Pareto: no other point "
+        "has a higher mean on both axes. " + FOOTNOTE,
+    ]
     return "\n".join(lines)
 
 
@@ -100,21 +146,54 @@ def pareto_plot(results: Mapping[str, Any], setting: Setting, path: Path) -> Non
         color = f"C{i % 10}"
         for j, p in enumerate(pts):
             x, y = p["stats"]["new_task"], p["stats"]["preserved"]
-            ax.errorbar(sx * x["mean"], sy * y["mean"], xerr=sx * x["std"], yerr=sy * y["std"], fmt="none",
-                        ecolor=color, alpha=0.4, linewidth=1, zorder=2)
-            ax.scatter(sx * x["mean"], sy * y["mean"], marker=MARKERS[name], s=130 if p["pareto"] else 60,
-                       facecolors=color if p["pareto"] else "none", edgecolors="black" if p["pareto"] else color,
-                       linewidths=1.5, zorder=3, label=LABELS[name] if j == 0 else None)
-    front = sorted((p["stats"]["new_task"]["mean"] * sx, p["stats"]["preserved"]["mean"] * sy)
-                   for p in results["points"] if p["pareto"])
+            ax.errorbar(
+                sx * x["mean"],
+                sy * y["mean"],
+                xerr=sx * x["std"],
+                yerr=sy * y["std"],
+                fmt="none",
+                ecolor=color,
+                alpha=0.4,
+                linewidth=1,
+                zorder=2,
+            )
+            ax.scatter(
+                sx * x["mean"],
+                sy * y["mean"],
+                marker=MARKERS[name],
+                s=130 if p["pareto"] else 60,
+                facecolors=color if p["pareto"] else "none",
+                edgecolors="black" if p["pareto"] else color,
+                linewidths=1.5,
+                zorder=3,
+                label=LABELS[name] if j == 0 else None,
+            )
+    front = sorted(
+        (p["stats"]["new_task"]["mean"] * sx, p["stats"]["preserved"]["mean"] * sy)
+        for p in results["points"]
+        if p["pareto"]
+    )
     if len(front) > 1:
-        ax.plot(*zip(*front, strict=True), color="black", linewidth=1, linestyle=":", zorder=1, label="Pareto front (filled)")
-    ax.axhline(results["base"]["preserved"] * sy, color="grey", linestyle="--", linewidth=1, label="base model (preserved)")
+        ax.plot(
+            *zip(*front, strict=True),
+            color="black",
+            linewidth=1,
+            linestyle=":",
+            zorder=1,
+            label="Pareto front (filled)",
+        )
+    ax.axhline(
+        results["base"]["preserved"] * sy, color="grey", linestyle="--", linewidth=1, label="base model (preserved)"
+    )
     unit = {"exact_match": " (%)", "perplexity": ""}
-    ax.set_xlabel(f"new task: {setting.new_task.label}{unit[setting.new_task.metric]}"
-                  + ("" if setting.new_task.higher_is_better else " (lower is better)"))
-    ax.set_ylabel(f"preserved: {setting.preserved.label}{unit[setting.preserved.metric]}"
-                  + ("" if setting.preserved.higher_is_better else " (lower is better)"))
+    ax.set_xlabel(
+        f"new task: {setting.new_task.label}{unit[setting.new_task.metric]}"
+        + ("" if setting.new_task.higher_is_better else " (lower is better)")
+    )
+    ax.set_ylabel(
+        f"preserved: {setting.preserved.label}{unit[setting.preserved.metric]}"
+        + ("" if setting.preserved.higher_is_better else " (lower is better)")
+    )
     seeds = results["seeds"]
     ax.set_title(f"{setting.setting}: preservation vs new task, each method's knob swept ({len(seeds)} seeds, ±1 std)")
     ax.grid(alpha=0.3)

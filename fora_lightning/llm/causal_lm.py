@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing_extensions import override
 
 from fora_lightning._compat import no_split_module_names
 from fora_lightning.llm.encoding import IGNORE_INDEX
@@ -71,7 +72,9 @@ class CausalLMModule(LightningModule):
     ) -> None:
         super().__init__()
         if (model is None) == (config is None):
-            raise ValueError("CausalLMModule: give exactly one of model (hub name or local path) and config (inline dict)")
+            raise ValueError(
+                "CausalLMModule: give exactly one of model (hub name or local path) and config (inline dict)"
+            )
         if dtype not in _DTYPES:
             raise ValueError(f"CausalLMModule: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.save_hyperparameters()
@@ -84,19 +87,23 @@ class CausalLMModule(LightningModule):
         self._eval_sums: dict[int, torch.Tensor] = {}
         self._sharded = False
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ steps
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll, count = self._nll(batch)
         loss = nll / count.clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._accumulate(batch, dataloader_idx)
 
+    @override
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._accumulate(batch, dataloader_idx)
 
@@ -116,8 +123,14 @@ class CausalLMModule(LightningModule):
         eos = eos[0] if isinstance(eos, list) else eos
         if pad is None:
             pad = eos if eos is not None else 0
-        synced = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        ids, mask = greedy_extend(self.model, batch["input_ids"], batch.get("attention_mask"), max_new_tokens, pad, eos, synced)
+        synced = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
+        ids, mask = greedy_extend(
+            self.model, batch["input_ids"], batch.get("attention_mask"), max_new_tokens, pad, eos, synced
+        )
         return {"input_ids": ids, "attention_mask": mask}
 
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,9 +143,11 @@ class CausalLMModule(LightningModule):
         return nll, (labels != IGNORE_INDEX).sum()
 
     # ------------------------------------------------------------------ per-dataloader perplexity
+    @override
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = {}
 
+    @override
     def on_test_epoch_start(self) -> None:
         self._eval_sums = {}
 
@@ -141,9 +156,11 @@ class CausalLMModule(LightningModule):
         acc = self._eval_sums.setdefault(dataloader_idx, torch.zeros(2, dtype=torch.float64, device=nll.device))
         acc += torch.stack([nll.detach().double(), count.double()])
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_perplexity("test")
 
@@ -161,6 +178,7 @@ class CausalLMModule(LightningModule):
             self.log(prefix + "ppl", loss.exp(), prog_bar=True, sync_dist=False)
 
     # ------------------------------------------------------------------ optimisation
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
@@ -174,10 +192,12 @@ class CausalLMModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
     def setup(self, stage: str) -> None:
         if self.hparams.num_threads is not None:
             torch.set_num_threads(self.hparams.num_threads)
 
+    @override
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: FSDP2 ``fully_shard`` each decoder block, then the whole model (once)."""
         if self.device_mesh is None or self._sharded:
@@ -193,6 +213,7 @@ class CausalLMModule(LightningModule):
         self._sharded = True
 
     # ------------------------------------------------------------------ export
+    @override
     def on_fit_start(self) -> None:
         """Refuse, before training, a ``save_dir`` export of FORA-LoRA layers under FSDP1 (``FSDPStrategy``): only
         FSDP2 (``ModelParallelStrategy``) models are gathered into an unsharded copy for the merge and the adapter."""
@@ -203,6 +224,7 @@ class CausalLMModule(LightningModule):
                 "and merge_lora / export_lora_adapter a model loaded from a full checkpoint"
             )
 
+    @override
     def on_fit_end(self) -> None:
         if self.hparams.save_dir:
             self.save_pretrained(self.hparams.save_dir)
@@ -252,7 +274,9 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
-def _build_model(model: str | None, config: dict[str, Any] | None, dtype: torch.dtype, attn: str | None) -> PreTrainedModel:
+def _build_model(
+    model: str | None, config: dict[str, Any] | None, dtype: torch.dtype, attn: str | None
+) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn is not None:
         kwargs["attn_implementation"] = attn
@@ -261,5 +285,7 @@ def _build_model(model: str | None, config: dict[str, Any] | None, dtype: torch.
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
-        raise ValueError(f"CausalLMModule: config needs a 'model_type' (e.g. 'llama', 'qwen3'); got keys {sorted(config)}")
+        raise ValueError(
+            f"CausalLMModule: config needs a 'model_type' (e.g. 'llama', 'qwen3'); got keys {sorted(config)}"
+        )
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), **kwargs)

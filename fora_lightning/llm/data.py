@@ -8,6 +8,7 @@ import datasets
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing_extensions import override
 
 from fora_lightning.llm.chat import encode_chats
 from fora_lightning.llm.encoding import IGNORE_INDEX, PadCollator, encode_pairs
@@ -65,7 +66,9 @@ class TextDataModule(LightningDataModule):
             raise ValueError("TextDataModule: give task_val or task_val_size, not both")
         self.tokenizer_path = tokenizer
         self.task, self.task_val = _as_source(task), _as_source(task_val)
-        self.preserve = [_as_source(s) for s in preserve] if isinstance(preserve, (list, tuple)) else _as_source(preserve)
+        self.preserve = (
+            [_as_source(s) for s in preserve] if isinstance(preserve, (list, tuple)) else _as_source(preserve)
+        )
         if self.preserve == []:
             raise ValueError("TextDataModule: preserve=[] holds no source; give at least one TextSource or None")
         self.task_val_size = task_val_size
@@ -91,16 +94,20 @@ class TextDataModule(LightningDataModule):
             tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
             if tok.pad_token_id is None:
                 if tok.eos_token_id is None:
-                    raise ValueError(f"TextDataModule: tokenizer {self.tokenizer_path!r} has neither a pad nor an eos token")
+                    raise ValueError(
+                        f"TextDataModule: tokenizer {self.tokenizer_path!r} has neither a pad nor an eos token"
+                    )
                 tok.pad_token = tok.eos_token
             self._tokenizer = tok
         return self._tokenizer
 
     # ------------------------------------------------------------------ building the splits
+    @override
     def prepare_data(self) -> None:
         """Download, format and tokenise every source into the ``datasets`` cache; keeps no state (rank 0 only)."""
         self._build()
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Build the splits (from the cache :meth:`prepare_data` filled, when it ran); idempotent."""
         if self.splits is None:
@@ -117,7 +124,9 @@ class TextDataModule(LightningDataModule):
         if self.preserve is not None:
             keep = self._encode_preserve()
             if self.preserve_val_size:
-                keep, splits["preserve_val"] = self._hold_out(keep, self.preserve_val_size, "preserve", "preserve_val_size")
+                keep, splits["preserve_val"] = self._hold_out(
+                    keep, self.preserve_val_size, "preserve", "preserve_val_size"
+                )
             if self.calibration_size is not None:
                 keep = keep.select(range(min(self.calibration_size, len(keep))))
             splits["calibration"] = keep
@@ -140,14 +149,25 @@ class TextDataModule(LightningDataModule):
                     "(tokenizer_config.json), or use prompt/response fields"
                 )
             encode = partial(
-                encode_chats, tokenizer=self.tokenizer, max_length=self.max_length, include_assistant=source.include_assistant
+                encode_chats,
+                tokenizer=self.tokenizer,
+                max_length=self.max_length,
+                include_assistant=source.include_assistant,
             )
         else:
             encode = partial(
-                encode_pairs, tokenizer=self.tokenizer, max_length=self.max_length, add_bos=self.add_bos, append_eos=self.append_eos
+                encode_pairs,
+                tokenizer=self.tokenizer,
+                max_length=self.max_length,
+                add_bos=self.add_bos,
+                append_eos=self.append_eos,
             )
         ds = pairs.map(encode, batched=True, remove_columns=pairs.column_names, desc=f"{role}: tokenize")
-        ds = ds.filter(lambda labels: any(t != IGNORE_INDEX for t in labels), input_columns="labels", desc=f"{role}: drop rows without response")
+        ds = ds.filter(
+            lambda labels: any(t != IGNORE_INDEX for t in labels),
+            input_columns="labels",
+            desc=f"{role}: drop rows without response",
+        )
         if len(ds) == 0:
             raise ValueError(
                 f"TextDataModule {role}: {describe(source)}: no row keeps a response token after truncation to "
@@ -155,7 +175,9 @@ class TextDataModule(LightningDataModule):
             )
         return ds
 
-    def _hold_out(self, ds: datasets.Dataset, size: int | float, role: str, arg: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    def _hold_out(
+        self, ds: datasets.Dataset, size: int | float, role: str, arg: str
+    ) -> tuple[datasets.Dataset, datasets.Dataset]:
         """``(rest, held_out)``; both must be non-empty."""
         n_out = round(size * len(ds)) if isinstance(size, float) and size < 1 else int(size)
         if not 0 < n_out < len(ds):
@@ -173,10 +195,12 @@ class TextDataModule(LightningDataModule):
         self.setup()
         return [name for name, key in (("task", "task_val"), ("preserve", "preserve_val")) if key in self.splits]
 
+    @override
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.splits["train"], self.batch_size, shuffle=True)
 
+    @override
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()
         keys = [k for k in ("task_val", "preserve_val") if k in self.splits]
@@ -186,13 +210,17 @@ class TextDataModule(LightningDataModule):
         """The held-out rows of ``preserve`` (with labels; ``None`` without ``preserve_val_size``): FORA's leakage
         probe and its report's KL(base || tuned) and perplexity read it."""
         self.setup()
-        return self._loader(self.splits["preserve_val"], self.eval_batch_size) if "preserve_val" in self.splits else None
+        return (
+            self._loader(self.splits["preserve_val"], self.eval_batch_size) if "preserve_val" in self.splits else None
+        )
 
     def calibration_dataloader(self) -> DataLoader:
         """Label-free batches (``input_ids``, ``attention_mask``) of the capability to keep."""
         self.setup()
         if "calibration" not in self.splits:
-            raise ValueError("TextDataModule: calibration_dataloader() needs preserve=TextSource(...) (the capability to keep)")
+            raise ValueError(
+                "TextDataModule: calibration_dataloader() needs preserve=TextSource(...) (the capability to keep)"
+            )
         return self._loader(self.splits["calibration"], self.calibration_batch_size, labels=False)
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool = False, labels: bool = True) -> DataLoader:

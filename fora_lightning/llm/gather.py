@@ -33,7 +33,9 @@ def unsharded_copy(model: PreTrainedModel, state: dict[str, Tensor]) -> PreTrain
             parent_name, _, child = name.rpartition(".")
             parent = copy.get_submodule(parent_name) if parent_name else copy
             dropout = float(getattr(live.lora_dropout, "p", 0.0))
-            layer = ForaLoraLinear(getattr(parent, child), live.lora_rank, live.lora_alpha, dropout, live.weight_rank, name=live.name)
+            layer = ForaLoraLinear(
+                getattr(parent, child), live.lora_rank, live.lora_alpha, dropout, live.weight_rank, name=live.name
+            )
             setattr(parent, child, layer)
     copy.load_state_dict(state, strict=True, assign=True)
     buffers = dict(model.named_buffers())

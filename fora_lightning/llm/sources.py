@@ -10,7 +10,14 @@ from pathlib import Path
 
 import datasets
 
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+LOCAL_FORMATS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
 
 
 @dataclass
@@ -128,7 +135,9 @@ def load_source(source: TextSource, role: str, cache_dir: str | None = None) -> 
     ):
         if column not in ds.column_names:
             hint = "; for chat rows set messages_field: messages" if "messages" in ds.column_names else ""
-            raise KeyError(f"{where}: {origin} reads column {column!r}, which is missing; columns: {ds.column_names}{hint}")
+            raise KeyError(
+                f"{where}: {origin} reads column {column!r}, which is missing; columns: {ds.column_names}{hint}"
+            )
 
     def text(row: dict, field: str | None, template: str | None) -> str:
         if template is not None:
@@ -152,7 +161,9 @@ def _chat_rows(ds: datasets.Dataset, field: str, where: str, role: str) -> datas
     def check(row: dict, index: int) -> dict[str, list[dict[str, str]]]:
         turns = row[field]
         if not isinstance(turns, list) or not turns:
-            raise ValueError(f"{where}: row {index}: {field!r} must be a non-empty list of {{'role', 'content'}}, got {turns!r:.80}")
+            raise ValueError(
+                f"{where}: row {index}: {field!r} must be a non-empty list of {{'role', 'content'}}, got {turns!r:.80}"
+            )
         out = []
         for turn in turns:
             if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):

@@ -18,8 +18,8 @@ from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
 from fora_lightning.lora.resume import presize_before_load
 from fora_lightning.protection import Protection
-from fora_lightning.support import refuse_unsupported_strategy
 from fora_lightning.safety import companions, refuse_incompatible, warn_at_fit_start
+from fora_lightning.support import refuse_unsupported_strategy
 from fora_lightning.targeting import restore_configure_model, when_targets_exist
 
 DEFAULT_LORA_RANK = 8
@@ -57,10 +57,14 @@ class ForaLoRA(Callback):
         export_lora_adapter(model, "adapter/")   # or merge_lora(model)
     """
 
-    def __init__(self, calibration: CalibrationSource = None, config: ForaConfig | None = None, **settings: Any) -> None:
+    def __init__(
+        self, calibration: CalibrationSource = None, config: ForaConfig | None = None, **settings: Any
+    ) -> None:
         config = ForaConfig.resolve(config, settings)
         if config.extend_to is not None:
-            raise ValueError("ForaLoRA does not support extend_to: merge_lora(model) after the fit, then FORA(...).extend on the merged model")
+            raise ValueError(
+                "ForaLoRA does not support extend_to: merge_lora(model) after the fit, then FORA(...).extend on the merged model"
+            )
         self.config = config if config.lora_rank is not None else replace(config, lora_rank=DEFAULT_LORA_RANK)
         self.calibration = calibration
         # bases only (a complement where smaller), no anchors: the layer keeps the update feasible
@@ -95,7 +99,9 @@ class ForaLoRA(Callback):
 
     def _inject(self, pl_module: LightningModule) -> None:
         c = self.config
-        self._layers = inject_fora_lora(pl_module, c.target_modules, c.lora_rank, c.lora_alpha, c.lora_dropout, c.weight_rank)
+        self._layers = inject_fora_lora(
+            pl_module, c.target_modules, c.lora_rank, c.lora_alpha, c.lora_dropout, c.weight_rank
+        )
         self.protection.targets = {name: layer.base_layer for name, layer in self._layers.items()}
         mark_only_lora_trainable(pl_module, c.freeze_other)
         rank_zero_info(
@@ -130,7 +136,9 @@ class ForaLoRA(Callback):
             held = {name: layer.subspace() for name, layer in self._layers.items() if layer.ready}
             if held and len(held) != len(self._layers):
                 unset = sorted(set(self._layers) - set(held))
-                raise ValueError(f"FORA-LoRA layers {unset[:5]} have no bases while {sorted(held)[:5]} have: a partly loaded model?")
+                raise ValueError(
+                    f"FORA-LoRA layers {unset[:5]} have no bases while {sorted(held)[:5]} have: a partly loaded model?"
+                )
             if held:
                 rank_zero_info("FORA-LoRA: the layers already hold bases (a model trained before); keeping them")
                 self.protection.subspaces = held
@@ -141,7 +149,9 @@ class ForaLoRA(Callback):
         self.protection.monitor.start(trainer, pl_module, self._layers, self.subspaces)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """The leakage probe to every logger (:mod:`~fora_lightning.monitor`)."""
         self.protection.monitor.step(trainer)
 
@@ -174,5 +184,7 @@ class ForaLoRA(Callback):
         for key in (*LORA_SETTINGS[:2], "weight_rank"):
             mine = getattr(self.config, key)
             if key in saved and saved[key] != mine:
-                raise ValueError(f"the checkpoint was trained with ForaLoRA({key}={saved[key]}), this callback has {key}={mine}")
+                raise ValueError(
+                    f"the checkpoint was trained with ForaLoRA({key}={saved[key]}), this callback has {key}={mine}"
+                )
         self.protection.load_state_dict(state_dict)

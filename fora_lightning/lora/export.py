@@ -56,7 +56,7 @@ def export_lora_adapter(
     factors = {}
     for name, layer in layers.items():
         b, a = layer.factors()
-        factors[name[len(prefix):]] = (b.detach().float().cpu(), a.detach().float().cpu())
+        factors[name[len(prefix) :]] = (b.detach().float().cpu(), a.detach().float().cpu())
     rank = max(a.shape[0] for _, a in factors.values())
     tensors = {}
     for name, (b, a) in factors.items():
@@ -67,13 +67,17 @@ def export_lora_adapter(
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type if task_type is not None else _task_type(root),
-        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(root, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(root, "config", None), "_name_or_path", None)
+        or None,
         "r": rank,
         "lora_alpha": rank,
         "lora_dropout": dropouts.pop() if len(dropouts) == 1 else 0.0,
         "target_modules": _target_modules(root, list(factors)),
         "bias": "none",
-        "fan_in_fan_out": all(is_transposed(layer.base_layer) for layer in layers.values()),  # Conv1D: W stored d_in x d_out
+        "fan_in_fan_out": all(
+            is_transposed(layer.base_layer) for layer in layers.values()
+        ),  # Conv1D: W stored d_in x d_out
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -84,7 +88,15 @@ def export_lora_adapter(
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "fora": json.dumps({name: {"lora_rank": l.lora_rank, "weight_rank": l.weight_rank, "k": l.k} for name, l in layers.items()})}
+    meta = {
+        "format": "pt",
+        "fora": json.dumps(
+            {
+                name: {"lora_rank": lay.lora_rank, "weight_rank": lay.weight_rank, "k": lay.k}
+                for name, lay in layers.items()
+            }
+        ),
+    }
     save_file(tensors, str(out / WEIGHTS_NAME), metadata=meta)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
@@ -102,7 +114,9 @@ def _hf_root(module: nn.Module, names: list[str]) -> tuple[nn.Module, str]:
             prefix = f"{path}." if path else ""
             outside = [n for n in names if not n.startswith(prefix)]
             if outside:
-                raise ValueError(f"FORA-LoRA layers {outside[:5]} lie outside the Hugging Face model '{path}': export one model at a time")
+                raise ValueError(
+                    f"FORA-LoRA layers {outside[:5]} lie outside the Hugging Face model '{path}': export one model at a time"
+                )
             return sub, prefix
     return module, ""
 

@@ -41,11 +41,19 @@ class ForaLoraLinear(nn.Module):
     """
 
     def __init__(
-        self, base_layer: nn.Module, lora_rank: int, lora_alpha: float, lora_dropout: float = 0.0, weight_rank: int = 8, name: str = ""
+        self,
+        base_layer: nn.Module,
+        lora_rank: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        weight_rank: int = 8,
+        name: str = "",
     ) -> None:
         super().__init__()
         if not is_target_layer(base_layer):
-            raise TypeError(f"ForaLoraLinear wraps an nn.Linear or a Conv1D; layer '{name}' is a {type(base_layer).__name__}")
+            raise TypeError(
+                f"ForaLoraLinear wraps an nn.Linear or a Conv1D; layer '{name}' is a {type(base_layer).__name__}"
+            )
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank} (layer '{name}')")
         if not 0.0 <= lora_dropout < 1.0:
@@ -105,7 +113,9 @@ class ForaLoraLinear(nn.Module):
                 f"the subspace is for {sub.d_out}x{sub.d_in}"
             )
         if sub.r != self.weight_rank:
-            raise ValueError(f"FORA-LoRA layer '{self.name}' has weight_rank {self.weight_rank}, the subspace has r={sub.r}")
+            raise ValueError(
+                f"FORA-LoRA layer '{self.name}' has weight_rank {self.weight_rank}, the subspace has r={sub.r}"
+            )
         like = dict(device=self.fora_u.device, dtype=self.fora_u.dtype)
         self.fora_basis = sub.basis.detach().to(**like).contiguous().clone()
         self.fora_u.copy_(sub.u)
@@ -128,9 +138,14 @@ class ForaLoraLinear(nn.Module):
         """The bases held by this layer, as a :class:`LayerSubspace` (float32, energy unknown)."""
         self._require_ready("read its subspace")
         return LayerSubspace(
-            d_out=self.out_features, d_in=self.in_features, k=self.k,
-            basis=self.fora_basis.float().clone(), complement=self._complement,
-            u=self.fora_u.float().clone(), s=self.fora_s.float().clone(), v=self.fora_v.float().clone(),
+            d_out=self.out_features,
+            d_in=self.in_features,
+            k=self.k,
+            basis=self.fora_basis.float().clone(),
+            complement=self._complement,
+            u=self.fora_u.float().clone(),
+            s=self.fora_s.float().clone(),
+            v=self.fora_v.float().clone(),
         )
 
     def resize_basis_(self, k: int) -> None:

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from fora_lightning.core.targets import (
-    LORA_PARAMETERS, TargetModules, find_targets, is_quantized, is_target_layer, name_matches, quantization_of,
+    LORA_PARAMETERS,
+    TargetModules,
+    find_targets,
+    is_quantized,
+    is_target_layer,
+    name_matches,
+    quantization_of,
     resolve_target_modules,
 )
 from fora_lightning.lora.layer import ForaLoraLinear
@@ -52,7 +58,9 @@ def inject_fora_lora(
     seen: dict[int, str] = {}
     for name, linear in targets.items():
         if id(linear) in seen:
-            raise ValueError(f"layers '{seen[id(linear)]}' and '{name}' are the same nn.Linear (shared weight); FORA-LoRA wraps each once")
+            raise ValueError(
+                f"layers '{seen[id(linear)]}' and '{name}' are the same nn.Linear (shared weight); FORA-LoRA wraps each once"
+            )
         seen[id(linear)] = name
     wrappers: dict[str, ForaLoraLinear] = {}
     for name, linear in targets.items():
@@ -65,13 +73,22 @@ def inject_fora_lora(
 
 
 def _check_existing(
-    model: nn.Module, existing: dict[str, ForaLoraLinear], target_modules: TargetModules, lora_rank: int, lora_alpha: float, weight_rank: int
+    model: nn.Module,
+    existing: dict[str, ForaLoraLinear],
+    target_modules: TargetModules,
+    lora_rank: int,
+    lora_alpha: float,
+    weight_rank: int,
 ) -> None:
     inside = tuple(n + "." for n in existing)
     target_modules = resolve_target_modules(model, target_modules)
     matched = {
-        n for n, m in model.named_modules()
-        if n and (is_target_layer(m) or isinstance(m, ForaLoraLinear)) and name_matches(n, target_modules) and not n.startswith(inside)
+        n
+        for n, m in model.named_modules()
+        if n
+        and (is_target_layer(m) or isinstance(m, ForaLoraLinear))
+        and name_matches(n, target_modules)
+        and not n.startswith(inside)
     }
     if matched != set(existing):
         raise ValueError(

@@ -42,7 +42,12 @@ class OrderedText(TextDataModule):
         sampler = None
         if self.world > 1:
             sampler = DistributedSampler(ds, num_replicas=self.world, rank=int(os.environ["RANK"]), shuffle=False)
-        return DataLoader(ds, batch_size=GLOBAL_BATCH // self.world, sampler=sampler, collate_fn=PadCollator(self.tokenizer.pad_token_id))
+        return DataLoader(
+            ds,
+            batch_size=GLOBAL_BATCH // self.world,
+            sampler=sampler,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+        )
 
 
 def make_module(save_dir: str | None, tokenizer: str) -> CausalLMModule:
@@ -72,14 +77,25 @@ def fit(cfg: dict[str, Any], steps: int, save_dir: str | None, ckpt_path: str | 
     world = cfg["world"]
     rank = int(os.environ.get("RANK", "0"))
     data = OrderedText(
-        world, tokenizer=cfg["tokenizer"], task=TextSource(cfg["task"]),
+        world,
+        tokenizer=cfg["tokenizer"],
+        task=TextSource(cfg["task"]),
         preserve=TextSource(cfg["keep"], prompt_field="question", response_field="answer"),
-        preserve_val_size=0, cache_dir=os.path.join(cfg["root"], f"cache-{cfg['name']}-{rank}"),
+        preserve_val_size=0,
+        cache_dir=os.path.join(cfg["root"], f"cache-{cfg['name']}-{rank}"),
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=world if cfg["strategy"] != "single" else 1, strategy=make_strategy(cfg["strategy"], world),
-        max_steps=steps, limit_val_batches=0, callbacks=[make_callback(cfg["method"])], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=world if cfg["strategy"] != "single" else 1,
+        strategy=make_strategy(cfg["strategy"], world),
+        max_steps=steps,
+        limit_val_batches=0,
+        callbacks=[make_callback(cfg["method"])],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
         default_root_dir=os.path.join(cfg["root"], cfg["name"]),
     )
     trainer.fit(make_module(save_dir, cfg["tokenizer"]), datamodule=data, ckpt_path=ckpt_path)

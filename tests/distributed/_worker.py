@@ -116,7 +116,9 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         return ModelParallelStrategy(
-            data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=cfg.get("state_dict_type", "sharded") == "sharded"
+            data_parallel_size=world,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=cfg.get("state_dict_type", "sharded") == "sharded",
         )
     if kind == "fsdp1":
         from lightning.pytorch.strategies import FSDPStrategy
@@ -127,8 +129,12 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
 
             def _setup_model(self, model: nn.Module) -> nn.Module:
                 return FullyShardedDataParallel(
-                    module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                    sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+                    module=model,
+                    cpu_offload=self.cpu_offload,
+                    mixed_precision=self.mixed_precision_config,
+                    sharding_strategy=self.sharding_strategy,
+                    device_id=torch.device("cpu"),
+                    **self.kwargs,
                 )
 
             # Lightning's full state dict uses offload_to_cpu=True; on CPU that frees the live parameter
@@ -137,7 +143,9 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
                 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
 
                 return FullyShardedDataParallel.state_dict_type(
-                    self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                    self.model,
+                    StateDictType.FULL_STATE_DICT,
+                    FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
                     FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
                 )
 
@@ -156,11 +164,15 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
                 with self._full_context():
                     state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
                     if self.global_rank == 0:
-                        state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+                        state = FullyShardedDataParallel.rekey_optim_state_dict(
+                            state, OptimStateKeyType.PARAM_ID, self.model
+                        )
                     return state
 
         return (FSDPStrategy if cuda else CPUFSDPStrategy)(
-            auto_wrap_policy={nn.Linear}, use_orig_params=cfg["use_orig_params"], state_dict_type=cfg.get("state_dict_type", "full"),
+            auto_wrap_policy={nn.Linear},
+            use_orig_params=cfg["use_orig_params"],
+            state_dict_type=cfg.get("state_dict_type", "full"),
             process_group_backend=backend,
         )
     if kind == "single":
@@ -170,8 +182,13 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
 
 def make_fora(calibration: Any, freeze_other: bool) -> FORA:
     return FORA(
-        calibration=calibration, target_modules=["fc1", "fc2"], rank={"fc1": SPAN, "fc2": 8}, weight_rank=2,
-        freeze_other=freeze_other, progress=False, precision="float32",  # FSDP1 runs float32: compare like with like
+        calibration=calibration,
+        target_modules=["fc1", "fc2"],
+        rank={"fc1": SPAN, "fc2": 8},
+        weight_rank=2,
+        freeze_other=freeze_other,
+        progress=False,
+        precision="float32",  # FSDP1 runs float32: compare like with like
     )
 
 
@@ -193,11 +210,23 @@ def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None
     world = cfg["world"]
     fora = make_fora(calibration, cfg.get("freeze_other", True))
     trainer = pl.Trainer(
-        accelerator=cfg.get("accelerator", "cpu"), devices=world if cfg["strategy"] != "single" else 1, strategy=make_strategy(cfg),
-        precision=cfg.get("precision", "32-true"), max_steps=steps, callbacks=[fora], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        accelerator=cfg.get("accelerator", "cpu"),
+        devices=world if cfg["strategy"] != "single" else 1,
+        strategy=make_strategy(cfg),
+        precision=cfg.get("precision", "32-true"),
+        max_steps=steps,
+        callbacks=[fora],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
     )
-    trainer.fit(initial_net(fsdp2=cfg["strategy"] == "fsdp2", lazy=cfg.get("lazy", False)), task_loader(world), ckpt_path=ckpt_path)
+    trainer.fit(
+        initial_net(fsdp2=cfg["strategy"] == "fsdp2", lazy=cfg.get("lazy", False)),
+        task_loader(world),
+        ckpt_path=ckpt_path,
+    )
     return trainer, fora
 
 
@@ -229,7 +258,12 @@ def sharded_functions(world: int) -> dict[str, Any]:
         anchor_q, anchor_u = shard.rows(w0) @ q, shard.all_reduce(shard.rows(u).T @ shard.rows(w0))
         local_w = shard.rows(w).clone()
         project_weight_(local_w, q, anchor_q, shard.rows(u), v, anchor_u, all_reduce=shard.all_reduce)
-        out[f"rows{d_out}"] = {"inputs": (g, w0, w, q, u, v), "grad": grad, "weight": shard.gather(local_w), "rows": (lo, hi)}
+        out[f"rows{d_out}"] = {
+            "inputs": (g, w0, w, q, u, v),
+            "grad": grad,
+            "weight": shard.gather(local_w),
+            "rows": (lo, hi),
+        }
     gen = torch.Generator().manual_seed(3)
     cov = Covariances()
     for i, d in enumerate((6, 9, 4)):

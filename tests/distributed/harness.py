@@ -33,15 +33,25 @@ def launch(cfg: dict[str, Any], tmp: Path, timeout: float = 90, worker: Path = W
     procs, logs = [], []
     for rank in range(world):
         env = {
-            **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "OMP_NUM_THREADS": "1",
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "NODE_RANK": "0",
+            "OMP_NUM_THREADS": "1",
             "PYTHONWARNINGS": "ignore",
             # the checkout's root first: workers import this checkout's fora_lightning and ``tests.*`` helpers
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         }
         log = open(tmp / f"rank{rank}-{port}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(worker), str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(worker), str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
     failed = []
     try:
         for rank, p in enumerate(procs):

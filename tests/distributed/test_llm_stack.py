@@ -30,21 +30,35 @@ PROMPT = "add a b = c translate one a : a"
 def _scenario(root: Path, files: dict[str, str], strategy: str, method: str) -> dict[str, Any]:
     name = f"{strategy}_{method}"
     ckpt = root / (f"{name}.ckpt" if strategy != "fsdp2" else f"{name}-ckpt")
-    return {**files, "name": name, "strategy": strategy, "method": method, "root": str(root), "steps": STEPS,
-            "resume_steps": RESUMED, "ckpt": str(ckpt), "save_dir": str(root / f"{name}-tuned")}
+    return {
+        **files,
+        "name": name,
+        "strategy": strategy,
+        "method": method,
+        "root": str(root),
+        "steps": STEPS,
+        "resume_steps": RESUMED,
+        "ckpt": str(ckpt),
+        "save_dir": str(root / f"{name}-tuned"),
+    }
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("llm-data")
-    return {"tokenizer": save_tokenizer(tmp / "tok"), "task": write_jsonl(tmp / "task.jsonl", task_rows(16)),
-            "keep": write_jsonl(tmp / "keep.jsonl", keep_rows(20))}
+    return {
+        "tokenizer": save_tokenizer(tmp / "tok"),
+        "task": write_jsonl(tmp / "task.jsonl", task_rows(16)),
+        "keep": write_jsonl(tmp / "keep.jsonl", keep_rows(20)),
+    }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, files: dict[str, str]) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("llm-dist")
-    return launch({"world": 2, "scenarios": [_scenario(tmp, files, s, m) for s, m in PAIRS]}, tmp, timeout=240, worker=W.__file__)
+    return launch(
+        {"world": 2, "scenarios": [_scenario(tmp, files, s, m) for s, m in PAIRS]}, tmp, timeout=240, worker=W.__file__
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +105,12 @@ def test_exported_peft_adapter_equals_the_merged_model_and_single_process(runs, 
     got_dir, want_dir = _result(runs, f"{strategy}_lora")["save_dir"], reference["lora"]["save_dir"]
     ids = _ids(got_dir)
     with torch.no_grad():
-        adapted = peft.PeftModel.from_pretrained(W.make_module(None, got_dir).model, str(Path(got_dir) / "adapter")).eval()
-        single = peft.PeftModel.from_pretrained(W.make_module(None, want_dir).model, str(Path(want_dir) / "adapter")).eval()
+        adapted = peft.PeftModel.from_pretrained(
+            W.make_module(None, got_dir).model, str(Path(got_dir) / "adapter")
+        ).eval()
+        single = peft.PeftModel.from_pretrained(
+            W.make_module(None, want_dir).model, str(Path(want_dir) / "adapter")
+        ).eval()
         merged = _reload(got_dir)(input_ids=ids).logits
         torch.testing.assert_close(adapted(input_ids=ids).logits, merged, rtol=0, atol=1e-5)
         torch.testing.assert_close(adapted(input_ids=ids).logits, single(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

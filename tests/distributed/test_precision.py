@@ -19,10 +19,13 @@ def _leakage(net: W.Net, fora, w0: W.Net) -> float:
     worst = 0.0
     for name in ("fc1", "fc2"):
         sub = fora.subspaces[name]
-        d = (getattr(net, name).weight.detach().double() - getattr(w0, name).weight.detach().double())
+        d = getattr(net, name).weight.detach().double() - getattr(w0, name).weight.detach().double()
         u = sub.u.double()
         pd = d - u @ (u.T @ d)
-        x = torch.randn(64, sub.basis.shape[1], generator=torch.Generator().manual_seed(7), dtype=torch.float64) @ sub.basis.double().T
+        x = (
+            torch.randn(64, sub.basis.shape[1], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+            @ sub.basis.double().T
+        )
         worst = max(worst, float((x @ pd.T).norm() / (x @ getattr(w0, name).weight.detach().double().T).norm()))
     return worst
 
@@ -30,8 +33,15 @@ def _leakage(net: W.Net, fora, w0: W.Net) -> float:
 def _fit(steps: int, callbacks: list, **trainer_kwargs) -> W.Net:
     net = W.initial_net()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, **trainer_kwargs,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **trainer_kwargs,
     )
     trainer.fit(net, W.task_loader(1))
     return net
@@ -46,7 +56,9 @@ class _CountingFORA(W.FORA):
         self.grad_dtypes: set[torch.dtype] = set()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grad_dtypes.update(m.weight.grad.dtype for m in self.protection.targets.values() if m.weight.grad is not None)
+        self.grad_dtypes.update(
+            m.weight.grad.dtype for m in self.protection.targets.values() if m.weight.grad is not None
+        )
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
@@ -55,8 +67,13 @@ class _CountingFORA(W.FORA):
 
 
 def _counting_fora() -> _CountingFORA:
-    return _CountingFORA(calibration=W.calibration_loader(), target_modules=["fc1", "fc2"], rank={"fc1": W.SPAN, "fc2": 8},
-                         weight_rank=2, progress=False)
+    return _CountingFORA(
+        calibration=W.calibration_loader(),
+        target_modules=["fc1", "fc2"],
+        rank={"fc1": W.SPAN, "fc2": 8},
+        weight_rank=2,
+        progress=False,
+    )
 
 
 class _StepWatcher(pl.Callback):

@@ -17,8 +17,11 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, int]]:
-    out = launch({"world": 2, "scenarios": [{"name": "work", "strategy": "fsdp2", "steps": STEPS, "count_work": True}]},
-                 tmp_path_factory.mktemp("scale"), timeout=200)
+    out = launch(
+        {"world": 2, "scenarios": [{"name": "work", "strategy": "fsdp2", "steps": STEPS, "count_work": True}]},
+        tmp_path_factory.mktemp("scale"),
+        timeout=200,
+    )
     assert "error" not in out["work"], out["work"].get("error")
     return out["work"]["work"]
 

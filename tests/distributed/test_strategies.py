@@ -29,12 +29,21 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "fsdp2_layers_in_configure_model": {"strategy": "fsdp2", "lazy": True},
     "fsdp2_sharded_ckpt": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True},
     "fsdp2_full_ckpt": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True},
-    "fsdp1_orig_params_full_ckpt": {"strategy": "fsdp1", "use_orig_params": True, "state_dict_type": "full", "resume": True},
+    "fsdp1_orig_params_full_ckpt": {
+        "strategy": "fsdp1",
+        "use_orig_params": True,
+        "state_dict_type": "full",
+        "resume": True,
+    },
     # use_orig_params=False needs uniform requires_grad inside a flat parameter: biases train too (unprotected).
     # (Its full checkpoint fails inside Lightning's optimizer rekeying: "Each parameter should only map to one
     # parameter name but got 2: ['fc1.weight', 'fc1.bias']", so it is tested with the sharded one.)
     "fsdp1_flat_params_sharded_ckpt": {
-        "strategy": "fsdp1", "use_orig_params": False, "state_dict_type": "sharded", "freeze_other": False, "resume": True,
+        "strategy": "fsdp1",
+        "use_orig_params": False,
+        "state_dict_type": "sharded",
+        "freeze_other": False,
+        "resume": True,
     },
 }
 
@@ -63,8 +72,17 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[bool, str]
     out = {}
     for freeze in (True, False):
         ckpt = str(tmp / f"single-{freeze}.ckpt")
-        r = W.run({"strategy": "single", "world": 1, "steps": STEPS, "freeze_other": freeze, "save": ckpt, "resume_from": ckpt,
-                   "resume_steps": RESUMED})
+        r = W.run(
+            {
+                "strategy": "single",
+                "world": 1,
+                "steps": STEPS,
+                "freeze_other": freeze,
+                "save": ckpt,
+                "resume_from": ckpt,
+                "resume_steps": RESUMED,
+            }
+        )
         out[freeze, "train"], out[freeze, "resume"] = r["train"], r["resume"]
     return out
 
@@ -101,7 +119,10 @@ def _leakage(weights: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[st
     """``||P_U (W - W0) X|| / ||W0 X||`` on held-out inputs: span inputs for fc1, span(Q) mixtures for fc2."""
     w0 = {n: m.weight.detach() for n, m in (("fc1", W.initial_net().fc1), ("fc2", W.initial_net().fc2))}
     layers = _layers(state)
-    held = {"fc1": W.span_inputs(64, seed=99), "fc2": torch.randn(64, layers["fc2"]["basis"].shape[1]) @ layers["fc2"]["basis"].T}
+    held = {
+        "fc1": W.span_inputs(64, seed=99),
+        "fc2": torch.randn(64, layers["fc2"]["basis"].shape[1]) @ layers["fc2"]["basis"].T,
+    }
     out = {}
     for n, x in held.items():
         d = (weights[n] - w0[n]).double()
@@ -124,7 +145,7 @@ def test_trained_weights_equal_single_process(runs, reference, name):
     w0 = W.initial_net()
     assert (want["fc1"] - w0.fc1.weight).abs().max() > 1e-2, "the reference did not train"
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} layer {n}: {m}")
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f"{name} layer {n}: {m}")
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -142,7 +163,9 @@ def test_resume_restores_bases_and_continues_exactly(runs, reference, name):
     _assert_same_bases(resumed["fora"], first["fora"], atol=0.0)
     freeze = SCENARIOS[name].get("freeze_other", True)
     for n, want in reference[freeze, "resume"]["weights"].items():
-        torch.testing.assert_close(resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} layer {n}: {m}")
+        torch.testing.assert_close(
+            resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f"{name} layer {n}: {m}"
+        )
     assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
 
 
@@ -151,11 +174,20 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, reference, name):
     """A different number of ranks (2 -> 1): the bases and full anchors come from the checkpoint (the
     calibration loader raises if touched) and training continues as the single-process run does."""
     _result(runs, name)
-    resumed = W.run({"strategy": "single", "world": 1, "freeze_other": True, "resume_from": runs[name]["checkpoint"],
-                     "resume_steps": RESUMED})["resume"]
+    resumed = W.run(
+        {
+            "strategy": "single",
+            "world": 1,
+            "freeze_other": True,
+            "resume_from": runs[name]["checkpoint"],
+            "resume_steps": RESUMED,
+        }
+    )["resume"]
     _assert_same_bases(resumed["fora"], _result(runs, name)["fora"], atol=0.0)
     for n, want in reference[True, "resume"]["weights"].items():
-        torch.testing.assert_close(resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m: f"layer {n}: {m}")
+        torch.testing.assert_close(
+            resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f"layer {n}: {m}"
+        )
     assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
 
 
