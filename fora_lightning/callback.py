@@ -46,6 +46,9 @@ class FORA(Callback):
         config: the settings (:class:`~fora_lightning.ForaConfig`; each field documents itself).
         extend_calibration: with ``config.extend_to``, the loader(s) of the task just learned
             (``None``: the datamodule's ``train_dataloader()``, else the trainer's).
+        probe: held-out inputs of the kept capability (not used for calibration) for the leakage probe logged
+            every ``log_every_n_steps`` (``fora/leakage_max``, ``fora/leakage_mean``) and the end-of-fit
+            ``fora_report``; ``None``: ``trainer.datamodule.preserve_val_dataloader()`` when it exists.
         **settings: :class:`~fora_lightning.ForaConfig` fields, applied over ``config``
             (``FORA(calibration=loader, energy=0.95)`` is ``FORA(loader, ForaConfig(energy=0.95))``).
 
@@ -61,6 +64,7 @@ class FORA(Callback):
         calibration: CalibrationSource = None,
         config: ForaConfig | None = None,
         extend_calibration: CalibrationSource = None,
+        probe: CalibrationSource = None,
         **settings: Any,
     ) -> None:
         self.config = ForaConfig.resolve(config, settings)
@@ -74,6 +78,7 @@ class FORA(Callback):
         self.extend_calibration = extend_calibration
         update = self.config.mode == "update"
         self.protection = Protection(self.config, calibration, anchors=update, who="FORA", bounds_channel=update)
+        self.protection.monitor.source = probe
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.precision = "float32"  # resolved from config.precision at fit start (core.precision.resolve_precision)
         self._split = False

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from fora_lightning.calibration import calibration_forward
@@ -63,6 +63,7 @@ class ProtectionMonitor:
         self._reference: list[tuple[dict[str, Tensor], Tensor]] = []  # (batch on CPU, base logits on CPU)
         self._last_step = -1
         self._restored: dict[str, Any] | None = None
+        self.source: Any = None  # the Callback's ``probe=`` loader (else the datamodule's preserve_val_dataloader)
 
     # ------------------------------------------------------------------ lifecycle
     def start(
@@ -97,14 +98,25 @@ class ProtectionMonitor:
         def move(b: Any) -> Any:
             return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b))
 
-        loader = preserved_loader(trainer)
+        loader = self._held_out_loader(trainer)
         if loader is None:  # no held-out inputs: drawing calibration batches again would be in-sample (and extra I/O)
+            rank_zero_info(
+                f"FORA: {self.who} logs no leakage probe: it needs held-out inputs of the kept capability. Give the "
+                "Callback probe=<a loader of them>, or define datamodule.preserve_val_dataloader()"
+            )
             return
         self.held_out = True
         with trainer.precision_plugin.forward_context():
             probe.capture(trainer.strategy.model, (move(b) for b in loader), forward, self.rows)
             self._reference = self._base_logits(trainer, loader, forward, move)
         self.probe = probe
+
+    def _held_out_loader(self, trainer: Trainer) -> Iterable[Any] | None:
+        """The ``probe=`` source (called if it is a factory), else :func:`preserved_loader`."""
+        source = self.source
+        if source is None:
+            return preserved_loader(trainer)
+        return source() if callable(source) and not hasattr(source, "__iter__") else source
 
     @torch.no_grad()
     def _base_logits(

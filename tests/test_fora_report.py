@@ -153,3 +153,25 @@ def test_probe_restored_from_checkpoint_and_no_probe_without_inputs(data, tmp_pa
     assert again.protection.monitor._restored is not None
     for name, entry in state["probe"].items():
         torch.testing.assert_close(entry["y0"], fora.protection.monitor.probe.held[name].y0)
+
+
+def test_a_probe_loader_given_to_the_callback_logs_leakage_every_n_steps(tmp_path, mlp):
+    """Without a TextDataModule: ``FORA(probe=held_out)`` logs fora/leakage_* (held-out span inputs: ~0 leak)."""
+    import csv
+
+    from conftest import calibration_loader, span_inputs, task_loader, tiny_trainer
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    held_out = DataLoader(span_inputs(64, seed=11), batch_size=64)
+    fora = FORA(
+        calibration=calibration_loader(), probe=held_out, target_modules=["fc1", "fc2"], weight_rank=2, progress=False
+    )
+    logger = CSVLogger(tmp_path, name="probe")
+    tiny_trainer(max_steps=50, logger=logger, log_every_n_steps=5, callbacks=[fora]).fit(mlp, task_loader())
+    logger.finalize("success")
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    logged = [int(r["step"]) for r in rows if r.get("fora/leakage_max")]
+    assert logged == list(range(5, 55, 5))
+    per_layer = [float(r["fora/leakage/fc1"]) for r in rows if r.get("fora/leakage/fc1")]
+    assert len(per_layer) == 1 and per_layer[0] < 1e-5  # fc1 reads span(Q) only: exact outside the channel

@@ -58,7 +58,11 @@ class ForaLoRA(Callback):
     """
 
     def __init__(
-        self, calibration: CalibrationSource = None, config: ForaConfig | None = None, **settings: Any
+        self,
+        calibration: CalibrationSource = None,
+        config: ForaConfig | None = None,
+        probe: CalibrationSource = None,
+        **settings: Any,
     ) -> None:
         config = ForaConfig.resolve(config, settings)
         if config.extend_to is not None:
@@ -69,6 +73,7 @@ class ForaLoRA(Callback):
         self.calibration = calibration
         # bases only (a complement where smaller), no anchors: the layer keeps the update feasible
         self.protection = Protection(self.config, calibration, anchors=False, who="FORA-LoRA")
+        self.protection.monitor.source = probe  # held-out inputs for the leakage probe (see FORA)
         self._layers: dict[str, ForaLoraLinear] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._undo_presize: Callable[[], None] = lambda: None
