@@ -129,18 +129,20 @@ def plot(results: dict[str, Any], setting: Setting, path: Path) -> None:
         )
     base = next(iter(methods.values()))["preserved_base"] * scale[setting.preserved.metric]
     ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model (preserved)")
-    unit = {"exact_match": " (%)", "perplexity": ""}
-    ax.set_xlabel(
-        f"new task: {setting.new_task.label}{unit[setting.new_task.metric]}"
-        + ("" if setting.new_task.higher_is_better else " (lower is better)")
-    )
-    ax.set_ylabel(
-        f"preserved: {setting.preserved.label}{unit[setting.preserved.metric]}"
-        + ("" if setting.preserved.higher_is_better else " (lower is better)")
-    )
+    label_axes(ax, setting)
     ax.set_title(f"{setting.setting}: preservation vs new task")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def label_axes(ax: Any, setting: Setting) -> None:
+    """x: the new task's metric, y: the kept capability's (with units, and which way is better)."""
+    unit = {"exact_match": " (%)", "perplexity": ""}
+    for task, role, set_label in (
+        (setting.new_task, "new task", ax.set_xlabel),
+        (setting.preserved, "preserved", ax.set_ylabel),
+    ):
+        set_label(f"{role}: {task.label}{unit[task.metric]}" + ("" if task.higher_is_better else " (lower is better)"))

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fora_lightning.eval.compare_output import FOOTNOTE, _fmt, metric_names
+from fora_lightning.eval.compare_output import FOOTNOTE, _fmt, label_axes, metric_names
 from fora_lightning.eval.methods import DISPLAY_ORDER, LABELS, MARKERS
 from fora_lightning.eval.setting import Setting
 from fora_lightning.eval.sweep import Point, aggregate, pareto_mask
@@ -185,15 +185,7 @@ def pareto_plot(results: Mapping[str, Any], setting: Setting, path: Path) -> Non
     ax.axhline(
         results["base"]["preserved"] * sy, color="grey", linestyle="--", linewidth=1, label="base model (preserved)"
     )
-    unit = {"exact_match": " (%)", "perplexity": ""}
-    ax.set_xlabel(
-        f"new task: {setting.new_task.label}{unit[setting.new_task.metric]}"
-        + ("" if setting.new_task.higher_is_better else " (lower is better)")
-    )
-    ax.set_ylabel(
-        f"preserved: {setting.preserved.label}{unit[setting.preserved.metric]}"
-        + ("" if setting.preserved.higher_is_better else " (lower is better)")
-    )
+    label_axes(ax, setting)
     seeds = results["seeds"]
     ax.set_title(f"{setting.setting}: preservation vs new task, each method's knob swept ({len(seeds)} seeds, ±1 std)")
     ax.grid(alpha=0.3)
