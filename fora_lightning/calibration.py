@@ -23,11 +23,16 @@ CalibrationSource = Iterable[Any] | Mapping[str, Iterable[Any]] | Callable[[], I
 COVARIANCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def materialize(source: CalibrationSource) -> Any:
+    """``source()`` when it is a factory (callable and not itself iterable), else ``source`` as given."""
+    return source() if callable(source) and not hasattr(source, "__iter__") else source
+
+
 def resolve_calibration(calibration: CalibrationSource, trainer: Trainer, pl_module: LightningModule) -> Any:
     """``calibration`` (called if it is a factory), else ``trainer.datamodule.calibration_dataloader()``,
     else ``pl_module.calibration_dataloader()``; either may be a loader or a mapping ``name -> loader``."""
     if calibration is not None:
-        return calibration() if callable(calibration) and not hasattr(calibration, "__iter__") else calibration
+        return materialize(calibration)
     for owner in (trainer.datamodule, pl_module):
         fn = getattr(owner, "calibration_dataloader", None)
         if callable(fn):

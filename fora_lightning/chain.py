@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from fora_lightning.calibration import CalibrationSource
+from fora_lightning.calibration import CalibrationSource, materialize
 from fora_lightning.core.capabilities import GrownBasis, extend_subspace, grow_basis
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.subspace_file import now
@@ -38,8 +38,7 @@ def extend_protection(
         calibration = (
             trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
         )
-    if callable(calibration) and not hasattr(calibration, "__iter__"):
-        calibration = calibration()
+    calibration = materialize(calibration)
     step = len(p.chain) + 1
     if not isinstance(calibration, Mapping):
         calibration = {f"task{step}": calibration}

@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from fora_lightning.calibration import calibration_forward
+from fora_lightning.calibration import calibration_forward, materialize
 from fora_lightning.core.distributed import row_shard
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.fora_report import layer_rows, write_report
@@ -113,10 +113,7 @@ class ProtectionMonitor:
 
     def _held_out_loader(self, trainer: Trainer) -> Iterable[Any] | None:
         """The ``probe=`` source (called if it is a factory), else :func:`preserved_loader`."""
-        source = self.source
-        if source is None:
-            return preserved_loader(trainer)
-        return source() if callable(source) and not hasattr(source, "__iter__") else source
+        return preserved_loader(trainer) if self.source is None else materialize(self.source)
 
     @torch.no_grad()
     def _base_logits(
