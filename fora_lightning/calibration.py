@@ -17,6 +17,7 @@ from torch import nn
 from fora_lightning._compat import forward_redirection
 from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
 from fora_lightning.core.distributed import RankShare
+from fora_lightning.core.gram import Product
 from fora_lightning.trainer_progress import calibration_progress
 
 CalibrationSource = Iterable[Any] | Mapping[str, Iterable[Any]] | Callable[[], Iterable[Any]] | None
@@ -52,11 +53,16 @@ def calibrate(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     generate: int = 0,
+    panel: int = 0,
+    product: Product = "accumulator",
+    token_stride: int = 1,
 ) -> Covariances:
     """Covariances of every target's input over this rank's share of ``loader``, summed over ranks.
 
     ``generate > 0``: each batch is first extended by the model's own greedy continuation of up to that many
     tokens (:func:`_with_continuations`), so the covariances see what the capability reads while it answers.
+    ``panel``, ``product``, ``token_stride``: the cheaper products of
+    :class:`~fora_lightning.core.covariance.CovarianceCollector`.
     """
     forward = calibration_forward(pl_module, trainer.strategy.model)
 
@@ -71,7 +77,15 @@ def calibrate(
     if generate > 0:
         batches = _with_continuations(trainer, pl_module, share, generate)
     covariances = collect_covariances(
-        pl_module, targets, batches, step, dtype=dtype, progress=calibration_progress(trainer, progress)
+        pl_module,
+        targets,
+        batches,
+        step,
+        dtype=dtype,
+        progress=calibration_progress(trainer, progress),
+        panel=panel,
+        product=product,
+        token_stride=token_stride,
     )
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
         for o in covariances.sums:

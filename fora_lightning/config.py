@@ -29,8 +29,14 @@ BASIS_SETTINGS = (
     "mode",
     "combine",
     "calibration_generate",
+    "covariance_product",
+    "covariance_token_stride",
 )
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
+
+
+# the covariance pass's defaults: benchmarks/results/calibration_cost.md
+PANEL_DEFAULT, PRODUCT_DEFAULT, STRIDE_DEFAULT = 1024, "accumulator", 1
 
 
 def _help(text: str) -> dict[str, str]:
@@ -102,6 +108,30 @@ class ForaConfig(SubspaceConfig):
     covariance_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata=_help("dtype of the covariance accumulators")
     )
+    covariance_panel: int = field(
+        default=PANEL_DEFAULT,
+        metadata=_help(
+            "p > 0: accumulate only the upper block triangle of each batch's X^T X, in row panels p columns wide "
+            "((b + 1)/(2b) of the flops for b = ceil(d_in/p) blocks), mirrored when the pass ends: the same sums up "
+            "to float rounding; 0: the full product"
+        ),
+    )
+    covariance_product: Literal["accumulator", "input"] = field(
+        default=PRODUCT_DEFAULT,
+        metadata=_help(
+            "'input': each batch's X^T X runs in the activations' own dtype when they are bf16/fp16 (CUDA: float32 "
+            "output; CPU: the batch's product is rounded to bf16/fp16 before the float32 sum); 'accumulator': the "
+            "inputs are cast to covariance_dtype first"
+        ),
+    )
+    covariance_token_stride: int = field(
+        default=STRIDE_DEFAULT,
+        metadata=_help(
+            "s > 1: an input wider than its layer's output (d_in > d_out, e.g. down_proj's d_ff: its covariance "
+            "costs more flops than the layer) counts every s-th non-padding token of each batch (offset: batch "
+            "index mod s); 1: every token"
+        ),
+    )
     progress: bool = field(default=True, metadata=_help("show a progress bar during calibration (rank 0)"))
     capability_weights: dict[str, float] | None = field(
         default=None, metadata=_help("name -> weight of each kept capability (default: equal)")
@@ -136,6 +166,9 @@ class ForaConfig(SubspaceConfig):
         _choice("subspaces_reuse", self.subspaces_reuse, ("auto", "strict", "force"))
         _choice("covariance_dtype", self.covariance_dtype, ("float32", "float64"))
         _choice("combine", self.combine, ("covariance", "union"))
+        _choice("covariance_product", self.covariance_product, ("accumulator", "input"))
+        _int_at_least("covariance_panel", self.covariance_panel, 0, "panel width in columns; 0: the full product")
+        _int_at_least("covariance_token_stride", self.covariance_token_stride, 1, "1: every token")
         for name in ("subspaces", "extend_to"):
             value = getattr(self, name)
             if value is not None:
@@ -191,6 +224,11 @@ class ForaConfig(SubspaceConfig):
             raise TypeError(f"unknown FORA setting(s) {unknown}; the settings are: {', '.join(sorted(names))}")
         base = cls() if config is None else config if isinstance(config, ForaConfig) else cls.from_dict(config)
         return replace(base, **overrides) if overrides else base
+
+
+def _int_at_least(name: str, value: Any, low: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low} ({meaning}), got {value!r}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

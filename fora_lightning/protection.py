@@ -330,9 +330,18 @@ class Protection:
                 trainer, pl_module, source, 1
             )
             return combined
-        dtype = COVARIANCE_DTYPES[self.config.covariance_dtype]
+        c = self.config
         return calibrate(
-            trainer, pl_module, self.targets, loader, dtype, self.config.progress, self.config.calibration_generate
+            trainer,
+            pl_module,
+            self.targets,
+            loader,
+            COVARIANCE_DTYPES[c.covariance_dtype],
+            c.progress,
+            c.calibration_generate,
+            panel=c.covariance_panel,
+            product=c.covariance_product,
+            token_stride=c.covariance_token_stride,
         )
 
     def calibrate_capabilities(

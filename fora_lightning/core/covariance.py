@@ -1,8 +1,10 @@
 """Streaming input covariances of linear layers: ``C = (1/N) sum_t x_t x_t^T`` over non-padding tokens.
 
 Forward pre-hooks add ``X^T X`` of each batch to an accumulator (float32 by default) and never
-store activations. Layers that read the very same input tensor (q/k/v, gate/up) are detected on
-the fly and share one accumulator. Plain torch: no Lightning import.
+store activations; :mod:`~fora_lightning.core.gram` has the product and its cheaper forms (symmetric
+blocks, the activations' own GEMM dtype, token subsampling of wide inputs). Layers that read the very
+same input tensor (q/k/v, gate/up) are detected on the fly and share one accumulator. Plain torch:
+no Lightning import.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fora_lightning.core.gram import Product, gram_, mirror_, token_subset
 
 # Wraps the batches (e.g. a progress bar); must yield each one unchanged.
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -66,13 +70,25 @@ def _input_key(x: Tensor) -> tuple:
 class CovarianceCollector:
     """Forward pre-hooks that accumulate ``X^T X`` per distinct input of the given linear layers.
 
-    Use as a context manager (hooks are removed on exit) and wrap each forward pass in
-    :meth:`batch`, passing the batch's ``attention_mask`` so padding positions are skipped.
+    Use as a context manager (hooks are removed on exit, and with ``panel > 0`` the sums mirrored) and wrap
+    each forward pass in :meth:`batch`, passing the batch's ``attention_mask`` so padding positions are skipped.
+    ``panel``/``product``: see :func:`~fora_lightning.core.gram.gram_`. ``token_stride = s > 1``: a *wide*
+    input (its owner's ``d_in > d_out``: there ``2 d_in^2`` covariance flops per token exceed the layer's
+    ``2 d_out d_in``) counts every s-th non-padding token of each batch, from offset ``batch index % s``.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Linear], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Linear],
+        dtype: torch.dtype = torch.float32,
+        *,
+        panel: int = 0,
+        product: Product = "accumulator",
+        token_stride: int = 1,
+    ) -> None:
         self.modules = dict(modules)
         self.dtype = dtype
+        self.panel, self.product, self.token_stride = panel, product, token_stride
         self.result = Covariances()
         self._mask: Tensor | None = None
         self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
@@ -91,6 +107,9 @@ class CovarianceCollector:
             h.remove()
         self._handles.clear()
         self._seen.clear()
+        if self.panel > 0:
+            for acc in self.result.sums.values():
+                mirror_(acc, self.panel)
 
     @contextlib.contextmanager
     def batch(self, attention_mask: Tensor | None = None) -> Iterator[None]:
@@ -130,16 +149,18 @@ class CovarianceCollector:
                 return
             self._seen[key] = (weakref.ref(x), name)
             owner = self.result.owner.setdefault(name, name)
-            tokens = self._tokens(name, x.detach()).to(self.dtype)
+            tokens = self._tokens(name, x.detach())
+            finite = torch.isfinite(tokens).all()
+            self.finite[owner] = finite if owner not in self.finite else self.finite[owner] & finite
+            if self.token_stride > 1 and module.in_features > module.out_features:
+                tokens = token_subset(tokens, self.token_stride, self.batches - 1)
             acc = self.result.sums.get(owner)
             if acc is None:
                 acc = self.result.sums[owner] = torch.zeros(
                     tokens.shape[1], tokens.shape[1], dtype=self.dtype, device=tokens.device
                 )
                 self.result.counts[owner] = 0
-            finite = torch.isfinite(tokens).all()
-            self.finite[owner] = finite if owner not in self.finite else self.finite[owner] & finite
-            acc.addmm_(tokens.T, tokens)
+            gram_(acc, tokens, self.panel, self.product)
             self.result.counts[owner] += tokens.shape[0]
 
         return hook
@@ -170,14 +191,19 @@ def collect_covariances(
     *,
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    panel: int = 0,
+    product: Product = "accumulator",
+    token_stride: int = 1,
 ) -> Covariances:
     """Run ``forward(batch)`` for every batch under ``no_grad`` and ``eval`` and return the sums.
 
     ``forward`` receives the batch as given (move it to the device there). ``progress`` wraps the
-    batches (the glue passes a progress bar; ``None``: none). Raises ``ValueError`` for an empty
-    ``batches`` and for non-finite inputs (naming the layers).
+    batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``, ``token_stride``:
+    :class:`CovarianceCollector`. Raises ``ValueError`` for an empty ``batches`` and for non-finite
+    inputs (naming the layers).
     """
-    with CovarianceCollector(modules, dtype) as collector, eval_mode(model), torch.no_grad():
+    collector = CovarianceCollector(modules, dtype, panel=panel, product=product, token_stride=token_stride)
+    with collector, eval_mode(model), torch.no_grad():
         for batch in progress(batches) if progress is not None else batches:
             with collector.batch(attention_mask_of(batch)):
                 forward(batch)
