@@ -53,6 +53,10 @@ def test_unknown_setting_is_a_type_error_naming_the_settings():
         (dict(combine="sum"), "combine must be"),
         (dict(lora_rank=0), "lora_rank must be an int >= 1"),
         (dict(target_modules=3), "target_modules must be"),
+        (dict(covariance_panel=-1), "covariance_panel must be an int >= 0 .*got -1"),
+        (dict(covariance_token_stride=0), "covariance_token_stride must be an int >= 1 .*got 0"),
+        (dict(covariance_token_stride=2.5), "covariance_token_stride must be an int"),
+        (dict(covariance_product="bf16"), "covariance_product must be 'accumulator' or 'input', got 'bf16'"),
     ],
 )
 def test_bad_settings_fail_at_construction_everywhere(bad, message):

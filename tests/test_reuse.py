@@ -72,6 +72,12 @@ def test_file_made_on_other_data_is_reestimated_by_default_refused_strict_loaded
         ({"energy": 0.6}, {"energy": 0.999}, "energy=0.6 there, 0.999 here"),
         ({"weight_rank": 2}, {"weight_rank": 0}, "weight_rank=2 there, 0 here"),
         ({"mode": "gradient"}, {"mode": "update"}, "mode='gradient' there, 'update' here"),
+        ({"covariance_token_stride": 1}, {"covariance_token_stride": 3}, "covariance_token_stride=1 there, 3 here"),
+        (
+            {"covariance_product": "accumulator"},
+            {"covariance_product": "input"},
+            "covariance_product='accumulator' there, 'input' here",
+        ),
     ],
 )
 def test_file_made_with_other_basis_settings_is_reestimated_with_a_warning(tmp_path, mlp, saved, now, named):
@@ -93,7 +99,7 @@ def test_progress_and_other_non_basis_settings_do_not_count(tmp_path, mlp, recwa
     _fit(copy.deepcopy(mlp), _fora(subspaces=path), steps=1)
     _fit(
         copy.deepcopy(mlp),
-        _fora(subspaces=path, progress=True, covariance_dtype="float64", subspaces_reuse="strict"),
+        _fora(subspaces=path, progress=True, covariance_dtype="float64", covariance_panel=3, subspaces_reuse="strict"),
         steps=1,
     )
     assert not [w for w in recwarn if "FORA:" in str(w.message)]
