@@ -36,7 +36,7 @@ LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
 
 
 # the covariance pass's defaults: benchmarks/results/calibration_cost.md
-PANEL_DEFAULT, PRODUCT_DEFAULT, STRIDE_DEFAULT = 1024, "accumulator", 1
+PANEL_DEFAULT, PRODUCT_DEFAULT, STRIDE_DEFAULT = 512, "input", 1
 
 
 def _help(text: str) -> dict[str, str]:
