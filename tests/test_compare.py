@@ -212,3 +212,26 @@ def test_preservation_metrics_logged_during_validation_match_direct_evaluation(s
     assert direct["kl"] > 0 and direct["leakage_mean"] > 0
     for key in ("kl", "ppl", "leakage_mean"):
         assert logged[f"val/preserve/{key}"].item() == pytest.approx(direct[key], rel=1e-4)
+
+
+def test_an_interrupted_compare_keeps_the_runs_it_finished(setting_file, monkeypatch):
+    import fora_lightning.eval.compare as compare_mod
+
+    path, _ = setting_file
+    out = path.parent / "interrupted"
+    real, calls = compare_mod.run_method, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("the machine went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "run_method", crash_on_third)
+    argv = ["--config", str(path), "--methods", "l2sp", "--sweep", "--seeds", "0", "1", "--output", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--no-progress", "--max-steps", "1"])
+    results = json.loads((out / "results.json").read_text())
+    assert [p["key"] for p in results["points"]] == ["l2sp", "l2sp[lambda_=10.0]"]  # both points of seed 0
+    assert all(set(p["seeds"]) == {"0"} and p["stats"]["new_task"]["n"] == 1 for p in results["points"])
+    assert (out / "table.md").exists() and (out / "results.csv").read_text().count("\n") == 3

@@ -40,7 +40,7 @@ from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch
 from fora_lightning.eval.peft_methods import PeftPeer
 from fora_lightning.eval.preservation import evaluate_preservation, model_target_names
 from fora_lightning.eval.setting import EvalSet, Setting, load_setting
-from fora_lightning.eval.sweep import expand
+from fora_lightning.eval.sweep import Point, expand
 from fora_lightning.eval.sweep_output import pareto_plot, sweep_results, sweep_table, write_csv
 from fora_lightning.llm import CausalLMModule, TextDataModule
 from fora_lightning.llm.encoding import PadCollator, encode_pairs
@@ -238,12 +238,29 @@ def compare(
             if point.key == "fora":
                 fora_ks = run.ks
             bar.update()
+            if not (seed == seeds[-1] and point is points[-1]):  # the last run's outputs are written below
+                _write(setting, base, points, runs, seeds, sweep, out, progress=False)  # a crash keeps the runs done
     bar.close()
+    return _write(setting, base, points, runs, seeds, sweep, out, progress)
+
+
+def _write(
+    setting: Setting,
+    base: dict[str, float],
+    points: Sequence[Point],
+    runs: Mapping[str, Mapping[int, Run]],
+    seeds: Sequence[int],
+    sweep: bool,
+    out: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write the outputs of the runs done so far (called after every run, so an interrupted compare keeps them)."""
     steps = int(setting.trainer.get("max_steps", -1))
     if len(seeds) == 1 and not sweep:
-        return _write_single(setting, base, {k: r[seeds[0]] for k, r in runs.items()}, steps, out, progress)
-    rows = {key: {s: run_row(r, base) for s, r in by_seed.items()} for key, by_seed in runs.items()}
-    results = sweep_results(setting, base, points, rows, seeds)
+        return _write_single(setting, base, {k: r[seeds[0]] for k, r in runs.items() if r}, steps, out, progress)
+    done = [p for p in points if runs[p.key]]
+    rows = {p.key: {s: run_row(r, base) for s, r in runs[p.key].items()} for p in done}
+    results = sweep_results(setting, base, done, rows, seeds)
     details = {
         "setting": setting.setting,
         "seeds": seeds,
@@ -256,6 +273,7 @@ def compare(
                 for s, r in by_seed.items()
             }
             for key, by_seed in runs.items()
+            if by_seed
         },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -28,7 +28,7 @@ def sweep_results(
     seeds: Sequence[int],
 ) -> dict[str, Any]:
     """``{setting, metrics, seeds, base, points: [{key, method, knob, value, args, seeds: {seed: row}, stats, pareto}]}``;
-    ``rows[point.key][seed]`` is one run's row; points sorted by method (display order), then as swept."""
+    ``rows[point.key][seed]`` is one run's row (a point may lack seeds not run yet); points sorted by method (display order), then as swept."""
     order = sorted(points, key=lambda p: DISPLAY_ORDER.index(p.method))
     out = [
         {
@@ -37,8 +37,8 @@ def sweep_results(
             "knob": p.knob,
             "value": p.value,
             "args": p.args,
-            "seeds": {str(s): dict(rows[p.key][s]) for s in seeds},
-            "stats": aggregate([rows[p.key][s] for s in seeds]),
+            "seeds": {str(s): dict(rows[p.key][s]) for s in seeds if s in rows[p.key]},
+            "stats": aggregate([rows[p.key][s] for s in seeds if s in rows[p.key]]),
         }
         for p in order
     ]
