@@ -12,10 +12,10 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import calibration_loader, span_inputs, task_loader, tiny_trainer
+from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
 from test_callback_llm import VOCAB, TinyLM, _batches, _layer_inputs
 
-from fora_lightning import FORA, ForaConfig
+from fora_lightning import FORA, ForaConfig, ForaModule
 from fora_lightning.callback import step_work
 from fora_lightning.core.projection import project, right_project
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace, spectrum
@@ -158,3 +158,7 @@ def test_project_gradients_validation():
     with pytest.raises(ValueError, match="ForaLoRA has no gradient projection"):
         ForaLoRA(project_gradients=False)
     assert "mode='gradient'" in step_work(ForaConfig(mode="gradient"))
+    fora = ForaModule(MLP(), target_modules=["fc1"], project_gradients=False).configure_callbacks()[-1]
+    assert isinstance(fora, FORA) and fora.config.project_gradients is False
+    with pytest.raises(ValueError, match="ForaLoRA has no gradient projection"):
+        ForaModule(MLP(), target_modules=["fc1"], lora_rank=4, project_gradients=False).configure_callbacks()
