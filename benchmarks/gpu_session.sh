@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, about 8 minutes on one H200: FORA's step cost (plain vs every precision and the default,
+# The GPU checks in one go, about 8 minutes on one H200: FORA's step cost (plain vs every precision, the default and
+# update-only (project_gradients=False) in float32 and auto,
 # Qwen3-1.7B shapes, 16,384 tokens, with memory and leakage after 200 AdamW steps), then the NCCL strategy checks.
 # Tables land in benchmarks/results/ (commit them) and, with the logs, in $OUT if set.
 #   bash benchmarks/gpu_session.sh

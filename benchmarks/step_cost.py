@@ -1,6 +1,7 @@
 """FORA's cost per optimizer step, side by side with plain training, with memory and leakage from the same run.
 
-    nice python benchmarks/step_cost.py                                   # CPU, scaled-down Qwen3 shapes (~2 min)
+    nice python benchmarks/step_cost.py                                   # CPU, scaled-down Qwen3 shapes (~3 min)
+    nice python benchmarks/step_cost.py --tokens 4096 --steps 20 --name step_cost_cpu_T4096   # larger T
     python benchmarks/step_cost.py --device cuda --model qwen3-1.7b       # one GPU: Qwen3-1.7B shapes, 16,384 tokens
 
 Every variant trains its own copy of the same ``--blocks`` decoder blocks' seven projections (q, k, v, o, gate,
@@ -10,8 +11,9 @@ up, down; shapes from transformers' ``Qwen3Config``, random weights) with AdamW 
   ``--train-dtype``, bf16 autocast by default, float32 master weights) then ``AdamW.step()``;
 - ``fora <precision>``: the same step plus FORA's update-mode work as the Callback runs it
   (``TargetLayout.project_grads`` before the step, ``reproject`` after, ``channel_bound`` at its default), for
-  ``precision`` in float32, tf32, bf16 and auto (the default; the row names what it resolved to), and auto with
-  ``offload_anchors`` (anchors in host memory, copied per layer at each re-projection: device memory drops).
+  ``precision`` in float32, tf32, bf16 and auto (the default; the row names what it resolved to), auto with
+  ``offload_anchors`` (anchors in host memory, copied per layer at each re-projection: device memory drops), and
+  ``update-only`` in float32 and auto (``project_gradients=False``: no ``project_grads``, the re-projection alone).
 
 The steps run round-robin (one of each variant per round), so load changes on a shared machine hit all alike;
 time = median over rounds, ratio = median of per-round ratios to ``plain``. Leakage after all those steps, on
@@ -110,11 +112,13 @@ class Variant:
         precision: str,
         args: argparse.Namespace,
         on_host: bool = False,
+        project_gradients: bool = True,
     ) -> None:
         self.layers = copy.deepcopy(layers)
         self.w0 = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         self.subs = copy.deepcopy(subs) if subs is not None else None  # one deepcopy: shared bases stay shared
         self.precision, self.device, self.dtype = precision, args.device, getattr(torch, args.train_dtype)
+        self.project_gradients = project_gradients
         self.opt = torch.optim.AdamW(self.layers.parameters(), lr=args.lr, weight_decay=0.1)
         self.channel_bound = ForaConfig().channel_bound
         if self.subs is not None:
@@ -127,7 +131,7 @@ class Variant:
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             for n, m in self.layers.items():
                 m(xs[n]).backward(dys[n])
-        if self.subs is not None:
+        if self.subs is not None and self.project_gradients:
             self.layout.project_grads(self.subs, self.precision)
         self.opt.step()
         if self.subs is not None:
@@ -213,6 +217,8 @@ def main() -> None:
         resolved[prec] = resolve_precision(prec, args.device)
         variants[f"fora {prec}"] = Variant(layers, subs, resolved[prec], args)
     variants["fora auto, offload_anchors"] = Variant(layers, subs, resolved["auto"], args, on_host=True)
+    for prec in ("float32", "auto"):
+        variants[f"fora {prec}, update-only"] = Variant(layers, subs, resolved[prec], args, project_gradients=False)
     log("variants built; timing")
     times = interleaved(
         {n: (lambda v=v: v.step(xs, dys)) for n, v in variants.items()}, repeats=args.steps - 1, warmup=1

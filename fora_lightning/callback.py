@@ -35,7 +35,8 @@ class FORA(Callback):
 
     by projecting every gradient (``on_before_optimizer_step``) and, with ``mode="update"``,
     re-projecting the weight right after each optimizer step (Adam's scaling and weight decay
-    leave ``S``). For inputs in span(Q) the layer's output then changes only through the
+    leave ``S``). ``project_gradients=False`` (update-only) keeps only the re-projection: since ``Pi`` is
+    linear and ``W - W0`` starts in ``S``, it equals projecting the optimizer's update, at half the flops. For inputs in span(Q) the layer's output then changes only through the
     ``r``-dimensional spectral channel; with ``channel_bound = tau`` the re-projection also clamps
     ``|delta_i| <= tau S_i``, so ``||(W - W0) x|| <= tau ||W0 x||`` for every x in span(Q).
 
@@ -157,7 +158,7 @@ class FORA(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Estimate (or load) the subspaces before the first step, unless a checkpoint restored them."""
         self.protection.prepare(trainer, pl_module)
-        self.protection.summarize(trainer, pl_module)
+        self.protection.summarize(trainer, pl_module, step_work(self.config))
         flat = bool(self.protection.layout is not None and self.protection.layout.flat)
         self.precision = resolve_precision(self.config.precision, pl_module.device, self.config.mode, flat=flat)
         self._split = split_supported(self.precision, pl_module.device)
@@ -180,8 +181,9 @@ class FORA(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """``grad <- Pi(grad)`` for every target weight (local rows + one ``r x d_in`` all-reduce under FSDP2;
-        one FSDP1 unit gathered at a time)."""
-        self.protection.layout.project_grads(self.subspaces, self.precision)
+        one FSDP1 unit gathered at a time); skipped with ``project_gradients=False`` (update-only)."""
+        if self.config.project_gradients:
+            self.protection.layout.project_grads(self.subspaces, self.precision)
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -238,3 +240,12 @@ class FORA(Callback):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def step_work(config: ForaConfig) -> str:
+    """The summary's line on FORA's per-step work under ``config`` (mode, project_gradients)."""
+    if config.mode == "gradient":
+        return "per step: grad <- Pi(grad) before the optimizer step (mode='gradient', no re-projection)"
+    if not config.project_gradients:
+        return "per step: W <- W0 + Pi(W - W0) after the optimizer step only (update-only, project_gradients=False)"
+    return "per step: grad <- Pi(grad) before the optimizer step and W <- W0 + Pi(W - W0) after it (mode='update')"

@@ -61,6 +61,15 @@ class ForaConfig(SubspaceConfig):
             "'update': project gradients and re-project weights after each step; 'gradient': gradients only"
         ),
     )
+    project_gradients: bool = field(
+        default=True,
+        metadata=_help(
+            "mode='update': True projects each gradient, grad <- Pi(grad), before the optimizer step as well as re-projecting "
+            "W <- W0 + Pi(W - W0) after it; False (update-only, Adam-NSCL style) skips Pi(grad): half the projection flops, "
+            "the same guarantee (the exact post-step re-projection keeps W - W0 in S), but the optimizer's moments see "
+            "unprojected gradients (another trajectory). Only mode='update'; FORA-LoRA has no gradient projection"
+        ),
+    )
     precision: Literal["auto", "float32", "tf32", "bf16"] = field(
         default="auto",
         metadata=_help(
@@ -162,6 +171,13 @@ class ForaConfig(SubspaceConfig):
         if self.capability_weights is not None:
             self.capability_weights = dict(self.capability_weights)
         _choice("mode", self.mode, ("update", "gradient"))
+        if not isinstance(self.project_gradients, bool):
+            raise TypeError(f"project_gradients must be True or False, got {self.project_gradients!r}")
+        if not self.project_gradients and self.mode != "update":
+            raise ValueError(
+                f"project_gradients=False (update-only) needs mode='update', got mode={self.mode!r}: without the post-step "
+                "re-projection nothing would keep W - W0 in S. Use mode='update', or project_gradients=True"
+            )
         _choice("precision", self.precision, ("auto", "float32", "tf32", "bf16"))
         _choice("subspaces_reuse", self.subspaces_reuse, ("auto", "strict", "force"))
         _choice("covariance_dtype", self.covariance_dtype, ("float32", "float64"))

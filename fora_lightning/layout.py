@@ -19,7 +19,7 @@ from torch import nn
 from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
 from fora_lightning.core.precision import project_cheap, project_weight_mixed_
 from fora_lightning.core.projection import project, project_weight_
-from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.core.subspace import LayerSubspace, to_host
 from fora_lightning.core.targets import dense_weight, features, is_quantized, is_transposed, weight_matrix
 from fora_lightning.fsdp1 import FlatUnit, flat_units
 
@@ -117,11 +117,13 @@ class TargetLayout:
             sub.attach_anchors(local_tensor(self.targets[name].weight), shard.rows(sub.u), shard.all_reduce, **kw)
 
     def localize_anchors(self, subspaces: Subspaces) -> None:
-        """After a restore: keep this rank's rows of the (full) checkpointed ``anchor_q`` under FSDP2."""
+        """After a restore: keep this rank's rows of the (full) checkpointed ``anchor_q`` under FSDP2 (host-resident
+        anchors stay in pinned host memory)."""
         for name, shard in self.shards.items():
             sub = subspaces[name]
             if sub.anchor_q is not None and sub.anchor_q.shape[0] == sub.d_out:
-                sub.anchor_q = shard.rows(sub.anchor_q).contiguous()
+                rows = shard.rows(sub.anchor_q).contiguous()
+                sub.anchor_q = to_host(rows) if sub.anchors_on_host else rows
 
     def full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` full-size: the row-sharded ``anchor_q`` gathered over its shard group (a collective)."""

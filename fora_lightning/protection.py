@@ -264,11 +264,12 @@ class Protection:
             "subspaces_reuse='force' to keep its bases anyway, or start a new fit from its weights without ckpt_path"
         )
 
-    def summarize(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The per-layer table in the log (rank 0) and each layer's k to the logger."""
+    def summarize(self, trainer: Trainer, pl_module: LightningModule, step: str = "") -> None:
+        """The per-layer table in the log (rank 0), then ``step`` (the owner's per-step work), and each layer's k to the logger."""
         param_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters())
         bound = self.config.channel_bound if self.bounds_channel else None
-        rank_zero_info(f"{self.who} protected subspaces\n" + format_summary(self.subspaces, param_bytes, bound))
+        table = format_summary(self.subspaces, param_bytes, bound) + (f"\n{step}" if step else "")
+        rank_zero_info(f"{self.who} protected subspaces\n" + table)
         warn_extreme_ranks(self.subspaces, self.config, self.who)
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"fora/k/{n}": float(s.k) for n, s in self.subspaces.items()}, step=0)

@@ -109,3 +109,38 @@ def test_callback_offloads_anchors_and_uses_complements(mlp):
     d = (mlp.fc1.weight.detach() - w0).double()
     u, v = sub.u.double(), sub.v.double()
     assert float(d.norm()) > 1e-2 and leakage(d - u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T, w0, x) < 1e-5
+
+
+
+@pytest.mark.parametrize("first_offloaded", [False, True])
+def test_resume_with_offload_anchors_protects_the_original_w0(mlp, tmp_path, first_offloaded):
+    """A fit checkpointed at step 16 (anchors on the device: Q; or on the host: a complement basis) and resumed to 32
+    with offload_anchors=True (calibration may not run again): anchors W0 Q of the ORIGINAL W0, held on the host, the
+    same weights as the same resume with the anchors on the device, and leakage against the original W0 at round-off."""
+    w0, start = mlp.fc1.weight.detach().clone(), copy.deepcopy(mlp.state_dict())
+    kw = dict(target_modules=["fc1"], weight_rank=2, rank=12, precision="float32", progress=False)
+    trainer = tiny_trainer(max_steps=16, callbacks=[FORA(calibration_loader(), offload_anchors=first_offloaded, **kw)])
+    trainer.fit(mlp, task_loader())
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    mid = mlp.fc1.weight.detach().clone()
+
+    class Forbidden:
+        def __iter__(self):
+            raise AssertionError("calibration re-ran on resume")
+
+    weights, subs = {}, {}
+    for offload in (True, False):
+        mlp.load_state_dict(start)  # the checkpoint restores the step-16 weights
+        cb = FORA(Forbidden(), offload_anchors=offload, **kw)
+        tiny_trainer(max_steps=32, callbacks=[cb]).fit(mlp, task_loader(), ckpt_path=tmp_path / "mid.ckpt")
+        weights[offload], subs[offload] = mlp.fc1.weight.detach().clone(), cb.subspaces["fc1"]
+    sub = subs[True]
+    assert sub.complement is first_offloaded and sub.anchors_on_host and sub.anchor_q.device.type == "cpu"
+    q = sub.reprojection_basis.double()
+    torch.testing.assert_close(sub.anchor_q.double(), w0.double() @ q, rtol=0, atol=1e-5)  # W0 Q, not the checkpoint's
+    assert float(((mid - w0).double() @ q).norm()) > 1e-2  # (the checkpoint's W Q would differ: its channel moved)
+    assert float((mid - w0).norm()) > 1e-2 and float((weights[True] - mid).norm()) > 1e-3  # both halves trained
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
+    d = (weights[True] - w0).double()
+    u, v = sub.u.double(), sub.v.double()
+    assert leakage(d - u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T, w0, span_inputs(200, seed=9)) < 1e-5

@@ -42,7 +42,8 @@ class ForaLoRA(Callback):
     Takes :class:`FORA`'s ``calibration`` and :class:`~fora_lightning.ForaConfig` settings (``config`` and/or
     keywords); ``lora_rank`` (r_lora, default 8 here), ``lora_alpha`` and ``lora_dropout`` shape the layers.
     ``mode`` has no effect: the bases are stored as in FORA's gradient mode (Q, or its complement when
-    k > d_in/2; no anchors). With ``freeze_other=False`` the non-target parameters keep their
+    k > d_in/2; no anchors); ``project_gradients=False`` (FORA's update-only) is refused, there being no gradient
+    projection to skip. With ``freeze_other=False`` the non-target parameters keep their
     ``requires_grad`` (and train unprotected); the wrapped base weights always stay frozen.
 
     ``channel_bound = tau``: after every optimizer step ``delta`` is clamped into ``[-tau S_r, tau S_r]``, the box's
@@ -68,6 +69,11 @@ class ForaLoRA(Callback):
         if config.extend_to is not None:
             raise ValueError(
                 "ForaLoRA does not support extend_to: merge_lora(model) after the fit, then FORA(...).extend on the merged model"
+            )
+        if not config.project_gradients:
+            raise ValueError(
+                "ForaLoRA has no gradient projection to skip (its layer keeps the update feasible by construction, with no "
+                "post-step re-projection): project_gradients=False applies to FORA only; remove it (or use FORA)"
             )
         self.config = config if config.lora_rank is not None else replace(config, lora_rank=DEFAULT_LORA_RANK)
         self.calibration = calibration

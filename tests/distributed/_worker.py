@@ -180,15 +180,19 @@ def make_strategy(cfg: dict[str, Any]) -> Any:
     raise ValueError(f"unknown strategy {kind!r}")
 
 
-def make_fora(calibration: Any, freeze_other: bool) -> FORA:
+def make_fora(calibration: Any, freeze_other: bool, **settings: Any) -> FORA:
+    """The scenarios' FORA; ``settings`` (a scenario's ``fora`` / ``resume_fora``) override these."""
     return FORA(
         calibration=calibration,
-        target_modules=["fc1", "fc2"],
-        rank={"fc1": SPAN, "fc2": 8},
-        weight_rank=2,
-        freeze_other=freeze_other,
-        progress=False,
-        precision="float32",  # FSDP1 runs float32: compare like with like
+        **{
+            "target_modules": ["fc1", "fc2"],
+            "rank": {"fc1": SPAN, "fc2": 8},
+            "weight_rank": 2,
+            "freeze_other": freeze_other,
+            "progress": False,
+            "precision": "float32",  # FSDP1 runs float32: compare like with like
+            **settings,
+        },
     )
 
 
@@ -208,7 +212,8 @@ def full_weights(trainer: pl.Trainer, fora: FORA, cfg: dict[str, Any]) -> dict[s
 
 def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None = None) -> tuple[pl.Trainer, FORA]:
     world = cfg["world"]
-    fora = make_fora(calibration, cfg.get("freeze_other", True))
+    settings = cfg.get("resume_fora", cfg.get("fora", {})) if ckpt_path else cfg.get("fora", {})
+    fora = make_fora(calibration, cfg.get("freeze_other", True), **settings)
     trainer = pl.Trainer(
         accelerator=cfg.get("accelerator", "cpu"),
         devices=world if cfg["strategy"] != "single" else 1,
@@ -228,6 +233,11 @@ def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None
         ckpt_path=ckpt_path,
     )
     return trainer, fora
+
+
+def on_host(fora: FORA) -> bool:
+    """Whether every layer's anchors ``W0 Q`` were held in host memory during the fit (``offload_anchors``)."""
+    return all(s.anchors_on_host and s.anchor_q.device.type == "cpu" for s in fora.subspaces.values())
 
 
 def sharded_functions(world: int) -> dict[str, Any]:
@@ -318,13 +328,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = None
     if cfg.get("steps"):
         trainer, fora = fit(cfg, cfg["steps"], calibration_loader())
-        results["train"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict()}
+        results["train"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict(), "on_host": on_host(fora)}
         if cfg.get("save"):
             trainer.save_checkpoint(cfg["save"])
             results["checkpoint"] = cfg["save"]
     if cfg.get("resume_steps"):
         trainer, fora = fit(cfg, cfg["resume_steps"], Forbidden(), ckpt_path=cfg["resume_from"])
-        results["resume"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict()}
+        results["resume"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict(), "on_host": on_host(fora)}
     return results
 
 

@@ -29,6 +29,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "fsdp2_layers_in_configure_model": {"strategy": "fsdp2", "lazy": True},
     "fsdp2_sharded_ckpt": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True},
     "fsdp2_full_ckpt": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True},
+    # anchors in host memory: the same weights as the reference (anchors on the device), before and after a resume
+    "fsdp2_offload_anchors": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True,
+                              "fora": {"offload_anchors": True}},  # fmt: skip
+    # trained with device anchors, resumed with offload_anchors=True: still re-projects onto the ORIGINAL W0
+    "fsdp2_resume_with_offload_anchors": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True,
+                                          "resume_fora": {"offload_anchors": True}},  # fmt: skip
     "fsdp1_orig_params_full_ckpt": {
         "strategy": "fsdp1",
         "use_orig_params": True,
@@ -166,6 +172,22 @@ def test_resume_restores_bases_and_continues_exactly(runs, reference, name):
         torch.testing.assert_close(
             resumed["weights"][n], want, rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f"{name} layer {n}: {m}"
         )
+    assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["fsdp2_offload_anchors", "fsdp2_resume_with_offload_anchors"])
+def test_offload_anchors_under_fsdp2_hold_them_on_the_host_and_protect_the_original_w0(runs, reference, name):
+    """The anchors lived in host memory where asked; the resumed fit's anchors are the first fit's (W0's, not the
+    checkpoint weights'), so its weights equal the reference's and its leakage against the original W0 is round-off."""
+    first, resumed = _result(runs, name), _result(runs, name, "resume")
+    assert first["on_host"] is ("offload_anchors" in SCENARIOS[name].get("fora", {}))
+    assert resumed["on_host"] is True
+    w0 = W.initial_net()
+    ckpt_anchor = first["weights"]["fc1"].double() @ _layers(first["fora"])["fc1"]["basis"].double()
+    restored = _layers(resumed["fora"])["fc1"]["anchor_q"].double()
+    torch.testing.assert_close(restored, w0.fc1.weight.detach().double() @ _layers(first["fora"])["fc1"]["basis"].double(),
+                               rtol=0, atol=1e-5)  # fmt: skip
+    assert float((restored - ckpt_anchor).norm()) > 1e-2  # W0 Q, not (checkpoint W) Q
     assert max(_leakage(resumed["weights"], resumed["fora"]).values()) < 1e-5
 
 
