@@ -211,7 +211,8 @@ def compare(
     if copying and "fora" not in chosen:
         raise ValueError(f"{', '.join(copying)} copy FORA's k per layer: include 'fora' in methods")
     seeds = list(seeds) if seeds else [setting.seed]
-    points = expand(setting.methods, chosen, setting.sweeps if sweep else None)
+    # every method's own point first: an interrupted sweep has them all before any swept point
+    points = sorted(expand(setting.methods, chosen, setting.sweeps if sweep else None), key=lambda p: p.knob is not None)
     out = Path(setting.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if setting.threads:
