@@ -8,15 +8,14 @@ gradients and weights, :class:`~fora_lightning.ForaLoRA` puts them into its laye
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from fora_lightning.calibration import COVARIANCE_DTYPES, CalibrationSource, calibrate, resolve_calibration
@@ -28,7 +27,6 @@ from fora_lightning.core.energy import captured_energy
 from fora_lightning.core.subspace import LayerSubspace, estimate_subspaces, format_summary
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches,
-    load_subspaces,
     model_identity,
     now,
     save_subspaces,
@@ -37,7 +35,8 @@ from fora_lightning.core.subspace_file import (
 from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
 from fora_lightning.monitor import ProtectionMonitor
-from fora_lightning.reuse import config_differences, data_differences, fingerprint_source, weights_checksum
+from fora_lightning.reuse import weights_checksum
+from fora_lightning.reuse_decisions import broadcast_decision, check_resume, decide_file, drop_if_stale
 from fora_lightning.safety import warn_extreme_ranks
 from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.targeting import select_targets
@@ -105,11 +104,11 @@ class Protection:
         layout = self.bind(trainer)
         restored, self._restored = self._restored, False
         if self.subspaces and not restored and self._ended is not None:
-            self._drop_if_stale(trainer, pl_module)
+            drop_if_stale(self, trainer, pl_module)
         if self.subspaces:
             validate_against(self.subspaces, layout.shape_targets(), "the checkpoint")
             if restored:
-                self._check_resume(trainer, pl_module)
+                check_resume(self, trainer, pl_module)
             self.to(pl_module.device)
             if self.anchors:
                 layout.localize_anchors(self.subspaces)
@@ -118,7 +117,9 @@ class Protection:
             return
         path = self.path
         decision = (
-            self._broadcast(trainer, lambda: self._decide_file(trainer, pl_module, path)) if path is not None else None
+            broadcast_decision(trainer, lambda: decide_file(self, trainer, pl_module, path))
+            if path is not None
+            else None
         )
         if decision is not None and decision["load"] is not None:
             self._load(path, pl_module, *decision["load"])
@@ -135,134 +136,6 @@ class Protection:
         """At the end of a fit: remember the model and weights these bases were last used with."""
         if self.subspaces and self.targets:
             self._ended = {"model": id(next(iter(self.targets.values()))), "weights": weights_checksum(self.targets)}
-
-    @staticmethod
-    def _broadcast(trainer: Trainer, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Rank 0 decides, every rank gets its answer (an error raised there is raised everywhere)."""
-        payload: dict[str, Any] | None = None
-        if trainer.is_global_zero:
-            try:
-                payload = decide()
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                payload = {"error": e}
-        payload = trainer.strategy.broadcast(payload, src=0)
-        if "error" in payload:
-            raise payload["error"]
-        return payload
-
-    def _current_fingerprints(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, str | None] | None:
-        """The configured calibration data's fingerprints (one pass, no model); ``None`` when none is configured."""
-        if self.config.source != "activations":
-            return None
-        try:
-            source = resolve_calibration(self.calibration, trainer, pl_module)
-        except ValueError:
-            return None
-        return fingerprint_source(source)
-
-    def _decide_file(self, trainer: Trainer, pl_module: LightningModule, path: Path) -> dict[str, Any]:
-        """``{"load": (subspaces, meta) or None}``: load the file, or re-estimate (no file, or it differs under 'auto')."""
-        if path.is_dir():
-            raise IsADirectoryError(
-                f"subspaces={str(path)!r} is a directory; give a file path such as {str(path / 'subspaces.safetensors')!r}"
-            )
-        if not path.is_file():
-            return {"load": None}
-        subspaces, meta = load_subspaces(path)
-        policy = self.config.subspaces_reuse
-        if policy == "force":
-            return {"load": (subspaces, meta)}
-        diffs = config_differences(meta.get("config"), self.config, compare_mode=self.anchors)
-        if (
-            self.needs_q
-            and any(s.complement for s in subspaces.values())
-            and not any(d.startswith("mode=") for d in diffs)
-        ):
-            diffs.append("the file stores complement bases (gradient mode or FORA-LoRA), mode='update' needs Q itself")
-        diffs += data_differences(meta.get("capabilities"), self._current_fingerprints(trainer, pl_module))
-        if not diffs:
-            return {"load": (subspaces, meta)}
-        listed = "; ".join(diffs)
-        if policy == "strict":
-            raise ValueError(
-                f"{path} was made with other settings or data than this run ({listed}); subspaces_reuse='strict' refuses it: "
-                "set subspaces_reuse='auto' to re-estimate and overwrite it, 'force' to load it anyway, or give another subspaces= file"
-            )
-        if not self._can_estimate(trainer, pl_module):
-            warnings.warn(
-                f"FORA: {path} was made with other settings than this run ({listed}), and no calibration data is "
-                "configured to re-estimate: loading it as is (give calibration=... to re-estimate)",
-                stacklevel=2,
-            )
-            return {"load": (subspaces, meta)}
-        warnings.warn(
-            f"FORA: {path} was made with other settings or data than this run ({listed}): re-estimating and overwriting it "
-            "(subspaces_reuse='strict' refuses instead, 'force' loads it anyway)",
-            stacklevel=2,
-        )
-        return {"load": None}
-
-    def _can_estimate(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        """Calibration data is configured, or the source needs none."""
-        if self.config.source != "activations":
-            return True
-        try:
-            resolve_calibration(self.calibration, trainer, pl_module)
-        except ValueError:
-            return False
-        return True
-
-    def _drop_if_stale(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Bases kept from this object's previous fit: drop them when the model, its weights or the data changed."""
-        ended = self._ended
-
-        def decide() -> dict[str, Any]:
-            reasons = []
-            if id(next(iter(self.targets.values()))) != ended["model"]:
-                reasons.append("this is another model")
-            elif not torch.equal(weights_checksum(self.targets), ended["weights"]):
-                reasons.append("the target weights changed since that fit ended")
-            reasons += data_differences(self.capabilities, self._current_fingerprints(trainer, pl_module))
-            return {"reasons": reasons}
-
-        reasons = self._broadcast(trainer, decide)["reasons"]
-        if reasons:
-            rank_zero_warn(
-                f"FORA: {self.who} holds bases from a previous fit, but {'; '.join(reasons)}: re-estimating them"
-            )
-            self.subspaces, self.capabilities, self.chain, self.capability_energy = {}, {}, [], {}
-        self._ended = None
-
-    def _check_resume(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A checkpoint's bases against this run's settings and data: refuse on a difference (``force``: warn)."""
-        if self.anchors and any(s.anchor_q is None for s in self.subspaces.values()):
-            raise ValueError(
-                f"the checkpoint's {self.who} state has no anchors W0 Q, U_r^T W0 (it was trained with mode='gradient'), and "
-                "W0 is not in it (its weights are W0 plus the update), so mode='update' cannot re-project to W0: resume with "
-                "mode='gradient', or start a new fit from the checkpoint's weights without ckpt_path (they become W0)"
-            )
-        saved = self._restored_config
-
-        def decide() -> dict[str, Any]:
-            diffs = config_differences(saved, self.config, compare_mode=self.anchors)
-            return {
-                "diffs": diffs + data_differences(self.capabilities, self._current_fingerprints(trainer, pl_module))
-            }
-
-        diffs = self._broadcast(trainer, decide)["diffs"]
-        if not diffs:
-            return
-        listed = "; ".join(diffs)
-        if self.config.subspaces_reuse == "force":
-            rank_zero_warn(
-                f"FORA: resuming with the checkpoint's {self.who} bases although {listed} (subspaces_reuse='force')"
-            )
-            return
-        raise ValueError(
-            f"the checkpoint's {self.who} bases were made with other settings or data than this run ({listed}). A resumed fit "
-            "cannot re-estimate them (W0 is gone): resume with the checkpoint's settings and calibration data, set "
-            "subspaces_reuse='force' to keep its bases anyway, or start a new fit from its weights without ckpt_path"
-        )
 
     def summarize(self, trainer: Trainer, pl_module: LightningModule, step: str = "") -> None:
         """The per-layer table in the log (rank 0), then ``step`` (the owner's per-step work), and each layer's k to the logger."""
