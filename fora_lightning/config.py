@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from fora_lightning.core.allocation import ALLOCATIONS, Allocation
 from fora_lightning.core.subspace import SubspaceConfig
 from fora_lightning.core.targets import DEFAULT_TARGETS
 
@@ -29,6 +30,7 @@ BASIS_SETTINGS = (
     "mode",
     "combine",
     "calibration_generate",
+    "allocation",
 )
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
 
@@ -92,6 +94,14 @@ class ForaConfig(SubspaceConfig):
             "re-estimates and overwrites the file (a checkpoint: refuses), 'strict' refuses, 'force' uses them anyway"
         ),
     )
+    allocation: Allocation = field(
+        default="energy",
+        metadata=_help(
+            "how k is chosen per layer: 'energy' (each layer's own energy rule); 'trace' / 'output': the energy rule's "
+            "total sum k water-filled over all layers by lambda_i / tr(C) ('output': times ||W0||_2^2 tr(C) / "
+            "tr(W0 C W0^T)), core/allocation.py; source='activations' and no fixed rank only"
+        ),
+    )
     calibration_generate: int = field(
         default=0,
         metadata=_help(
@@ -136,6 +146,13 @@ class ForaConfig(SubspaceConfig):
         _choice("subspaces_reuse", self.subspaces_reuse, ("auto", "strict", "force"))
         _choice("covariance_dtype", self.covariance_dtype, ("float32", "float64"))
         _choice("combine", self.combine, ("covariance", "union"))
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        if self.allocation != "energy" and (self.rank is not None or self.source != "activations"):
+            raise ValueError(
+                f"allocation={self.allocation!r} spreads the energy rule's total k over layers; it needs "
+                f"source='activations' and rank=None (got source={self.source!r}, rank={self.rank!r}): "
+                "drop rank or set allocation='energy'"
+            )
         for name in ("subspaces", "extend_to"):
             value = getattr(self, name)
             if value is not None:
