@@ -99,7 +99,8 @@ class ForaConfig(SubspaceConfig):
         metadata=_help(
             "how k is chosen per layer: 'energy' (each layer's own energy rule); 'trace' / 'output': the energy rule's "
             "total sum k water-filled over all layers by lambda_i / tr(C) ('output': times ||W0||_2^2 tr(C) / "
-            "tr(W0 C W0^T)), core/allocation.py; source='activations' and no fixed rank only"
+            "tr(W0 C W0^T)), core/allocation.py; source='activations' and no fixed rank only. Default 'energy': "
+            "'trace' moves the demo along the front, not past it (results/plasticity)"
         ),
     )
     calibration_generate: int = field(
