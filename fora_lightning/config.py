@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from fora_lightning.core.allocation import ALLOCATIONS, Allocation
 from fora_lightning.core.subspace import SubspaceConfig
 from fora_lightning.core.targets import DEFAULT_TARGETS
 
@@ -31,6 +32,7 @@ BASIS_SETTINGS = (
     "calibration_generate",
     "covariance_product",
     "covariance_token_stride",
+    "allocation",
 )
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
 
@@ -105,6 +107,15 @@ class ForaConfig(SubspaceConfig):
         metadata=_help(
             "stored bases (subspaces file, checkpoint) made with other basis settings or calibration data: 'auto' "
             "re-estimates and overwrites the file (a checkpoint: refuses), 'strict' refuses, 'force' uses them anyway"
+        ),
+    )
+    allocation: Allocation = field(
+        default="energy",
+        metadata=_help(
+            "how k is chosen per layer: 'energy' (each layer's own energy rule); 'trace' / 'output': the energy rule's "
+            "total sum k water-filled over all layers by lambda_i / tr(C) ('output': times ||W0||_2^2 tr(C) / "
+            "tr(W0 C W0^T)), core/allocation.py; source='activations' and no fixed rank only. Default 'energy': "
+            "'trace' moves the demo along the front, not past it (results/plasticity)"
         ),
     )
     calibration_generate: int = field(
@@ -185,6 +196,13 @@ class ForaConfig(SubspaceConfig):
         _choice("covariance_product", self.covariance_product, ("accumulator", "input"))
         _int_at_least("covariance_panel", self.covariance_panel, 0, "panel width in columns; 0: the full product")
         _int_at_least("covariance_token_stride", self.covariance_token_stride, 1, "1: every token")
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        if self.allocation != "energy" and (self.rank is not None or self.source != "activations"):
+            raise ValueError(
+                f"allocation={self.allocation!r} spreads the energy rule's total k over layers; it needs "
+                f"source='activations' and rank=None (got source={self.source!r}, rank={self.rank!r}): "
+                "drop rank or set allocation='energy'"
+            )
         for name in ("subspaces", "extend_to"):
             value = getattr(self, name)
             if value is not None:
