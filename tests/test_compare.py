@@ -235,3 +235,30 @@ def test_an_interrupted_compare_keeps_the_runs_it_finished(setting_file, monkeyp
     assert [p["key"] for p in results["points"]] == ["l2sp", "l2sp[lambda_=10.0]"]  # both points of seed 0
     assert all(set(p["seeds"]) == {"0"} and p["stats"]["new_task"]["n"] == 1 for p in results["points"])
     assert (out / "table.md").exists() and (out / "results.csv").read_text().count("\n") == 3
+
+
+def test_resume_reuses_the_runs_of_the_same_setting_and_reruns_the_rest(setting_file, monkeypatch):
+    import fora_lightning.eval.compare as compare_mod
+
+    path, _ = setting_file
+    out = path.parent / "resumed"
+    real, calls = compare_mod.run_method, []
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1] if isinstance(args[-1], str) else args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "run_method", counting)
+    argv = ["--config", str(path), "--sweep", "--output", str(out), "--no-progress", "--max-steps", "1"]
+    assert main([*argv, "--methods", "l2sp"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert calls == ["l2sp", "l2sp[lambda_=10.0]"]
+    assert main([*argv, "--methods", "plain_ft,l2sp", "--resume"]) == 0  # only plain_ft is new
+    assert calls[2:] == ["plain_ft"]
+    again = {p["key"]: p for p in json.loads((out / "results.json").read_text())["points"]}
+    for p in first["points"]:  # the reused rows are the first invocation's, number for number
+        assert again[p["key"]]["seeds"] == p["seeds"]
+    assert main([*argv, "--methods", "l2sp", "--resume", "--max-steps", "2"]) == 0  # another setting: run again
+    assert calls[3:] == ["l2sp", "l2sp[lambda_=10.0]"]
+    assert main([*argv, "--methods", "l2sp"]) == 0  # no --resume: a fresh log, everything runs
+    assert calls[5:] == ["l2sp", "l2sp[lambda_=10.0]"]

@@ -122,3 +122,22 @@ def test_sweep_outputs_on_synthetic_rows(tmp_path):
     assert "70.0% ± 14.1" in table and table.count("**yes**") == 2 and "lambda_ = 1.0" in table
     pareto_plot(res, setting, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_compare_runs_own_points_first_then_one_swept_value_of_each_method_per_round():
+    from fora_lightning.eval.compare import _interleave
+
+    points = expand(
+        {"fora": {"energy": 0.99}, "l2sp": {"lambda_": 0.1}},
+        ["fora", "l2sp"],
+        {"fora": {"energy": [0.9, 0.95]}, "l2sp": {"lambda_": [1.0, 10.0, 100.0]}},
+    )
+    assert [p.key for p in _interleave(points)] == [
+        "fora",
+        "l2sp",
+        "fora[energy=0.9]",
+        "l2sp[lambda_=1.0]",
+        "fora[energy=0.95]",
+        "l2sp[lambda_=10.0]",
+        "l2sp[lambda_=100.0]",
+    ]

@@ -39,6 +39,7 @@ from fora_lightning.eval.methods import METHODS, build_callback
 from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch
 from fora_lightning.eval.peft_methods import PeftPeer
 from fora_lightning.eval.preservation import evaluate_preservation, model_target_names
+from fora_lightning.eval.run_log import RunLog
 from fora_lightning.eval.setting import EvalSet, Setting, load_setting
 from fora_lightning.eval.sweep import Point, expand
 from fora_lightning.eval.sweep_output import pareto_plot, sweep_results, sweep_table, write_csv
@@ -196,12 +197,15 @@ def compare(
     progress: bool = True,
     seeds: Sequence[int] | None = None,
     sweep: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``methods`` (default: those in the config) and write the outputs to ``setting.output_dir``.
 
     One seed and no ``sweep``: ``results.json`` (the issue's shape), ``details.json``, ``table.md``, ``plot.png``.
     Several ``seeds`` or ``sweep`` (the config's ``sweeps:`` points too): :mod:`~fora_lightning.eval.sweep_output`'s
     ``results.json``, ``results.csv``, ``table.md`` and ``pareto.png`` (mean and spread over seeds), ``details.json``.
+    The outputs are rewritten after every run; ``runs.jsonl`` logs each finished run, and ``resume`` reuses the
+    runs it holds for this same setting and point (:mod:`~fora_lightning.eval.run_log`) instead of training them again.
     """
     chosen = [m for m in METHODS if m in (methods or setting.methods)]
     missing = set(methods or ()) - set(setting.methods)
@@ -211,30 +215,47 @@ def compare(
     if copying and "fora" not in chosen:
         raise ValueError(f"{', '.join(copying)} copy FORA's k per layer: include 'fora' in methods")
     seeds = list(seeds) if seeds else [setting.seed]
-    # every method's own point first: an interrupted sweep has them all before any swept point
-    points = sorted(expand(setting.methods, chosen, setting.sweeps if sweep else None), key=lambda p: p.knob is not None)
+    points = _interleave(expand(setting.methods, chosen, setting.sweeps if sweep else None))
     out = Path(setting.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if setting.threads:
         torch.set_num_threads(setting.threads)
+    log = RunLog(out, setting)
+    done, other = log.done() if resume else ({}, 0)
+    if not resume:
+        log.clear()
+    elif other:
+        print(
+            f"compare --resume: {other} runs in {log.path} were made with another setting; they are run again",
+            flush=True,
+        )
     evaluator: Evaluator | None = None
-    base: dict[str, float] = {}
+    base: dict[str, float] = dict(done[(None, None)]["numbers"]) if (None, None) in done else {}
     runs: dict[str, dict[int, Run]] = {p.key: {} for p in points}
     bar = tqdm(total=len(points) * len(seeds), desc=f"compare {setting.setting}", disable=not progress)
     for seed in seeds:
         seeded = replace(setting, seed=seed)
-        dm = TextDataModule(**{"seed": seed, **setting.data})
-        dm.setup("fit")
-        if evaluator is None:
-            pl.seed_everything(seed, verbose=False)  # as in every run (matters only for a randomly initialised model)
-            base_model = CausalLMModule(**setting.model).model.eval().requires_grad_(False)
-            evaluator = Evaluator(setting, dm.tokenizer, base_model, dm.add_bos, dm.append_eos, dm.max_length)
-            base = evaluator.base_scores()
+        dm: TextDataModule | None = None
         fora_ks: dict[str, int] | None = None
         for point in points:
-            if progress:
-                tqdm.write(f"[seed {seed}] {point.key}")
-            run = run_method(point.method, point.args, seeded, dm, evaluator, fora_ks, progress, point.key)
+            prior = done.get((point.key, seed))
+            if prior is not None and prior["args"] == json.loads(json.dumps(point.args, default=str)):
+                run = Run(**prior["numbers"])  # finished by an earlier invocation of this same setting
+            else:
+                if dm is None:
+                    dm = TextDataModule(**{"seed": seed, **setting.data})
+                    dm.setup("fit")
+                if evaluator is None:
+                    pl.seed_everything(seed, verbose=False)  # as in every run (matters only for a random init)
+                    base_model = CausalLMModule(**setting.model).model.eval().requires_grad_(False)
+                    evaluator = Evaluator(setting, dm.tokenizer, base_model, dm.add_bos, dm.append_eos, dm.max_length)
+                    if not base:
+                        base = evaluator.base_scores()
+                        log.append(None, None, None, base)
+                if progress:
+                    tqdm.write(f"[seed {seed}] {point.key}")
+                run = run_method(point.method, point.args, seeded, dm, evaluator, fora_ks, progress, point.key)
+                log.append(point.key, seed, point.args, asdict(run))
             runs[point.key][seed] = run
             if point.key == "fora":
                 fora_ks = run.ks
@@ -243,6 +264,18 @@ def compare(
                 _write(setting, base, points, runs, seeds, sweep, out, progress=False)  # a crash keeps the runs done
     bar.close()
     return _write(setting, base, points, runs, seeds, sweep, out, progress)
+
+
+def _interleave(points: Sequence[Point]) -> list[Point]:
+    """Every method's own point, then each method's first swept point, then its second, ...: a compare stopped
+    early (time limit, crash) has a full row of methods and the start of every method's sweep."""
+    rank: dict[str, int] = {}
+    order = []
+    for p in points:
+        order.append((0 if p.knob is None else 1 + rank.get(p.method, 0), len(order), p))
+        if p.knob is not None:
+            rank[p.method] = rank.get(p.method, 0) + 1
+    return [p for *_, p in sorted(order, key=lambda t: t[:2])]
 
 
 def _write(
@@ -334,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sweep", action="store_true", help="also run the config's sweeps: block (each method's own knob)"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs the output directory's runs.jsonl holds for this same setting (an interrupted compare)",
+    )
     args = parser.parse_args(argv)
     setting = load_setting(args.config)
     if args.max_steps is not None:
@@ -343,5 +381,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit is not None:
         setting.cap_limits(args.limit)
     methods = args.methods.split(",") if args.methods else None
-    compare(setting, methods, progress=not args.no_progress, seeds=args.seeds, sweep=args.sweep)
+    compare(setting, methods, progress=not args.no_progress, seeds=args.seeds, sweep=args.sweep, resume=args.resume)
     return 0
