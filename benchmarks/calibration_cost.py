@@ -6,11 +6,13 @@ held-out quality, the analytic flop ratio at Qwen3-1.7B shapes, eigh/SVD time pe
     python benchmarks/calibration_cost.py            # ~15 min on 2 busy CPU cores
     python benchmarks/calibration_cost.py --quick    # ~5 min: h=256 only, no eigh at 2048, no 6144 SVD
     python benchmarks/calibration_cost.py --big      # adds eigh at d = 6144 (minutes more)
+    python benchmarks/calibration_cost.py --early-stop-only   # ~5 min: the early-stop rows alone
 
 Goal (issue 13, goal 3): calibration <= 1.25x one no-grad forward over the same batches. Per token a
 linear ``d_out x d_in`` costs ``2 d_out d_in`` flops in the forward and its input's ``x x^T`` adds
 ``2 d_in^2`` (once per distinct input: q/k/v and gate/up share one), times ``(b + 1) / (2b)`` with
-panels and ``1 / s`` for a wide input under a token stride ``s``.
+panels and ``1 / s`` for a wide input under a token stride ``s``. The early stop (``calibration_early_stop``)
+drops what runs after the last target's input: the last ``down_proj``, the final norm and the lm_head.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ DEFAULT = {"panel": PANEL_DEFAULT, "product": PRODUCT_DEFAULT, "token_stride": S
 TODAY = {"panel": 0, "product": "accumulator", "token_stride": 1}
 
 
-def analytic_ratio(shapes: dict, seq: int, panel: int = 0, token_stride: int = 1) -> float:
-    """(forward + covariance flops) / forward flops per token: linears, attention scores, lm_head.
+def analytic_ratio(shapes: dict, seq: int, panel: int = 0, token_stride: int = 1, early_stop: bool = False) -> float:
+    """(forward + covariance flops) / forward flops per token: linears, attention scores, lm_head; with
+    ``early_stop`` the pass skips the lm_head ``2 d V`` and the last down_proj ``2 f d`` (steady state).
 
     Inputs (width, owner's d_out): q/k/v (d, q), o (q, d), gate/up (d, f), down (f, d); wide when d_in > d_out.
     """
@@ -59,7 +62,8 @@ def analytic_ratio(shapes: dict, seq: int, panel: int = 0, token_stride: int = 1
         for w, out in ((d, q), (q, d), (d, f), (f, d))
     )
     fwd = shapes["layers"] * fwd_block + 2 * d * shapes["vocab"]
-    return (fwd + shapes["layers"] * cov_block) / fwd
+    skipped = 2 * d * shapes["vocab"] + 2 * f * d if early_stop else 0
+    return (fwd - skipped + shapes["layers"] * cov_block) / fwd
 
 
 def shapes_of(model: torch.nn.Module) -> dict:
@@ -164,6 +168,63 @@ def pass_benchmark(hidden: int, layers: int, repeats: int, quality_batches: int)
         for name, (dtype, settings) in cases.items():
             out["variants"][name]["quality"][feed] = quality(cov(dtype, settings, calib), refs[dtype])
     return out
+
+
+EARLY_STOP_CASES = {
+    "today's default pass": {**DEFAULT, "stop_early": False},
+    "+ early stop": {**DEFAULT, "stop_early": True},
+    "+ early stop, panel 256": {**DEFAULT, "panel": 256, "stop_early": True},
+}
+
+
+def early_stop_benchmark(repeats: int, n_batches: int = 8) -> dict:
+    """The default pass with and without the early stop on Qwen3-1.7B scaled by 1/8 in every width (hidden 256,
+    d_ff 768, vocab 18,992, T = 256, 28 layers: the same lm_head-to-block and attention-to-linear flop ratios),
+    float32 and bf16 models; ``n_batches`` of 2 x 256 tokens, the first of them the early stop's reference (whole)."""
+    scaled = {"hidden": 256, "ff": 768, "layers": 28, "vocab": QWEN3_1_7B["vocab"] // 8}
+    models = {"float32": tiny_causal_lm(256, 28, vocab=scaled["vocab"])}
+    models["bf16"] = tiny_causal_lm(256, 28, vocab=scaled["vocab"]).to(torch.bfloat16)
+    targets = {k: find_targets(m, TARGETS) for k, m in models.items()}
+    data = token_batches(n_batches, 2, 256, scaled["vocab"], seed=1)
+
+    def forward(dtype: str) -> None:
+        with torch.no_grad():
+            for b in data:
+                models[dtype](**b)
+
+    fns = {f"{dt}: no_grad forward": (lambda dt=dt: forward(dt)) for dt in models}
+    for dt, m in models.items():
+        for name, settings in EARLY_STOP_CASES.items():
+            fns[f"{dt}: {name}"] = lambda m=m, t=targets[dt], s=settings: collect_covariances(
+                m, t, data, lambda b: m(**b), **s
+            )
+    log("early stop: 28-layer h=256 models")
+    times = interleaved(fns, repeats)
+    shapes = shapes_of(models["float32"])
+    out: dict = {"shapes": shapes, "batches": n_batches, "tokens": n_batches * 2 * 256, "rows": []}
+    for dt in models:
+        for name, s in EARLY_STOP_CASES.items():
+            r, noise = ratio_stats(times[f"{dt}: {name}"], times[f"{dt}: no_grad forward"])
+            analytic = analytic_ratio(shapes, 256, s["panel"], 1, s["stop_early"])
+            out["rows"].append({"model": dt, "job": name, "ratio": r, "noise": noise, "analytic": analytic})
+    out["qwen3_1_7b"] = {n: analytic_ratio(QWEN3_1_7B, 2048, s["panel"], 1, s["stop_early"]) for n, s in EARLY_STOP_CASES.items()}
+    return out
+
+
+def early_stop_section(res: dict) -> str:
+    head = (
+        f"### Early stop: the default pass over a no_grad forward, Qwen3-1.7B scaled 1/8 in width (28 layers, h 256, "
+        f"d_ff 768, vocab {res['shapes']['vocab']:,}, {res['batches']} batches x 2 x 256 tokens, the first whole)\n\n"
+    )
+    t = md_table(
+        ["model", "job", "x forward (measured)", "noise", "analytic flops x forward (steady state)"],
+        [[r["model"], r["job"], r["ratio"], r["noise"], r["analytic"]] for r in res["rows"]],
+    )
+    q = md_table(
+        ["job", "analytic x forward, Qwen3-1.7B, T = 2048 (attention scores included)"],
+        [[n, v] for n, v in res["qwen3_1_7b"].items()],
+    )
+    return head + t + "\n\n" + q
 
 
 def corda_preprocess(model: torch.nn.Module, rows: list[torch.Tensor], rank: int, covariance_only: bool) -> None:
@@ -311,10 +372,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="1 is steadier on an oversubscribed machine")
     ap.add_argument("--big", action="store_true", help="also eigh at d = 6144 (minutes on CPU)")
     ap.add_argument("--corda", action="store_true", help="also PEFT's CorDA preprocessing (needs peft)")
+    ap.add_argument("--early-stop-only", action="store_true", help="only the early-stop rows")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else args.repeats
+    res_stop = early_stop_benchmark(repeats)
+    if args.early_stop_only:
+        table = early_stop_section(res_stop)
+        if args.no_write:
+            print(table)
+        else:
+            write("calibration_early_stop", {"env": environment(), "args": vars(args), **res_stop}, table)
+        return
     hiddens = [256] if args.quick else [256, 1024]
     res_models = []
     for h in hiddens:
@@ -364,6 +434,7 @@ def main() -> None:
         f"{'6' if args.quick else '16'} calibration batches, captured energy on 4 held-out batches)\n\n" + t1,
         "### The product alone: one batch's X^T X per panel width and dtype (interleaved)\n\n" + t_p,
         "### Analytic flop ratio at Qwen3-1.7B shapes (28 layers, d 2048, d_ff 6144, vocab 151936)\n\n" + t_q,
+        early_stop_section(res_stop),
     ]
     payload = {
         "env": environment(),
@@ -371,6 +442,7 @@ def main() -> None:
         "models": res_models,
         "qwen3_1_7b_analytic": qwen,
         "product": payload_prod,
+        "early_stop": res_stop,
     }
     if args.corda:
         res_corda = corda_benchmark(256, repeats)

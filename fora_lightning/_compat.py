@@ -91,6 +91,29 @@ def flat_param_views(handle: Any, flat: Tensor) -> list[Tensor]:
     return list(handle._get_unflat_views(flat))
 
 
+# ------------------------------------------------------------------------------------------------ forward hooks (torch)
+# transformers' output-capturing hooks record outputs only while its decorator's context (reset in a finally) is active
+HARMLESS_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+
+def foreign_forward_hooks(model: nn.Module) -> list[str]:
+    """Where forward (pre-)hooks other than transformers' output capturing sit: ``"global"`` or module names; a
+    module wrapped by accelerate's hooks (``_hf_hook``: device placement / offload around its forward) counts."""
+    # Checked: torch 2.13, nn.Module._forward_hooks / _forward_pre_hooks (dicts id -> hook) and
+    # torch.nn.modules.module._global_forward_hooks / _global_forward_pre_hooks; accelerate 1.x hooks.add_hook_to_module
+    # sets module._hf_hook. Public replacement: none (register_* return handles, nothing lists the hooks).
+    from torch.nn.modules import module as torch_module
+
+    def foreign(hooks: Mapping[int, Any]) -> bool:
+        return any(getattr(h, "__module__", None) not in HARMLESS_HOOK_MODULES for h in hooks.values())
+
+    out = ["global"] if foreign(torch_module._global_forward_hooks) or foreign(torch_module._global_forward_pre_hooks) else []
+    for name, m in model.named_modules():
+        if foreign(m._forward_hooks) or foreign(m._forward_pre_hooks) or hasattr(m, "_hf_hook"):
+            out.append(name or type(m).__name__)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ transformers
 def no_split_module_names(model: nn.Module) -> set[str]:
     """Class names of the blocks a Hugging Face model says must not be split across devices (its decoder layers)."""

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from torch import nn
 
-from fora_lightning._compat import forward_redirection
+from fora_lightning._compat import foreign_forward_hooks, forward_redirection
 from fora_lightning.core.covariance import Covariances, collect_covariances, eval_mode
 from fora_lightning.core.distributed import RankShare
 from fora_lightning.core.gram import Product
@@ -56,15 +57,18 @@ def calibrate(
     panel: int = 0,
     product: Product = "accumulator",
     token_stride: int = 1,
+    early_stop: bool = True,
 ) -> Covariances:
     """Covariances of every target's input over this rank's share of ``loader``, summed over ranks.
 
     ``generate > 0``: each batch is first extended by the model's own greedy continuation of up to that many
     tokens (:func:`_with_continuations`), so the covariances see what the capability reads while it answers.
     ``panel``, ``product``, ``token_stride``: the cheaper products of
-    :class:`~fora_lightning.core.covariance.CovarianceCollector`.
+    :class:`~fora_lightning.core.covariance.CovarianceCollector`. ``early_stop``: end each forward after the
+    last target's input where :func:`early_stop_safe` allows it (the same sums: nothing after it is summed).
     """
     forward = calibration_forward(pl_module, trainer.strategy.model)
+    stop_early = early_stop and early_stop_safe(trainer.strategy, trainer.strategy.model or pl_module)
 
     def step(batch: Any) -> None:
         with trainer.precision_plugin.forward_context():
@@ -86,6 +90,7 @@ def calibrate(
         panel=panel,
         product=product,
         token_stride=token_stride,
+        stop_early=stop_early,
     )
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
         for o in covariances.sums:
@@ -98,6 +103,26 @@ def calibrate(
     if share.sharded:
         covariances.all_reduce_()
     return covariances
+
+
+def early_stop_safe(strategy: Strategy, model: nn.Module) -> bool:
+    """Whether a calibration forward may be ended by an exception after the last target (core/early_stop.py).
+
+    Yes on one device and under plain DDP: the forward runs under ``no_grad`` in eval mode; DDP's one collective
+    in it (the buffer broadcast) runs *before* the module's forward, and what its post-forward does under
+    ``no_grad`` (reset ``require_forward_param_sync``) the reference batch, run whole, already did; so an early
+    exit leaves nothing half-done and ranks stopping at different points stay in step. No for every other
+    strategy: FSDP1 and FSDP2 (FSDPStrategy, ModelParallelStrategy) unshard and reshard in hooks around each unit's
+    forward and an exception skips the reshard and their post-forward state; DeepSpeed (ZeRO-3 gathers in hooks),
+    XLA (lazy graphs) and other subclasses are not read. No when the model carries forward hooks we cannot reason
+    about (anyone's but transformers' output capturing, accelerate's offload): the skipped part would skip them.
+    The generation pass of ``calibration_generate`` needs the logits and never stops early.
+    """
+    if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+        return False
+    if getattr(model, "buffer_hook", None) is not None:  # DDP buffer comm hook: may sync after the forward
+        return False
+    return not foreign_forward_hooks(model)
 
 
 def _with_continuations(

@@ -125,6 +125,14 @@ class ForaConfig(SubspaceConfig):
             "(label-free, batched; the module's generate_continuations) before collecting covariances; 0: prompts as given"
         ),
     )
+    calibration_early_stop: bool = field(
+        default=True,
+        metadata=_help(
+            "end each calibration forward once every target has read its input (the later blocks and the lm_head "
+            "feed no covariance: the same sums, less compute); one device and DDP only, full forward elsewhere "
+            "(FSDP, DeepSpeed, foreign forward hooks) and for a target called twice per forward. False: always whole"
+        ),
+    )
     covariance_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata=_help("dtype of the covariance accumulators")
     )
@@ -184,6 +192,8 @@ class ForaConfig(SubspaceConfig):
         _choice("mode", self.mode, ("update", "gradient"))
         if not isinstance(self.project_gradients, bool):
             raise TypeError(f"project_gradients must be True or False, got {self.project_gradients!r}")
+        if not isinstance(self.calibration_early_stop, bool):
+            raise TypeError(f"calibration_early_stop must be True or False, got {self.calibration_early_stop!r}")
         if not self.project_gradients and self.mode != "update":
             raise ValueError(
                 f"project_gradients=False (update-only) needs mode='update', got mode={self.mode!r}: without the post-step "

@@ -225,6 +225,7 @@ class Protection:
             panel=c.covariance_panel,
             product=c.covariance_product,
             token_stride=c.covariance_token_stride,
+            early_stop=c.calibration_early_stop,
         )
 
     def calibrate_capabilities(

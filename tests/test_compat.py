@@ -38,6 +38,11 @@ PRIVATES = (
     "_unpadded_unsharded_size",
     "_get_unflat_views",
     "_no_split_modules",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_hf_hook",
 )
 REPLACED_BY_PUBLIC = {"_local_tensor"}  # DTensor.to_local()
 

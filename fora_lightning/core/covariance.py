@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fora_lightning.core.early_stop import EarlyStop
 from fora_lightning.core.gram import Product, gram_, mirror_, token_subset
 
 # Wraps the batches (e.g. a progress bar); must yield each one unchanged.
@@ -75,6 +76,7 @@ class CovarianceCollector:
     ``panel``/``product``: see :func:`~fora_lightning.core.gram.gram_`. ``token_stride = s > 1``: a *wide*
     input (its owner's ``d_in > d_out``: there ``2 d_in^2`` covariance flops per token exceed the layer's
     ``2 d_out d_in``) counts every s-th non-padding token of each batch, from offset ``batch index % s``.
+    ``stop_early``: end each forward after its last target call (:mod:`~fora_lightning.core.early_stop`).
     """
 
     def __init__(
@@ -85,8 +87,10 @@ class CovarianceCollector:
         panel: int = 0,
         product: Product = "accumulator",
         token_stride: int = 1,
+        stop_early: bool = False,
     ) -> None:
         self.modules = dict(modules)
+        self.early_stop = EarlyStop(self.modules, stop_early)
         self.dtype = dtype
         self.panel, self.product, self.token_stride = panel, product, token_stride
         self.result = Covariances()
@@ -118,7 +122,8 @@ class CovarianceCollector:
         self._seen.clear()
         self.batches += 1
         try:
-            yield
+            with self.early_stop.batch():
+                yield
         finally:
             self._mask = None
             self._seen.clear()
@@ -141,7 +146,10 @@ class CovarianceCollector:
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
+            accumulate(module, args[0])
+            self.early_stop.reached(name)
+
+        def accumulate(module: nn.Module, x: Tensor) -> None:
             key = _input_key(x)
             seen = self._seen.get(key)
             if seen is not None and seen[0]() is x:
@@ -194,15 +202,18 @@ def collect_covariances(
     panel: int = 0,
     product: Product = "accumulator",
     token_stride: int = 1,
+    stop_early: bool = False,
 ) -> Covariances:
     """Run ``forward(batch)`` for every batch under ``no_grad`` and ``eval`` and return the sums.
 
     ``forward`` receives the batch as given (move it to the device there). ``progress`` wraps the
-    batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``, ``token_stride``:
-    :class:`CovarianceCollector`. Raises ``ValueError`` for an empty ``batches`` and for non-finite
+    batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``, ``token_stride``,
+    ``stop_early``: :class:`CovarianceCollector`. Raises ``ValueError`` for an empty ``batches`` and for non-finite
     inputs (naming the layers).
     """
-    collector = CovarianceCollector(modules, dtype, panel=panel, product=product, token_stride=token_stride)
+    collector = CovarianceCollector(
+        modules, dtype, panel=panel, product=product, token_stride=token_stride, stop_early=stop_early
+    )
     with collector, eval_mode(model), torch.no_grad():
         for batch in progress(batches) if progress is not None else batches:
             with collector.batch(attention_mask_of(batch)):

@@ -24,6 +24,7 @@ STEPS, RESUMED = 8, 16  # 8 steps = one epoch of 256 samples at global batch 32:
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "ddp": {"strategy": "ddp", "save": True},  # its checkpoint is resumed on one process below
+    "ddp_whole_calibration_forward": {"strategy": "ddp", "fora": {"calibration_early_stop": False}},
     # layers that exist only once configure_model has run (FORA.setup runs before it)
     "ddp_layers_in_configure_model": {"strategy": "ddp", "lazy": True},
     "fsdp2_layers_in_configure_model": {"strategy": "fsdp2", "lazy": True},
@@ -234,3 +235,16 @@ def test_eigendecompositions_are_spread_over_ranks():
     assert plan["c"] != plan["a"] or plan["c"] != plan["b"]
     assert set(plan.values()) == {0, 1}
     assert assign_owners({"a": 8}, world_size=4) == {"a": 0}
+
+
+def test_ddp_calibration_stops_early_with_the_same_bases_and_fsdp2_runs_the_whole_forward(runs):
+    """Rank 0 calibrates on 3 batches: the first runs whole (the reference), the next two end at fc2's input under
+    DDP; FSDP2 (its reshard runs after each unit's forward) and calibration_early_stop=False run all three whole."""
+    ddp, whole = _result(runs, "ddp"), _result(runs, "ddp_whole_calibration_forward")
+    assert whole["no_grad_forwards"] - ddp["no_grad_forwards"] == 2
+    assert _result(runs, "fsdp2_full_ckpt")["no_grad_forwards"] == whole["no_grad_forwards"]
+    got, want = _layers(ddp["fora"]), _layers(whole["fora"])
+    assert got.keys() == want.keys()
+    for n in want:
+        for key in ("basis", "u", "s", "anchor_q"):
+            assert torch.equal(got[n][key], want[n][key]), f"{n} {key}"
