@@ -22,16 +22,13 @@ for plasticity. Writes ``results.json`` and ``table.md`` as ``scripts/plasticity
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -41,11 +38,9 @@ import fora_lightning.eval.methods as methods_mod  # noqa: E402
 from fora_lightning import FORA  # noqa: E402
 from fora_lightning.core.energy import energy_rank  # noqa: E402
 from fora_lightning.core.targets import find_targets  # noqa: E402
-from fora_lightning.eval.compare import Evaluator, run_method  # noqa: E402
-from fora_lightning.eval.setting import load_setting  # noqa: E402
+from fora_lightning.eval.compare import run_method  # noqa: E402
 from fora_lightning.llm import CausalLMModule, TextDataModule  # noqa: E402
-from scripts.demo_variants import parse_variant  # noqa: E402
-from scripts.plasticity import table  # noqa: E402
+from scripts.plasticity import experiment, seed_setup, table  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ the left factor
@@ -127,7 +122,9 @@ class OutputSideFORA(FORA):
             yield name, module, self._b(name), self.subspaces[name].reprojection_basis
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
-        raw = {n: m.weight.grad.detach().clone() for n, m in self.protection.targets.items() if m.weight.grad is not None}
+        raw = {
+            n: m.weight.grad.detach().clone() for n, m in self.protection.targets.items() if m.weight.grad is not None
+        }
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         if self.config.project_gradients:
             for name, module, b, q in self._pairs():
@@ -155,30 +152,10 @@ def output_side(left: Mapping[str, Tensor]) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ driver
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--variant", action="append", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    a = parser.parse_args()
-    setting = load_setting(a.config)
-    setting.output_dir = a.output
-    out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(setting.threads or 1)
-    path = out / "results.json"
-    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    a, setting, out, path, results, variants = experiment()
     evaluator = None
-    variants = [parse_variant(v) for v in a.variant]
     for seed in a.seeds:
-        seeded = replace(setting, seed=seed)
-        dm = TextDataModule(**{"seed": seed, **setting.data})
-        dm.setup("fit")
-        if evaluator is None:
-            pl.seed_everything(seed, verbose=False)
-            base_model = CausalLMModule(**setting.model).model.eval().requires_grad_(False)
-            evaluator = Evaluator(setting, dm.tokenizer, base_model, dm.add_bos, dm.append_eos, dm.max_length)
-            results["base"] = evaluator.base_scores()
+        seeded, dm, evaluator = seed_setup(setting, seed, evaluator, results)
         fishers: dict[tuple[int, str], dict[str, Tensor]] = {}
         for label, kind, given in variants:
             args, overrides = dict(setting.methods["fora"]), dict(given)

@@ -34,7 +34,7 @@ import fora_lightning.protection as protection_mod  # noqa: E402
 from fora_lightning import FORA  # noqa: E402
 from fora_lightning.core.targets import find_targets  # noqa: E402
 from fora_lightning.eval.compare import Evaluator, run_method  # noqa: E402
-from fora_lightning.eval.setting import load_setting  # noqa: E402
+from fora_lightning.eval.setting import Setting, load_setting  # noqa: E402
 from fora_lightning.llm import CausalLMModule, TextDataModule  # noqa: E402
 from scripts.demo_variants import parse_variant  # noqa: E402
 
@@ -139,7 +139,8 @@ def compensated(max_scale: float):
 
 
 # ------------------------------------------------------------------------------------------ driver
-def main() -> None:
+def experiment() -> tuple[argparse.Namespace, Setting, Path, Path, dict[str, Any], list]:
+    """The command line (``--config --output --variant ... --seeds``), the setting, and the results so far."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     parser.add_argument("--output", required=True)
@@ -153,17 +154,29 @@ def main() -> None:
     torch.set_num_threads(setting.threads or 1)
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    return a, setting, out, path, results, [parse_variant(v) for v in a.variant]
+
+
+def seed_setup(
+    setting: Setting, seed: int, evaluator: Evaluator | None, results: dict[str, Any]
+) -> tuple[Setting, TextDataModule, Evaluator]:
+    """One seed's setting and data; the evaluator (and ``results["base"]``) on the first seed."""
+    seeded = replace(setting, seed=seed)
+    dm = TextDataModule(**{"seed": seed, **setting.data})
+    dm.setup("fit")
+    if evaluator is None:
+        pl.seed_everything(seed, verbose=False)
+        base_model = CausalLMModule(**setting.model).model.eval().requires_grad_(False)
+        evaluator = Evaluator(setting, dm.tokenizer, base_model, dm.add_bos, dm.append_eos, dm.max_length)
+        results["base"] = evaluator.base_scores()
+    return seeded, dm, evaluator
+
+
+def main() -> None:
+    a, setting, out, path, results, variants = experiment()
     evaluator = None
-    variants = [parse_variant(v) for v in a.variant]
     for seed in a.seeds:
-        seeded = replace(setting, seed=seed)
-        dm = TextDataModule(**{"seed": seed, **setting.data})
-        dm.setup("fit")
-        if evaluator is None:
-            pl.seed_everything(seed, verbose=False)
-            base_model = CausalLMModule(**setting.model).model.eval().requires_grad_(False)
-            evaluator = Evaluator(setting, dm.tokenizer, base_model, dm.add_bos, dm.append_eos, dm.max_length)
-            results["base"] = evaluator.base_scores()
+        seeded, dm, evaluator = seed_setup(setting, seed, evaluator, results)
         means = None
         fora_ks: dict[str, int] | None = None
         for label, kind, given in variants:

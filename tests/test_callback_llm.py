@@ -70,6 +70,28 @@ def _layer_inputs(model: TinyLM, batches, names) -> dict[str, torch.Tensor]:
     return {n: torch.cat(v) for n, v in store.items()}
 
 
+def protected_tiny_llama(weight_rank: int = 4):
+    """A TinyLM whose q/o/down projections alone train, their bases from 6 calibration batches (energy 0.99),
+    and held-out inputs of the same span: ``(model, names, targets, w0, held, subspaces, train_batches)``."""
+    from fora_lightning.core.subspace import SubspaceConfig, build_subspace, spectrum
+
+    model = TinyLM()
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n.rsplit(".", 1)[-1] in ("q_proj", "o_proj", "down_proj")]
+    targets = {n: mods[n] for n in names}
+    w0 = {n: m.weight.detach().clone() for n, m in targets.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in targets.values():
+        m.weight.requires_grad_(True)
+    held = _layer_inputs(model, _batches(3, seed=7, low=0, high=VOCAB // 2), names)
+    calib = _layer_inputs(model, _batches(6, seed=1, low=0, high=VOCAB // 2), names)
+    cfg = SubspaceConfig(energy=0.99, weight_rank=weight_rank)
+    subs = {n: build_subspace(n, w0[n], cfg, spectrum(calib[n].T @ calib[n] / len(calib[n]))) for n in names}
+    train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]
+    return model, names, targets, w0, held, subs, train
+
+
 def test_tiny_llama_update_mode_confines_change_to_spectral_channel():
     targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     base = TinyLM()

@@ -74,26 +74,9 @@ def test_200_adamw_steps_keep_span_leakage_below_1e5(mlp, precision):
 
 
 def test_tiny_llama_keeps_span_leakage_below_1e5_in_bf16():
-    from test_callback_llm import VOCAB, TinyLM, _batches, _layer_inputs
+    from test_callback_llm import protected_tiny_llama
 
-    model = TinyLM()
-    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "o_proj", "down_proj")]
-    mods = dict(model.named_modules())
-    targets = {n: mods[n] for n in names}
-    w0 = {n: m.weight.detach().clone() for n, m in targets.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in targets.values():
-        m.weight.requires_grad_(True)
-    held = _layer_inputs(model, _batches(3, seed=7, low=0, high=VOCAB // 2), names)
-    calib = _layer_inputs(model, _batches(6, seed=1, low=0, high=VOCAB // 2), names)
-    subs = {
-        n: build_subspace(
-            n, w0[n], SubspaceConfig(energy=0.99, weight_rank=4), spectrum(calib[n].T @ calib[n] / len(calib[n]))
-        )
-        for n in names
-    }
-    train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]
+    model, names, targets, w0, held, subs, train = protected_tiny_llama()
     _train(model, targets, subs, train, lambda m, b: m.training_step(b, 0), "bf16")
     for n in names:
         x = held[n].double()

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_trainer
-from test_callback_llm import VOCAB, TinyLM, _batches, _layer_inputs
+from test_callback_llm import protected_tiny_llama
 
 from fora_lightning import FORA, ForaConfig, ForaModule
 from fora_lightning.callback import step_work
@@ -80,20 +80,7 @@ def test_update_only_200_adamw_steps_keep_mlp_span_leakage_below_1e5(mlp, precis
 
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_update_only_200_adamw_steps_keep_tiny_llama_span_leakage_below_1e5(precision):
-    model = TinyLM()
-    mods = dict(model.named_modules())
-    names = [n for n in mods if n.rsplit(".", 1)[-1] in ("q_proj", "o_proj", "down_proj")]
-    targets = {n: mods[n] for n in names}
-    w0 = {n: m.weight.detach().clone() for n, m in targets.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in targets.values():
-        m.weight.requires_grad_(True)
-    held = _layer_inputs(model, _batches(3, seed=7, low=0, high=VOCAB // 2), names)
-    calib = _layer_inputs(model, _batches(6, seed=1, low=0, high=VOCAB // 2), names)
-    cfg = SubspaceConfig(energy=0.99, weight_rank=4)
-    subs = {n: build_subspace(n, w0[n], cfg, spectrum(calib[n].T @ calib[n] / len(calib[n]))) for n in names}
-    train = [dict(b, labels=b["input_ids"]) for b in _batches(8, seed=2, low=VOCAB // 2, high=VOCAB)]
+    model, names, targets, w0, held, subs, train = protected_tiny_llama()
     _train(model, targets, subs, train, lambda m, b: m.training_step(b, 0), precision, project_gradients=False)
     for n in names:
         x = held[n].double()
