@@ -207,7 +207,9 @@ def early_stop_benchmark(repeats: int, n_batches: int = 8) -> dict:
             r, noise = ratio_stats(times[f"{dt}: {name}"], times[f"{dt}: no_grad forward"])
             analytic = analytic_ratio(shapes, 256, s["panel"], 1, s["stop_early"])
             out["rows"].append({"model": dt, "job": name, "ratio": r, "noise": noise, "analytic": analytic})
-    out["qwen3_1_7b"] = {n: analytic_ratio(QWEN3_1_7B, 2048, s["panel"], 1, s["stop_early"]) for n, s in EARLY_STOP_CASES.items()}
+    out["qwen3_1_7b"] = {
+        n: analytic_ratio(QWEN3_1_7B, 2048, s["panel"], 1, s["stop_early"]) for n, s in EARLY_STOP_CASES.items()
+    }
     return out
 
 

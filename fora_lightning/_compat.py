@@ -107,7 +107,11 @@ def foreign_forward_hooks(model: nn.Module) -> list[str]:
     def foreign(hooks: Mapping[int, Any]) -> bool:
         return any(getattr(h, "__module__", None) not in HARMLESS_HOOK_MODULES for h in hooks.values())
 
-    out = ["global"] if foreign(torch_module._global_forward_hooks) or foreign(torch_module._global_forward_pre_hooks) else []
+    out = (
+        ["global"]
+        if foreign(torch_module._global_forward_hooks) or foreign(torch_module._global_forward_pre_hooks)
+        else []
+    )
     for name, m in model.named_modules():
         if foreign(m._forward_hooks) or foreign(m._forward_pre_hooks) or hasattr(m, "_hf_hook"):
             out.append(name or type(m).__name__)

@@ -111,7 +111,6 @@ def test_callback_offloads_anchors_and_uses_complements(mlp):
     assert float(d.norm()) > 1e-2 and leakage(d - u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T, w0, x) < 1e-5
 
 
-
 @pytest.mark.parametrize("first_offloaded", [False, True])
 def test_resume_with_offload_anchors_protects_the_original_w0(mlp, tmp_path, first_offloaded):
     """A fit checkpointed at step 16 (anchors on the device: Q; or on the host: a complement basis) and resumed to 32

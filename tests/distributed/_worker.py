@@ -33,7 +33,9 @@ class Net(pl.LightningModule):
     def __init__(self, fsdp2: bool = False, lazy: bool = False, lr: float = 3e-2, weight_decay: float = 0.1) -> None:
         super().__init__()
         self.fsdp2, self.lr, self.weight_decay = fsdp2, lr, weight_decay
-        self.no_grad_forwards = 0  # completed forwards outside training (calibration's): the early stop ends them sooner
+        self.no_grad_forwards = (
+            0  # completed forwards outside training (calibration's): the early stop ends them sooner
+        )
         layers = nn.Linear(D_IN, D_HID), nn.Linear(D_HID, D_OUT)
         self._lazy_layers = list(layers) if lazy else []  # a plain list: not registered until configure_model
         if not lazy:
@@ -331,14 +333,22 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = None
     if cfg.get("steps"):
         trainer, fora = fit(cfg, cfg["steps"], calibration_loader())
-        results["train"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict(), "on_host": on_host(fora)}
+        results["train"] = {
+            "weights": full_weights(trainer, fora, cfg),
+            "fora": fora.state_dict(),
+            "on_host": on_host(fora),
+        }
         results["train"]["no_grad_forwards"] = trainer.lightning_module.no_grad_forwards
         if cfg.get("save"):
             trainer.save_checkpoint(cfg["save"])
             results["checkpoint"] = cfg["save"]
     if cfg.get("resume_steps"):
         trainer, fora = fit(cfg, cfg["resume_steps"], Forbidden(), ckpt_path=cfg["resume_from"])
-        results["resume"] = {"weights": full_weights(trainer, fora, cfg), "fora": fora.state_dict(), "on_host": on_host(fora)}
+        results["resume"] = {
+            "weights": full_weights(trainer, fora, cfg),
+            "fora": fora.state_dict(),
+            "on_host": on_host(fora),
+        }
     return results
 
 

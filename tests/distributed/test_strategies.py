@@ -31,11 +31,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "fsdp2_sharded_ckpt": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True},
     "fsdp2_full_ckpt": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True},
     # anchors in host memory: the same weights as the reference (anchors on the device), before and after a resume
-    "fsdp2_offload_anchors": {"strategy": "fsdp2", "state_dict_type": "sharded", "resume": True,
-                              "fora": {"offload_anchors": True}},  # fmt: skip
+    "fsdp2_offload_anchors": {
+        "strategy": "fsdp2",
+        "state_dict_type": "sharded",
+        "resume": True,
+        "fora": {"offload_anchors": True},
+    },  # fmt: skip
     # trained with device anchors, resumed with offload_anchors=True: still re-projects onto the ORIGINAL W0
-    "fsdp2_resume_with_offload_anchors": {"strategy": "fsdp2", "state_dict_type": "full", "resume": True,
-                                          "resume_fora": {"offload_anchors": True}},  # fmt: skip
+    "fsdp2_resume_with_offload_anchors": {
+        "strategy": "fsdp2",
+        "state_dict_type": "full",
+        "resume": True,
+        "resume_fora": {"offload_anchors": True},
+    },  # fmt: skip
     "fsdp1_orig_params_full_ckpt": {
         "strategy": "fsdp1",
         "use_orig_params": True,
