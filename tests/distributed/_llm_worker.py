@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fora_lightning import FORA, ForaLoRA
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
 from fora_lightning.llm.encoding import PadCollator
+from tests.distributed.harness import exit_cleanly
 from tests.tiny_lm import tiny_llama_config
 
 GLOBAL_BATCH = 4
@@ -121,6 +122,7 @@ def main() -> None:
             out[scenario["name"]] = {"error": traceback.format_exc()}
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(out, cfg["out"])
+    exit_cleanly()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from fora_lightning import FORA
+from tests.distributed.harness import exit_cleanly
 
 D_IN, D_HID, D_OUT, SPAN, GLOBAL_BATCH, N_TASK = 16, 24, 5, 5, 32, 256  # fc2: 5 rows -> 3 + 2 over 2 ranks
 
@@ -367,6 +368,7 @@ def main() -> None:
         out[scenario["name"]] = results
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(out, cfg["out"])
+    exit_cleanly()
 
 
 if __name__ == "__main__":
