@@ -36,9 +36,10 @@ class FORA(Callback):
     by projecting every gradient (``on_before_optimizer_step``) and, with ``mode="update"``,
     re-projecting the weight right after each optimizer step (Adam's scaling and weight decay
     leave ``S``). ``project_gradients=False`` (update-only) keeps only the re-projection: since ``Pi`` is
-    linear and ``W - W0`` starts in ``S``, it equals projecting the optimizer's update, at half the flops. For inputs in span(Q) the layer's output then changes only through the
-    ``r``-dimensional spectral channel; with ``channel_bound = tau`` the re-projection also clamps
-    ``|delta_i| <= tau S_i``, so ``||(W - W0) x|| <= tau ||W0 x||`` for every x in span(Q).
+    linear and ``W - W0`` starts in ``S``, it equals projecting the optimizer's update, at half the flops.
+    For inputs in span(Q) the layer's output then changes only through the ``r``-dimensional spectral
+    channel; with ``channel_bound = tau`` the re-projection also clamps ``|delta_i| <= tau S_i``, so
+    ``||(W - W0) x|| <= tau ||W0 x||`` for every x in span(Q).
 
     Args:
         calibration: a DataLoader (or a callable returning one) of the capability to keep, or a mapping

@@ -190,10 +190,8 @@ class ForaConfig(SubspaceConfig):
         if self.capability_weights is not None:
             self.capability_weights = dict(self.capability_weights)
         _choice("mode", self.mode, ("update", "gradient"))
-        if not isinstance(self.project_gradients, bool):
-            raise TypeError(f"project_gradients must be True or False, got {self.project_gradients!r}")
-        if not isinstance(self.calibration_early_stop, bool):
-            raise TypeError(f"calibration_early_stop must be True or False, got {self.calibration_early_stop!r}")
+        _bool("project_gradients", self.project_gradients)
+        _bool("calibration_early_stop", self.calibration_early_stop)
         if not self.project_gradients and self.mode != "update":
             raise ValueError(
                 f"project_gradients=False (update-only) needs mode='update', got mode={self.mode!r}: without the post-step "
@@ -217,18 +215,9 @@ class ForaConfig(SubspaceConfig):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, str(value))
-        if self.lora_rank is not None and (
-            isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1
-        ):
-            raise ValueError(f"lora_rank must be an int >= 1 (or None for full fine-tuning), got {self.lora_rank!r}")
-        if (
-            isinstance(self.calibration_generate, bool)
-            or not isinstance(self.calibration_generate, int)
-            or self.calibration_generate < 0
-        ):
-            raise ValueError(
-                f"calibration_generate must be an int >= 0 (new tokens per calibration prompt; 0: off), got {self.calibration_generate!r}"
-            )
+        if self.lora_rank is not None:
+            _int_at_least("lora_rank", self.lora_rank, 1, "or None for full fine-tuning")
+        _int_at_least("calibration_generate", self.calibration_generate, 0, "new tokens per calibration prompt; 0: off")
         if self.channel_bound is not None:
             if isinstance(self.channel_bound, bool) or not isinstance(self.channel_bound, (int, float)):
                 raise TypeError(
@@ -268,6 +257,11 @@ class ForaConfig(SubspaceConfig):
             raise TypeError(f"unknown FORA setting(s) {unknown}; the settings are: {', '.join(sorted(names))}")
         base = cls() if config is None else config if isinstance(config, ForaConfig) else cls.from_dict(config)
         return replace(base, **overrides) if overrides else base
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _int_at_least(name: str, value: Any, low: int, meaning: str) -> None:

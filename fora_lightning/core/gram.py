@@ -49,11 +49,11 @@ def gram_(acc: Tensor, x: Tensor, panel: int = 0, product: Product = "accumulato
     edges = block_edges(x.shape[1], panel)
     same = x.dtype == acc.dtype
     for lo, hi in zip(edges[:-1], edges[1:]):
-        panel, rest = x[:, lo:hi].T, x[:, lo:]
+        block, rest = x[:, lo:hi].T, x[:, lo:]
         if same:
-            acc[lo:hi, lo:].addmm_(panel, rest)
+            acc[lo:hi, lo:].addmm_(block, rest)
         else:
-            acc[lo:hi, lo:].add_(_mm(panel, rest, acc.dtype))
+            acc[lo:hi, lo:].add_(_mm(block, rest, acc.dtype))
 
 
 def mirror_(acc: Tensor, panel: int) -> Tensor:

@@ -220,17 +220,14 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     if setting.threads:
         torch.set_num_threads(setting.threads)
-    log = RunLog(out, setting)
-    done, other = log.done() if resume else ({}, 0)
-    if not resume:
-        log.clear()
-    elif other:
+    log = RunLog(out, setting, resume)
+    if log.other:
         print(
-            f"compare --resume: {other} runs in {log.path} were made with another setting; they are run again",
+            f"compare --resume: {log.other} runs in {log.path} were made with another setting; they are run again",
             flush=True,
         )
     evaluator: Evaluator | None = None
-    base: dict[str, float] = dict(done[(None, None)]["numbers"]) if (None, None) in done else {}
+    base: dict[str, float] = dict(log.numbers(None, None) or {})
     runs: dict[str, dict[int, Run]] = {p.key: {} for p in points}
     bar = tqdm(total=len(points) * len(seeds), desc=f"compare {setting.setting}", disable=not progress)
     for seed in seeds:
@@ -238,9 +235,9 @@ def compare(
         dm: TextDataModule | None = None
         fora_ks: dict[str, int] | None = None
         for point in points:
-            prior = done.get((point.key, seed))
-            if prior is not None and prior["args"] == json.loads(json.dumps(point.args, default=str)):
-                run = Run(**prior["numbers"])  # finished by an earlier invocation of this same setting
+            logged = log.numbers(point.key, seed, point.args)
+            if logged is not None:
+                run = Run(**logged)  # finished by an earlier invocation of this same setting
             else:
                 if dm is None:
                     dm = TextDataModule(**{"seed": seed, **setting.data})

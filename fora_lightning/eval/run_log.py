@@ -25,34 +25,35 @@ def setting_fingerprint(setting: Setting) -> str:
 
 
 class RunLog:
-    """``runs.jsonl`` in ``out``: :meth:`append` after each run, :meth:`done` to read back the reusable ones."""
+    """``runs.jsonl`` in ``out``. ``resume``: read this setting's lines back (:meth:`numbers`); otherwise start a
+    new log. ``other``: lines skipped because another setting made them."""
 
-    def __init__(self, out: Path, setting: Setting) -> None:
+    def __init__(self, out: Path, setting: Setting, resume: bool) -> None:
         self.path = Path(out) / "runs.jsonl"
         self.fingerprint = setting_fingerprint(setting)
+        self.other = 0
+        self._done: dict[tuple[str | None, int | None], dict[str, Any]] = {}
+        if not resume:
+            self.path.unlink(missing_ok=True)
+        elif self.path.is_file():
+            for text in self.path.read_text(encoding="utf-8").splitlines():
+                if not text.strip():
+                    continue
+                line = json.loads(text)
+                if line.get("fingerprint") != self.fingerprint:
+                    self.other += 1
+                    continue
+                self._done[(line["key"], line["seed"])] = line  # the last line of a run wins
+
+    def numbers(self, key: str | None, seed: int | None, args: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The logged numbers of run ``(key, seed)`` if it was made with these ``args`` (compared as logged), else ``None``."""
+        line = self._done.get((key, seed))
+        if line is None or line["args"] != json.loads(json.dumps(args, default=str)):
+            return None
+        return line["numbers"]
 
     def append(self, key: str | None, seed: int | None, args: dict[str, Any] | None, numbers: dict[str, Any]) -> None:
+        """Log one finished run (``key`` and ``seed`` ``None``: the base model's scores)."""
         line = {"key": key, "seed": seed, "args": args, "fingerprint": self.fingerprint, "numbers": numbers}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, default=str) + "\n")
-
-    def done(self) -> tuple[dict[tuple[str | None, int | None], dict[str, Any]], int]:
-        """``{(key, seed): {"args", "numbers"}}`` of this setting's lines (the last one wins), and how many were skipped
-        because another setting made them."""
-        found: dict[tuple[str | None, int | None], dict[str, Any]] = {}
-        other = 0
-        if not self.path.is_file():
-            return found, other
-        for text in self.path.read_text(encoding="utf-8").splitlines():
-            if not text.strip():
-                continue
-            line = json.loads(text)
-            if line.get("fingerprint") != self.fingerprint:
-                other += 1
-                continue
-            found[(line["key"], line["seed"])] = {"args": line["args"], "numbers": line["numbers"]}
-        return found, other
-
-    def clear(self) -> None:
-        """A fresh (not resumed) compare starts a new log."""
-        self.path.unlink(missing_ok=True)
