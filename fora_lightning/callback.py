@@ -17,6 +17,7 @@ from fora_lightning.config import ForaConfig
 from fora_lightning.core.precision import resolve_precision, split_supported
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.targets import find_targets
+from fora_lightning.layerwise_step import LayerwiseStep, check_optimizer
 from fora_lightning.protection import Protection
 from fora_lightning.safety import companions, refuse_incompatible, refuse_overlap, warn_at_fit_start
 from fora_lightning.support import refuse_unsupported_strategy
@@ -79,9 +80,12 @@ class FORA(Callback):
             )
         self.extend_calibration = extend_calibration
         update = self.config.mode == "update"
-        self.protection = Protection(self.config, calibration, anchors=update, who="FORA", bounds_channel=update)
+        self.protection = Protection(
+            self.config, calibration, reprojects=update, who="FORA", bounds_channel=update, shardable=True
+        )
         self.protection.monitor.source = probe
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._steps: list[LayerwiseStep] = []  # reprojection='step': each optimizer's step taken layer by layer
         self.precision = "float32"  # resolved from config.precision at fit start (core.precision.resolve_precision)
         self._split = False
 
@@ -147,23 +151,37 @@ class FORA(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Register the post-step re-projection on every optimizer (once per fit)."""
+        """Find the targets again (FSDP1 keeps the Linear objects) and check the fit's settings."""
         self._remove_hooks()
-        self.protection.find(pl_module)  # FSDP1 keeps the Linear objects
+        self.protection.find(pl_module)
         warn_at_fit_start(trainer, pl_module, self.config, self.protection.targets, "FORA")
-        if self.config.mode == "update":
-            for optimizer in trainer.optimizers:
-                self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Estimate (or load) the subspaces before the first step, unless a checkpoint restored them."""
+        """Estimate (or load) the subspaces before the first step, unless a checkpoint restored them; then install the
+        post-step projection on every optimizer: each layer's step projected (``reprojection='step'``) or the weights
+        re-projected from anchors after the whole step (``'anchors'``)."""
         self.protection.prepare(trainer, pl_module)
-        self.protection.summarize(trainer, pl_module, step_work(self.config))
+        self.protection.summarize(trainer, pl_module, step_work(self.config, self.protection))
         flat = bool(self.protection.layout is not None and self.protection.layout.flat)
         self.precision = resolve_precision(self.config.precision, pl_module.device, self.config.mode, flat=flat)
         self._split = split_supported(self.precision, pl_module.device)
         self.protection.monitor.start(trainer, pl_module, self.protection.targets, self.subspaces)
+        self._install(trainer)
+
+    def _install(self, trainer: Trainer) -> None:
+        self._remove_hooks()
+        if self.config.mode != "update":
+            return
+        if self.protection.anchors:
+            for optimizer in trainer.optimizers:
+                self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            return
+        bound = self.config.channel_bound
+        for optimizer in trainer.optimizers:
+            check_optimizer(optimizer)
+            units, done = self.protection.layout.step_units(self.subspaces, bound)
+            self._steps.append(LayerwiseStep(optimizer, units, done).install())
 
     @override
     def on_train_batch_end(
@@ -241,15 +259,25 @@ class FORA(Callback):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for s in self._steps:
+            s.remove()
+        self._steps.clear()
 
 
-def step_work(config: ForaConfig) -> str:
-    """The summary's line on FORA's per-step work under ``config`` (mode, project_gradients)."""
+def step_work(config: ForaConfig, protection: Protection | None = None) -> str:
+    """The summary's line on FORA's per-step work under ``config`` (mode, project_gradients, reprojection)."""
     if config.mode == "gradient":
         return "per step: grad <- Pi(grad) before the optimizer step (mode='gradient', no re-projection)"
+    anchors = protection is not None and protection.anchors
+    after = (
+        "W <- W0 + Pi(W - W0) from anchors W0 Q after the optimizer step (reprojection='anchors')"
+        if anchors
+        else "the optimizer steps one layer at a time and each layer's step is projected, W <- W_before + Pi(step) "
+        "(reprojection='step': no anchors)"
+    )
     if not config.project_gradients:
         return (
-            "per step: W <- W0 + Pi(W - W0) after the optimizer step only (update-only, project_gradients=False; "
+            f"per step: {after}; no gradient projection (update-only, project_gradients=False; "
             "it wants about twice the lr of update mode: docs/comparison.md)"
         )
-    return "per step: grad <- Pi(grad) before the optimizer step and W <- W0 + Pi(W - W0) after it (mode='update')"
+    return f"per step: grad <- Pi(grad) before the optimizer step, and {after}"

@@ -34,6 +34,7 @@ def extend_protection(
         )
     if p.config.source != "activations":
         raise ValueError(f"FORA.extend measures activations; source={p.config.source!r} has none to extend")
+    p.unshard()  # a sharded fit's bases, whole again (the merged ones are whole; the next fit splits them)
     if calibration is None:
         calibration = (
             trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader

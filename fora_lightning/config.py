@@ -79,10 +79,20 @@ class ForaConfig(SubspaceConfig):
             "'auto': the fastest of them whose leakage stays <= 1e-5 on this device (CUDA sm80+: tf32; CPU with bf16 GEMMs: bf16)"
         ),
     )
+    reprojection: Literal["auto", "step", "anchors"] = field(
+        default="auto",
+        metadata=_help(
+            "mode='update', how W - W0 is kept in S after each optimizer step: 'step' takes the optimizer's step one "
+            "layer at a time and projects each layer's step, W <- W_before + Pi(W - W_before) (no anchors: FORA keeps only "
+            "the bases, the smaller of Q and its complement, and U, S, V; per-parameter optimizers only); 'anchors' "
+            "re-projects W <- W0 + Pi(W - W0) from anchors W0 Q (d_out x k per layer) after the whole step; 'auto': "
+            "'step' for float32/float64 weights, 'anchors' for bf16/fp16 ones (their per-step rounding would accumulate)"
+        ),
+    )
     offload_anchors: bool = field(
         default=False,
         metadata=_help(
-            "mode='update': keep the anchors W0 Q in host memory (pinned), copied to the device layer by layer at each "
+            "reprojection='anchors': keep the anchors W0 Q in host memory (pinned), copied to the device layer by layer at each "
             "re-projection, and store the complement basis where k > d_in/2: device memory is then the floor "
             "min(k, d_in - k) x d_in per input plus U, S, V. Costs one host-to-device copy of the anchors per step; "
             "on a CPU-only run it saves nothing"
@@ -198,6 +208,12 @@ class ForaConfig(SubspaceConfig):
                 "re-projection nothing would keep W - W0 in S. Use mode='update', or project_gradients=True"
             )
         _choice("precision", self.precision, ("auto", "float32", "tf32", "bf16"))
+        _choice("reprojection", self.reprojection, ("auto", "step", "anchors"))
+        if self.offload_anchors and self.reprojection == "step":
+            raise ValueError(
+                "offload_anchors=True keeps anchors in host memory, but reprojection='step' keeps no anchors: "
+                "use reprojection='anchors' (or 'auto') with offload_anchors, or drop offload_anchors"
+            )
         _choice("subspaces_reuse", self.subspaces_reuse, ("auto", "strict", "force"))
         _choice("covariance_dtype", self.covariance_dtype, ("float32", "float64"))
         _choice("combine", self.combine, ("covariance", "union"))

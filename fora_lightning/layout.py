@@ -6,6 +6,12 @@
 - FSDP1 flat parameters (:mod:`fora_lightning.fsdp1`): one FSDP unit gathered at a time, its 2-D views projected,
   the local shard written back.
 
+Under FSDP (1 and 2) FORA's own state is split too: :meth:`TargetLayout.shard` keeps each rank's rows of every
+basis, ``U`` and ``V`` (:class:`~fora_lightning.core.sharding.Split`), gathered one input at a time where a
+projection needs them (:class:`_Gathered`). The post-step projection without anchors (``reprojection='step'``) is
+:meth:`TargetLayout.step_units`: one :class:`~fora_lightning.layerwise_step.Unit` per layer (per FSDP1 unit) for
+:class:`~fora_lightning.layerwise_step.LayerwiseStep`.
+
 The math is :mod:`fora_lightning.core.projection`; this module only chooses which rows it sees.
 """
 
@@ -14,14 +20,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
+from fora_lightning._compat import flat_param_local, flat_param_sizes, flat_param_views
 from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
 from fora_lightning.core.precision import project_cheap, project_weight_mixed_
-from fora_lightning.core.projection import project, project_weight_
+from fora_lightning.core.projection import leak_part_, project, project_step_, project_weight_
+from fora_lightning.core.sharding import Split
 from fora_lightning.core.subspace import LayerSubspace, to_host
 from fora_lightning.core.targets import dense_weight, features, is_quantized, is_transposed, weight_matrix
 from fora_lightning.fsdp1 import FlatUnit, flat_units
+from fora_lightning.layerwise_step import Unit
 
 Subspaces = Mapping[str, LayerSubspace]
 
@@ -42,28 +52,74 @@ class TargetLayout:
                 "d_in, which the row-sharded projection does not handle: use DDP or FSDP1 for GPT-2-family models"
             )
 
+    def split_for(self, name: str) -> Split | None:
+        """How ``name``'s FORA state is split over ranks: FSDP2 over its weight's one shard group, FSDP1 over its
+        unit's process group; ``None`` (whole on every rank) on one device, under DDP and on 2-D meshes."""
+        shard = self.shards.get(name)
+        if shard is not None:
+            if len(shard.groups) != 1:
+                return None
+            group = shard.groups[0]
+            return Split(dist.get_rank(group), dist.get_world_size(group), group)
+        for unit, members in self.flat:
+            if name in members.values() and unit.handle.uses_sharded_strategy:
+                group = unit.handle.process_group
+                return Split(dist.get_rank(group), dist.get_world_size(group), group)
+        return None
+
+    def shard(self, subspaces: Subspaces) -> None:
+        """Keep only this rank's rows of each layer's ``basis``, ``u``, ``v`` wherever the weights are sharded."""
+        cache: dict[int, Tensor] = {}
+        for name, sub in subspaces.items():
+            split = self.split_for(name)
+            if split is not None and split.world > 1:
+                sub.shard(split, cache)
+
     def project_grads(self, subspaces: Subspaces, precision: str = "float32") -> None:
         """``grad <- Pi(grad)`` for every target weight that has a gradient (GEMMs in ``precision``; FSDP1: float32)."""
+        full = _Gathered()
         if self.flat:
             for unit, members in self.flat:
                 with unit.gathered("grad", writeback=True) as views:
-                    for i, name in members.items() if views is not None else ():
-                        sub, g = subspaces[name], weight_matrix(self.targets[name], views[i])
-                        g.copy_(project(g, sub.basis, sub.u, sub.v, complement=sub.complement))
+                    for i, name in members.items():
+                        sub = subspaces[name]
+                        basis, u, v = full.basis(sub), sub.full("u"), sub.full("v")  # collectives: every rank
+                        if views is not None:
+                            g = weight_matrix(self.targets[name], views[i])
+                            g.copy_(project(g, basis, u, v, complement=sub.complement))
             return
         for name, module in self.targets.items():
+            sub = subspaces[name]
+            sharded = sub.split is not None
+            if module.weight.grad is None and not sharded:
+                continue
+            basis, v = full.basis(sub), sub.full("v")
             if module.weight.grad is None:
                 continue
-            grad, sub = weight_matrix(module, local_tensor(module.weight.grad)), subspaces[name]
+            grad = weight_matrix(module, local_tensor(module.weight.grad))
             u, reduce = self._rows_of_u(name, sub)
             if precision == "float32":
-                grad.copy_(project(grad, sub.basis, u, sub.v, complement=sub.complement, all_reduce=reduce))
+                grad.copy_(project(grad, basis, u, v, complement=sub.complement, all_reduce=reduce))
             else:
                 grad.copy_(
-                    project_cheap(
-                        grad, sub.basis, u, sub.v, precision=precision, complement=sub.complement, all_reduce=reduce
-                    )
+                    project_cheap(grad, basis, u, v, precision=precision, complement=sub.complement, all_reduce=reduce)
                 )
+
+    def step_units(
+        self, subspaces: Subspaces, channel_bound: float | None = None
+    ) -> tuple[list[Unit], Callable[[], None]]:
+        """The :class:`~fora_lightning.layerwise_step.Unit` of every target weight (FSDP1: of every flat unit holding
+        targets), in model order: each copies its weight before its step and projects the step after it
+        (:func:`~fora_lightning.core.projection.project_step_`), so ``W - W0`` stays in S without anchors. Also the
+        function to call when a step is done (it drops the last gathered basis)."""
+        full = _Gathered()
+        if self.flat:
+            units: list[Unit] = [
+                _FlatStep(unit, members, self.targets, subspaces, full, channel_bound) for unit, members in self.flat
+            ]
+        else:
+            units = [_LayerStep(self, name, subspaces, full, channel_bound) for name in self.targets]
+        return units, full.clear
 
     @torch.no_grad()
     def reproject(
@@ -150,8 +206,126 @@ class TargetLayout:
     def _rows_of_u(
         self, name: str, sub: LayerSubspace
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """``U``'s rows matching this rank's weight rows (FSDP2: a split ``U`` already holds exactly them), and the
+        all-reduce that sums ``U^T X`` over the shard group."""
         shard = self.shards.get(name)
-        return (shard.rows(sub.u), shard.all_reduce) if shard is not None else (sub.u, None)
+        if shard is None:
+            return sub.u, None
+        return (sub.u if sub.split is not None else shard.rows(sub.u)), shard.all_reduce
+
+
+class _Gathered:
+    """The full basis of the input being projected: gathered once for the consecutive layers that share it
+    (q/k/v, gate/up) and dropped when the next input's comes (one input's basis at a time)."""
+
+    def __init__(self) -> None:
+        self._key: int | None = None
+        self._full: Tensor | None = None
+
+    def basis(self, sub: LayerSubspace) -> Tensor:
+        if sub.split is None:
+            return sub.basis
+        if self._key != id(sub.basis):
+            self._key, self._full = None, None  # free the previous input's basis first
+            self._full, self._key = sub.full("basis"), id(sub.basis)
+        return self._full
+
+    def clear(self) -> None:
+        self._key, self._full = None, None
+
+
+class _LayerStep:
+    """One target weight (whole, or its FSDP2 rows) as a :class:`~fora_lightning.layerwise_step.Unit`."""
+
+    def __init__(
+        self, layout: TargetLayout, name: str, subspaces: Subspaces, full: _Gathered, channel_bound: float | None
+    ) -> None:
+        self.layout, self.name, self.subspaces, self.full, self.channel_bound = (
+            layout,
+            name,
+            subspaces,
+            full,
+            channel_bound,
+        )
+        self.module = layout.targets[name]
+        self.params = [self.module.weight]
+
+    def _weight(self) -> Tensor:
+        return weight_matrix(self.module, local_tensor(self.module.weight.data))
+
+    def before(self) -> Tensor:
+        return self._weight().clone()
+
+    @torch.no_grad()
+    def after(self, before: Tensor) -> None:
+        sub = self.subspaces[self.name]
+        basis, v = self.full.basis(sub), sub.full("v")
+        u, reduce = self.layout._rows_of_u(self.name, sub)
+        project_step_(
+            self._weight(),
+            before,
+            basis,
+            u,
+            v,
+            complement=sub.complement,
+            all_reduce=reduce,
+            s=sub.s,
+            delta=sub.delta,
+            channel_bound=self.channel_bound,
+        )
+
+
+class _FlatStep:
+    """One FSDP1 flat unit as a :class:`~fora_lightning.layerwise_step.Unit`: its local shard copied before the step;
+    after it the step is all-gathered, each target's view replaced by its leak (``step - Pi(step)``, everything else
+    zeroed), and this rank's slice of the leak subtracted from the shard."""
+
+    def __init__(
+        self,
+        unit: FlatUnit,
+        members: dict[int, str],
+        targets: Mapping[str, nn.Module],
+        subspaces: Subspaces,
+        full: _Gathered,
+        channel_bound: float | None,
+    ) -> None:
+        self.unit, self.members, self.targets, self.subspaces, self.full = unit, members, targets, subspaces, full
+        self.channel_bound = channel_bound
+        own = [getattr(m, p) for m, p in unit.members]
+        self.params = [unit.flat, *own]
+
+    def before(self) -> Tensor:
+        return flat_param_local(self.unit.handle).detach().clone()
+
+    @torch.no_grad()
+    def after(self, before: Tensor) -> None:
+        handle = self.unit.handle
+        local = flat_param_local(handle)
+        step = torch.sub(local, before, out=before)
+        padded, unpadded = flat_param_sizes(handle)
+        if handle.uses_sharded_strategy:
+            group = handle.process_group
+            whole = step.new_empty(padded)
+            dist.all_gather_into_tensor(whole, step.contiguous(), group=group)
+        else:
+            whole = step
+        leak = torch.zeros_like(whole)
+        views, leaks = flat_param_views(handle, whole[:unpadded]), flat_param_views(handle, leak[:unpadded])
+        for i, name in self.members.items():
+            sub = self.subspaces[name]
+            basis, u, v = self.full.basis(sub), sub.full("u"), sub.full("v")
+            out = weight_matrix(self.targets[name], leaks[i])
+            out.copy_(weight_matrix(self.targets[name], views[i]))
+            leak_part_(
+                out, basis, u, v, complement=sub.complement, s=sub.s, delta=sub.delta, channel_bound=self.channel_bound
+            )
+        if handle.uses_sharded_strategy:
+            n = local.numel()
+            rank = dist.get_rank(handle.process_group)
+            local.sub_(leak[rank * n : (rank + 1) * n])
+        else:
+            local.sub_(leak)
+        self.full.clear()
 
 
 def _on(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

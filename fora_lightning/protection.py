@@ -25,7 +25,13 @@ from fora_lightning.core.capabilities import capability_weights, combine_covaria
 from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.distributed import spread_spectra
 from fora_lightning.core.energy import captured_energy
-from fora_lightning.core.subspace import LayerSubspace, estimate_subspaces, format_summary
+from fora_lightning.core.subspace import (
+    SPLIT_FIELDS,
+    LayerSubspace,
+    complement_basis,
+    estimate_subspaces,
+    format_summary,
+)
 from fora_lightning.core.subspace_file import (
     FingerprintedBatches,
     model_identity,
@@ -46,20 +52,30 @@ from fora_lightning.targeting import select_targets
 class Protection:
     """The protected subspaces of one model under one :class:`~fora_lightning.ForaConfig`.
 
-    ``anchors``: the bases must be Q itself with anchors ``W0 Q``, ``U_r^T W0`` attached (FORA's update
-    mode); otherwise a complement basis is allowed where it is smaller (gradient mode, FORA-LoRA).
+    ``reprojects``: the owner keeps ``W - W0`` in S after every optimizer step (FORA's update mode), either by
+    projecting each layer's step (``reprojection='step'``: no anchors, a complement basis where it is smaller) or
+    from anchors ``W0 Q``, ``U_r^T W0`` (``'anchors'``: Q itself unless ``offload_anchors``); which one is decided at
+    fit start (:meth:`resolve_reprojection`), when the weights' dtype is known. ``shardable``: under FSDP each rank
+    keeps only its rows of the bases (FORA; FORA-LoRA's layers hold theirs whole).
     ``who`` names the owner in log lines and errors; ``bounds_channel``: the owner enforces ``config.channel_bound``.
     """
 
     def __init__(
-        self, config: ForaConfig, calibration: CalibrationSource, anchors: bool, who: str, bounds_channel: bool = True
+        self,
+        config: ForaConfig,
+        calibration: CalibrationSource,
+        reprojects: bool,
+        who: str,
+        bounds_channel: bool = True,
+        shardable: bool = False,
     ) -> None:
         self.config = config
         self.bounds_channel = (
             bounds_channel  # whether the owner enforces config.channel_bound (FORA: mode='update' only)
         )
         self.calibration = calibration
-        self.anchors = anchors
+        self.reprojects, self.shardable = reprojects, shardable
+        self.anchors = False  # anchored re-projection: resolved at fit start (resolve_reprojection)
         self.who = who
         self.subspaces: dict[str, LayerSubspace] = {}
         self.targets: dict[str, nn.Linear] = {}
@@ -95,6 +111,22 @@ class Protection:
         self.layout = TargetLayout(self.targets, trainer.strategy.model)
         return self.layout
 
+    def resolve_reprojection(self) -> str | None:
+        """``'step'`` or ``'anchors'`` (``None`` when the owner does not re-project): ``config.reprojection``, where
+        ``'auto'`` is ``'step'`` for float32/float64 target weights and ``'anchors'`` for bf16/fp16 ones (their rounding
+        after each step would accumulate without anchors: :func:`~fora_lightning.core.projection.project_step_`)."""
+        if not self.reprojects:
+            self.anchors = False
+            return None
+        choice = self.config.reprojection
+        if choice == "auto" and self.config.offload_anchors:
+            choice = "anchors"
+        if choice == "auto":
+            low = [n for n, m in self.targets.items() if m.weight.dtype not in (torch.float32, torch.float64)]
+            choice = "anchors" if low else "step"
+        self.anchors = choice == "anchors"
+        return choice
+
     # ------------------------------------------------------------------ obtaining the bases
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Bases from (in order) this object's restored state, the subspace file, or calibration; then on the device.
@@ -103,6 +135,7 @@ class Protection:
         weights or the calibration data changed; restored ones are checked against the current settings.
         """
         layout = self.bind(trainer)
+        self.resolve_reprojection()
         restored, self._restored = self._restored, False
         if self.subspaces and not restored and self._ended is not None:
             drop_if_stale(self, trainer, pl_module)
@@ -113,6 +146,7 @@ class Protection:
             self.to(pl_module.device)
             if self.anchors:
                 layout.localize_anchors(self.subspaces)
+            self._ready(layout, fresh=False)
             origin = "restored from the checkpoint" if restored else "kept"
             rank_zero_info(f"{self.who}: {len(self.subspaces)} layer subspaces {origin}")
             return
@@ -132,6 +166,22 @@ class Protection:
         self.to(pl_module.device)
         if self.anchors:
             layout.attach_anchors(self.subspaces, on_host=self.anchors_on_host)
+        self._ready(layout, fresh=True)
+
+    def _ready(self, layout: TargetLayout, fresh: bool) -> None:
+        """Without anchors: drop any (a checkpoint's), start the channel's running coordinate ``delta`` at 0 for new
+        bases (a restored one continues), and keep only this rank's rows of the bases under FSDP (``shardable``)."""
+        step = self.reprojects and not self.anchors
+        for sub in self.subspaces.values():
+            if not self.anchors:
+                sub.anchor_q = sub.anchor_u = sub.anchor_basis = None
+                sub.anchors_on_host = False
+            if step and (fresh or sub.delta is None):
+                sub.delta = torch.zeros(sub.r, dtype=torch.float32, device=sub.u.device)
+            elif not step:
+                sub.delta = None
+        if self.shardable and not self.anchors:
+            layout.shard(self.subspaces)
 
     def finish(self) -> None:
         """At the end of a fit: remember the model and weights these bases were last used with."""
@@ -159,10 +209,14 @@ class Protection:
             validate_against(self.subspaces, self.layout.shape_targets(), str(path), meta, model_identity(pl_module))
         self.capabilities, self.chain = dict(meta["capabilities"]), list(meta["chain"])
         self.capability_energy = {n: dict(info.get("capability_energy", {})) for n, info in meta["layers"].items()}
-        if self.needs_q and any(s.complement for s in self.subspaces.values()):
-            raise ValueError(
-                f"{path} stores complement bases (gradient-mode); mode='update' needs Q itself: re-estimate with mode='update'"
-            )
+        if (
+            self.needs_q
+        ):  # anchors need Q itself: a complement basis C (stored where smaller) becomes Q, shared as C was
+            q_of: dict[int, torch.Tensor] = {}
+            for sub in self.subspaces.values():
+                if sub.complement:
+                    sub.basis = q_of.setdefault(id(sub.basis), complement_basis(sub.basis))
+                    sub.complement = False
         rank_zero_info(f"{self.who}: loaded {len(self.subspaces)} layer subspaces from {path}")
 
     def estimate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, LayerSubspace]:
@@ -275,8 +329,19 @@ class Protection:
         save_subspaces(path, self.subspaces, metadata, layer_metadata)
 
     def state_dict(self) -> dict[str, Any]:
-        """Bases and anchors, full-size: under FSDP2 the row-sharded ``anchor_q`` is gathered (a collective;
-        Lightning calls this on every rank when it saves a checkpoint)."""
+        """Bases (and anchors), full-size on the CPU whatever the world size, so that a checkpoint resumes at another
+        one: split bases and the FSDP2 row-sharded ``anchor_q`` are gathered (collectives; Lightning calls this on
+        every rank when it saves). A basis shared by several layers (q/k/v) is stored once."""
+        full: dict[tuple[int, str], torch.Tensor] = {}
+
+        def whole(name: str, field: str, t: torch.Tensor) -> torch.Tensor:
+            key = (id(t), field)
+            if key not in full:
+                sub = self.subspaces[name]
+                split = sub.split is not None and field in SPLIT_FIELDS
+                full[key] = (sub.full(field) if split else self._full(name, field, t)).detach().cpu()
+            return full[key]
+
         return {
             "version": 1,
             "config": self.config.to_dict(),
@@ -289,7 +354,7 @@ class Protection:
                         "complement": s.complement,
                         "energy": s.energy,
                     },
-                    "tensors": {k: self._full(name, k, t).detach().cpu() for k, t in s.tensors().items()},
+                    "tensors": {k: whole(name, k, t) for k, t in s.tensors().items()},
                 }
                 for name, s in self.subspaces.items()
             },
@@ -300,8 +365,13 @@ class Protection:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        copies: dict[int, torch.Tensor] = {}  # a tensor shared by layers in the checkpoint stays shared
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return copies.setdefault(id(t), t.clone())
+
         self.subspaces = {
-            name: LayerSubspace(**entry["meta"], **{k: t.clone() for k, t in entry["tensors"].items()})
+            name: LayerSubspace(**entry["meta"], **{k: own(t) for k, t in entry["tensors"].items()})
             for name, entry in state_dict.get("layers", {}).items()
         }
         self.capabilities = dict(state_dict.get("capabilities", {}))
@@ -321,8 +391,26 @@ class Protection:
         return self.anchors and not self.anchors_on_host
 
     def to(self, device: torch.device) -> None:
+        moved: dict[int, torch.Tensor] = {}  # layers sharing a basis tensor still share it on the device
         for sub in self.subspaces.values():
+            basis = sub.basis
             sub.to(device, anchors_on_host=self.anchors_on_host)
+            sub.basis = moved.setdefault(id(basis), sub.basis)
+
+    def unshard(self) -> None:
+        """Every layer's bases whole again (collectives on every rank): before extending or reading them after a
+        sharded fit."""
+        cache: dict[int, torch.Tensor] = {}
+        for sub in self.subspaces.values():
+            if sub.split is None:
+                continue
+            key = id(sub.basis)
+            if key not in cache:
+                cache[key] = sub.full("basis")
+            sub.basis, sub.u, sub.v = cache[key], sub.full("u"), sub.full("v")
+            if sub.spectrum is not None:
+                sub.spectrum = sub.full("spectrum")
+            sub.split = None
 
     def _full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
         return self.layout.full(name, field, t) if self.layout is not None else t

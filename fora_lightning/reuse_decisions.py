@@ -61,7 +61,7 @@ def decide_file(p: Protection, trainer: Trainer, pl_module: LightningModule, pat
     policy = p.config.subspaces_reuse
     if policy == "force":
         return {"load": (subspaces, meta)}
-    diffs = config_differences(meta.get("config"), p.config, compare_mode=p.anchors)
+    diffs = config_differences(meta.get("config"), p.config, compare_mode=p.reprojects)
     if p.needs_q and any(s.complement for s in subspaces.values()) and not any(d.startswith("mode=") for d in diffs):
         diffs.append("the file stores complement bases (gradient mode or FORA-LoRA), mode='update' needs Q itself")
     diffs += data_differences(meta.get("capabilities"), current_fingerprints(p, trainer, pl_module))
@@ -130,7 +130,7 @@ def check_resume(p: Protection, trainer: Trainer, pl_module: LightningModule) ->
     saved = p._restored_config
 
     def decide() -> dict[str, Any]:
-        diffs = config_differences(saved, p.config, compare_mode=p.anchors)
+        diffs = config_differences(saved, p.config, compare_mode=p.reprojects)
         return {"diffs": diffs + data_differences(p.capabilities, current_fingerprints(p, trainer, pl_module))}
 
     diffs = broadcast_decision(trainer, decide)["diffs"]

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fora_lightning.core.covariance import Covariances
+from fora_lightning.core.sharding import chunk_range
 from fora_lightning.core.subspace import spectrum
 
 Spectrum = tuple[Tensor, Tensor]
@@ -73,16 +74,6 @@ def spread_spectra(covariances: Covariances, group: Any = None) -> Iterator[tupl
 
 
 # ---------------------------------------------------------------------------- FSDP2 rows
-def chunk_range(n: int, index: int, parts: int) -> tuple[int, int]:
-    """``[start, stop)`` of chunk ``index`` when ``n`` rows are split as ``torch.chunk(_, parts)`` does.
-
-    Chunks hold ``ceil(n / parts)`` rows; trailing chunks may be shorter or empty (5 over 2: 3 + 2).
-    """
-    size = -(-n // parts) if n else 0
-    start = min(index * size, n)
-    return start, min(start + size, n)
-
-
 @dataclass(frozen=True)
 class RowShard:
     """This rank's rows ``[start, stop)`` of a row-sharded tensor and the groups its rows are split over."""

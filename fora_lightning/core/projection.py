@@ -99,6 +99,84 @@ def project(
     return out.to(grad.dtype)
 
 
+@torch.no_grad()
+def leak_part_(
+    step: Tensor,
+    basis: Tensor,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    *,
+    complement: bool = False,
+    all_reduce: AllReduce | None = None,
+    s: Tensor | None = None,
+    delta: Tensor | None = None,
+    channel_bound: float | None = None,
+) -> Tensor:
+    """In place: ``step <- step - Pi(step)``, the part of an optimizer step that leaves S (float32/float64, 2-D).
+
+    ``step - Pi(step) = step (I - P_Q) + U M`` with ``M = (U^T step) P_Q - diag(diag(U^T step V)) V^T``;
+    ``step (I - P_Q)`` is ``(step Q) Q^T``, or ``step - (step C) C^T`` for a complement basis ``C``.
+    ``delta`` (r, updated in place) is the channel's running coordinate ``diag(U^T (W - W0) V)``: it grows by the
+    step's ``diag(U^T step V)``; with ``channel_bound = tau`` (and ``s = S_r``) the excess over ``|delta_i| <= tau S_i``
+    is added to the leak (``+ U diag(excess) V^T``), so subtracting the result keeps the bound. Returns ``step``.
+    """
+    if step.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"leak_part_ needs a float32/float64 step, got {step.dtype}")
+    q = basis.to(step.dtype)
+    m = coords = None
+    if u is not None and u.shape[-1] > 0:
+        u, v = u.to(step.dtype), v.to(step.dtype)
+        utx = _left_coords(u, step, all_reduce)
+        coords = (utx * v.mT).sum(dim=-1)
+        m = _channel_free(utx, q, v, complement)
+    if complement:
+        _sub_mm(step, step @ q, q.mT, inplace=True)  # step - (step C) C^T
+    elif step.is_contiguous():
+        torch.mm(step @ q, q.mT, out=step)  # (step Q) Q^T
+    else:  # a transposed view (GPT-2 Conv1D)
+        step.copy_(step @ q @ q.mT)
+    if m is not None:
+        if delta is not None:
+            moved = delta + coords.to(delta.dtype)
+            if channel_bound is not None:
+                if s is None:
+                    raise ValueError("channel_bound needs the singular values s = S_r")
+                excess = moved - bound_channel(moved, s, channel_bound)
+                m.add_(excess.to(m.dtype).unsqueeze(-1) * v.mT)  # U diag(excess) V^T joins the leak
+                moved -= excess
+            delta.copy_(moved)
+        step.addmm_(u, m)  # + U M
+    return step
+
+
+@torch.no_grad()
+def project_step_(
+    weight: Tensor,
+    before: Tensor,
+    basis: Tensor,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """In place: ``W <- W_before + Pi(W - W_before)``, the optimizer's step projected onto S. No anchors, no ``W0``.
+
+    If ``W_before - W0`` lies in S, so does the result: ``Pi`` is linear and ``W - W0 = (W_before - W0) + Pi(step)``.
+    The products multiply only the step (FORA.md: rounding scales with what is multiplied), in float32; subtracting
+    the leak rounds once per step (about ``2^-24 |W|`` per element, not re-anchored: it grows like ``sqrt(steps)``,
+    which is why weights held in bf16/fp16 use the anchored :func:`project_weight_` instead).
+    ``before`` (the weight before the step, same rows and dtype) is overwritten with the leak: the only buffer.
+    ``kwargs``: :func:`leak_part_`'s (``complement``, ``all_reduce``, ``s``, ``delta``, ``channel_bound``).
+    Returns ``weight``.
+    """
+    if weight.dtype not in (torch.float32, torch.float64) or before.dtype != weight.dtype:
+        raise TypeError(
+            f"project_step_ needs float32/float64 weights and a snapshot of the same dtype, got {weight.dtype}, {before.dtype}"
+        )
+    step = torch.sub(weight, before, out=before)
+    weight.sub_(leak_part_(step, basis, u, v, **kwargs))
+    return weight
+
+
 def bound_channel(delta: Tensor, s: Tensor, tau: float) -> Tensor:
     """``clamp(delta, -tau S, tau S)``: the spectral channel's coordinates inside the certified box (a new tensor)."""
     limit = tau * s.to(delta.dtype).abs()

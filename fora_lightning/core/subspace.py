@@ -23,6 +23,7 @@ from torch import Tensor
 from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.energy import cumulative_energy, energy_rank
 from fora_lightning.core.projection import AllReduce, anchors
+from fora_lightning.core.sharding import Split
 
 Source = Literal["activations", "weights", "random", "none"]
 RankSpec = int | Mapping[str, int] | None
@@ -91,6 +92,8 @@ class LayerSubspace:
     ``u, s, v`` are ``d_out x r``, ``r``, ``d_in x r``; ``anchor_q = W0 Q``, ``anchor_u = U^T W0``;
     ``anchor_basis`` is Q itself (an orthonormal basis of span(C)'s complement) when ``basis`` is C and anchors are set;
     ``anchors_on_host``: ``anchor_q`` / ``anchor_basis`` are held in host memory (``offload_anchors``).
+    ``delta`` (r) is the spectral channel's running coordinate ``diag(U^T (W - W0) V)`` kept by the layer-by-layer
+    step projection (``reprojection='step'``, no anchors); ``split``: ``basis``, ``u``, ``v`` hold only this rank's rows.
     ``energy`` is the fraction of the covariance trace span(Q) holds; ``spectrum`` the eigenvalues
     (descending, for inspection).
     """
@@ -109,10 +112,33 @@ class LayerSubspace:
     anchor_u: Tensor | None = None
     anchor_basis: Tensor | None = None
     anchors_on_host: bool = False
+    delta: Tensor | None = None
+    split: Split | None = None
 
     @property
     def r(self) -> int:
         return self.u.shape[1]
+
+    def full(self, name: str) -> Tensor:
+        """Field ``name`` whole: under a :class:`~fora_lightning.core.sharding.Split` the rows of ``basis``, ``u``, ``v``
+        and ``spectrum`` are gathered from every rank (a collective: call it on all ranks in the same order)."""
+        t = getattr(self, name)
+        if self.split is None or name not in SPLIT_FIELDS:
+            return t
+        return self.split.gather(t, self.d_out if name == "u" else self.d_in)
+
+    def shard(self, split: Split, local: dict[int, Tensor] | None = None) -> None:
+        """Keep only this rank's rows of ``basis``, ``u``, ``v`` and ``spectrum`` (``local``: a cache ``id(full basis) -> rows``,
+        so that q/k/v sharing one basis tensor keep sharing its rows)."""
+        if self.split is not None:
+            return
+        cache = {} if local is None else local
+        if id(self.basis) not in cache:
+            cache[id(self.basis)] = split.local(self.basis)
+        self.basis, self.u, self.v = cache[id(self.basis)], split.local(self.u), split.local(self.v)
+        if self.spectrum is not None:
+            self.spectrum = split.local(self.spectrum)
+        self.split = split
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensor fields that are set, by field name."""
@@ -175,6 +201,7 @@ class LayerSubspace:
 
 
 HOST_FIELDS = ("anchor_q", "anchor_basis")  # what ``offload_anchors`` keeps in host memory
+SPLIT_FIELDS = ("basis", "u", "v", "spectrum")  # what a Split keeps by rows
 
 
 def to_host(t: Tensor) -> Tensor:
@@ -342,9 +369,18 @@ def estimate_subspaces(
     return out
 
 
-def nbytes_summary(subspaces: Mapping[str, LayerSubspace]) -> int:
-    """Total persistent bytes of all layers' bases and anchors."""
-    return sum(s.nbytes() for s in subspaces.values())
+def nbytes_summary(subspaces: Mapping[str, LayerSubspace], host: bool = True, spectrum: bool = False) -> int:
+    """Persistent bytes of all layers' bases and anchors (this rank's, under a Split), each tensor counted once
+    (q/k/v share one basis); ``host=False``: device memory only; ``spectrum``: the eigenvalues too."""
+    seen: dict[int, int] = {}
+    for s in subspaces.values():
+        skip = set() if spectrum else {"spectrum"}
+        if s.anchors_on_host and not host:
+            skip |= set(HOST_FIELDS)
+        for n, t in s.tensors().items():
+            if n not in skip:
+                seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def format_summary(

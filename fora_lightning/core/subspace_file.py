@@ -43,8 +43,9 @@ _TENSOR_FIELDS = {f.name for f in fields(LayerSubspace)} - {
     "complement",
     "energy",
     "anchors_on_host",
+    "split",
 }
-_SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u", "anchor_basis"}
+_SAVED_FIELDS = _TENSOR_FIELDS - {"anchor_q", "anchor_u", "anchor_basis", "delta"}  # a file holds bases, not a run
 # HF config entries that describe a run, not the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",

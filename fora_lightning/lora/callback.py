@@ -78,7 +78,7 @@ class ForaLoRA(Callback):
         self.config = config if config.lora_rank is not None else replace(config, lora_rank=DEFAULT_LORA_RANK)
         self.calibration = calibration
         # bases only (a complement where smaller), no anchors: the layer keeps the update feasible
-        self.protection = Protection(self.config, calibration, anchors=False, who="FORA-LoRA")
+        self.protection = Protection(self.config, calibration, reprojects=False, who="FORA-LoRA")
         self.protection.monitor.source = probe  # held-out inputs for the leakage probe (see FORA)
         self._layers: dict[str, ForaLoraLinear] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []

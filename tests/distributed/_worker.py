@@ -241,6 +241,20 @@ def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None
     return trainer, fora
 
 
+def state_bytes(fora: FORA) -> list[int]:
+    """Every rank's persistent FORA bytes (bases, U, S, V, spectra, anchors: each tensor once), by rank."""
+    import torch.distributed as dist
+
+    from fora_lightning.core.subspace import nbytes_summary
+
+    mine = nbytes_summary(fora.subspaces, spectrum=True)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
 def on_host(fora: FORA) -> bool:
     """Whether every layer's anchors ``W0 Q`` were held in host memory during the fit (``offload_anchors``)."""
     return all(s.anchors_on_host and s.anchor_q.device.type == "cpu" for s in fora.subspaces.values())
@@ -338,6 +352,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "weights": full_weights(trainer, fora, cfg),
             "fora": fora.state_dict(),
             "on_host": on_host(fora),
+            "state_bytes": state_bytes(fora),
         }
         results["train"]["no_grad_forwards"] = trainer.lightning_module.no_grad_forwards
         if cfg.get("save"):
@@ -349,6 +364,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "weights": full_weights(trainer, fora, cfg),
             "fora": fora.state_dict(),
             "on_host": on_host(fora),
+            "state_bytes": state_bytes(fora),
         }
     return results
 
