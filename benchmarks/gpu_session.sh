@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, at most SESSION_BUDGET seconds (default 630: under 11 minutes with start-up) on one H200.
+# The GPU checks in one go, at most SESSION_BUDGET seconds (default 570: one command of at most 10 minutes, with
+# start-up and the copies back) on one H200.
 # Each part runs under its own timeout, cut to what the budget has left for it and the parts after it, so one
 # failing or slow part does not stop the rest:
 #   1. qwen3_train_step.py (<= 420 s): a whole Qwen3-1.7B built from its config, trained through a Lightning Trainer
@@ -13,7 +14,7 @@
 set -u
 PY="${PYTHON:-python3}"
 OUT="${OUT:-results/gpu_logs}"
-BUDGET="${SESSION_BUDGET:-630}"
+BUDGET="${SESSION_BUDGET:-570}"
 mkdir -p "$OUT" benchmarks/results
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
 START=$SECONDS
@@ -39,7 +40,7 @@ run() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 "$PY" -c "import torch, lightning, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
 
-T1=$(part_timeout 420 150)
+T1=$(part_timeout 420 140)
 QB=$((T1 - 40 > T1 / 2 ? T1 - 40 : T1 / 2)) # its FORA run stops by then (start-up and the report fit in the rest)
 run qwen3_train_step "$T1" "$PY" benchmarks/qwen3_train_step.py --device cuda --time-budget "$QB"
 cp benchmarks/results/qwen3_train_step_cuda.json benchmarks/results/qwen3_train_step_cuda.md "$OUT/" 2>/dev/null

@@ -3,14 +3,16 @@ measure against a dense float64 reference."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import qwen3_train_step as bench  # noqa: E402
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "qwen3_train_step.py"
+_spec = importlib.util.spec_from_file_location("qwen3_train_step", SCRIPT)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 TINY = ["--tiny", "--device", "cpu", "--seq", "32", "--calib-seqs", "4", "--held-tokens", "32"]
 
