@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+from dataclasses import replace
 
 import torch
 from _bench import RESULTS, environment, interleaved, log, md_table, med, ratio_stats, spread, write
@@ -36,8 +37,9 @@ from torch import nn
 
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.precision import resolve_precision, split_supported
-from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace
+from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace, complement_basis
 from fora_lightning.eval.metrics import leakage
+from fora_lightning.layerwise_step import LayerwiseStep
 from fora_lightning.layout import TargetLayout
 
 MODELS = {  # Qwen3Config overrides; "cpu-small" keeps Qwen3-1.7B's proportions at 1/4 width
@@ -102,6 +104,18 @@ def build(
     return layers, subs
 
 
+def complement_where_smaller(subs: dict[str, LayerSubspace]) -> dict[str, LayerSubspace]:
+    """The bases as FORA stores them without anchors: the complement of span(Q) where k > d_in/2 (shared per input)."""
+    out, comp = {}, {}
+    for n, s in subs.items():
+        if s.k > s.d_in / 2:
+            c = comp.setdefault(id(s.basis), complement_basis(s.basis))
+            out[n] = replace(s, basis=c, complement=True)
+        else:
+            out[n] = replace(s)
+    return out
+
+
 class Variant:
     """One training run: its own weights, AdamW state and (for FORA) layout and anchors."""
 
@@ -113,18 +127,25 @@ class Variant:
         args: argparse.Namespace,
         on_host: bool = False,
         project_gradients: bool = True,
+        reprojection: str = "anchors",
     ) -> None:
         self.layers = copy.deepcopy(layers)
         self.w0 = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         self.subs = copy.deepcopy(subs) if subs is not None else None  # one deepcopy: shared bases stay shared
         self.precision, self.device, self.dtype = precision, args.device, getattr(torch, args.train_dtype)
-        self.project_gradients = project_gradients
+        self.project_gradients, self.reprojection = project_gradients, reprojection
         self.opt = torch.optim.AdamW(self.layers.parameters(), lr=args.lr, weight_decay=0.1)
         self.channel_bound = ForaConfig().channel_bound
         if self.subs is not None:
             self.layout = TargetLayout(dict(self.layers.items()), self.layers)
-            self.layout.attach_anchors(self.subs, on_host=on_host)
             self.split = split_supported(precision, args.device)
+            if reprojection == "anchors":
+                self.layout.attach_anchors(self.subs, on_host=on_host)
+            else:  # the Callback's default: the AdamW step taken layer by layer, each layer's step projected
+                for sub in self.subs.values():
+                    sub.delta = torch.zeros(sub.r, device=sub.u.device)
+                units, done = self.layout.step_units(self.subs, self.channel_bound)
+                LayerwiseStep(self.opt, units, done).install()
 
     def step(self, xs: dict[str, torch.Tensor], dys: dict[str, torch.Tensor]) -> None:
         self.opt.zero_grad(set_to_none=False)
@@ -134,7 +155,7 @@ class Variant:
         if self.subs is not None and self.project_gradients:
             self.layout.project_grads(self.subs, self.precision)
         self.opt.step()
-        if self.subs is not None:
+        if self.subs is not None and self.reprojection == "anchors":
             self.layout.reproject(self.subs, self.precision, self.split, self.channel_bound)
 
     def leak(self, subs: dict[str, LayerSubspace], n_held: int) -> float:
@@ -146,7 +167,8 @@ class Variant:
             u, v = s.u.double(), s.v.double()
             d = d - u @ torch.diag(torch.diag(u.T @ d @ v)) @ v.T
             gen = torch.Generator(device=self.device).manual_seed(1000 + i)
-            x = torch.randn(n_held, s.k, generator=gen, device=self.device, dtype=torch.float64) @ s.basis.double().T
+            q = complement_basis(s.basis.double()) if s.complement else s.basis.double()
+            x = torch.randn(n_held, s.k, generator=gen, device=self.device, dtype=torch.float64) @ q.T
             worst = max(worst, leakage(d, self.w0[n], x))
         return worst
 
@@ -201,6 +223,7 @@ def main() -> None:
         f"{args.model} x {args.blocks} blocks, T={args.tokens}, k={args.k_frac} d_in, r={args.rank}, {args.steps} steps"
     )
     layers, subs = build(shapes, args.blocks, args.k_frac, args.rank, args.device)
+    subs_c = complement_where_smaller(subs)
     gen = torch.Generator(device=args.device).manual_seed(1)
     low = getattr(torch, args.train_dtype)
     xs = {
@@ -212,19 +235,25 @@ def main() -> None:
         for n, m in layers.items()
     }
     variants: dict[str, Variant] = {"plain": Variant(layers, None, "float32", args)}
-    resolved: dict[str, str] = {}
+    resolved: dict[str, str] = {p: resolve_precision(p, args.device) for p in ("float32", "tf32", "bf16", "auto")}
+    # the default (reprojection='step' for float32 weights: no anchors; complement bases where k > d_in/2)
+    variants["fora auto, step (default)"] = Variant(layers, subs_c, resolved["auto"], args, reprojection="step")
+    variants["fora auto, step, update-only"] = Variant(
+        layers, subs_c, resolved["auto"], args, project_gradients=False, reprojection="step"
+    )
     for prec in ("float32", "tf32", "bf16", "auto"):
-        resolved[prec] = resolve_precision(prec, args.device)
-        variants[f"fora {prec}"] = Variant(layers, subs, resolved[prec], args)
-    variants["fora auto, offload_anchors"] = Variant(layers, subs, resolved["auto"], args, on_host=True)
+        variants[f"fora {prec}, anchors"] = Variant(layers, subs, resolved[prec], args)
+    variants["fora auto, anchors, offload_anchors"] = Variant(layers, subs, resolved["auto"], args, on_host=True)
     for prec in ("float32", "auto"):
-        variants[f"fora {prec}, update-only"] = Variant(layers, subs, resolved[prec], args, project_gradients=False)
+        variants[f"fora {prec}, anchors, update-only"] = Variant(
+            layers, subs, resolved[prec], args, project_gradients=False
+        )
     log("variants built; timing")
     times = interleaved(
         {n: (lambda v=v: v.step(xs, dys)) for n, v in variants.items()}, repeats=args.steps - 1, warmup=1
     )
     mems = {n: memory(v.subs, layers) for n, v in variants.items() if v.subs is not None}  # with the anchors attached
-    mem = mems["fora float32"]
+    mem, mem_step = mems["fora float32, anchors"], mems["fora auto, step (default)"]
     rows, out = [], {}
     for n, v in variants.items():
         ratio, noise = ratio_stats(times[n], times["plain"])
@@ -252,7 +281,8 @@ def main() -> None:
         f" {args.train_dtype} training GEMMs, k = {args.k_frac:g} d_in, r = {args.rank}, AdamW lr {args.lr:g} wd 0.1, {args.device},"
         f" {torch.get_num_threads()} threads. FORA memory with the anchors on the device {mem['bytes'] / 2**20:.1f} MiB ({mem['bytes_per_layer'] / 2**20:.2f} MiB"
         f" per layer; bases {mem['basis_bytes'] / 2**20:.1f}, anchors + U,S,V {mem['anchor_and_channel_bytes'] / 2**20:.1f}; floor"
-        f" {mem['floor_bytes'] / 2**20:.1f}). noise = (max - min) / median of the per-round ratios."
+        f" {mem['floor_bytes'] / 2**20:.1f}); without anchors (reprojection='step', the default for float32 weights)"
+        f" {mem_step['bytes'] / 2**20:.1f} MiB. noise = (max - min) / median of the per-round ratios."
     )
     name = args.name or f"step_cost_{'cuda' if cuda else 'cpu'}"
     payload = {"args": vars(args), "shapes": shapes, "memory": mems, "variants": out, "environment": environment()}
