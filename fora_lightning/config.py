@@ -143,6 +143,14 @@ class ForaConfig(SubspaceConfig):
             "(FSDP, DeepSpeed, foreign forward hooks) and for a target called twice per forward. False: always whole"
         ),
     )
+    calibration_memory_gib: float | None = field(
+        default=None,
+        metadata=_help(
+            "most GiB the covariance sums (d_in^2 per distinct input) may take at once; beyond it the targets are "
+            "calibrated in consecutive groups (one pass over the calibration data each, the same bases). None: a quarter "
+            "of the device's free memory on CUDA, no limit on CPU"
+        ),
+    )
     covariance_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata=_help("dtype of the covariance accumulators")
     )
@@ -219,6 +227,11 @@ class ForaConfig(SubspaceConfig):
         _choice("combine", self.combine, ("covariance", "union"))
         _choice("covariance_product", self.covariance_product, ("accumulator", "input"))
         _int_at_least("covariance_panel", self.covariance_panel, 0, "panel width in columns; 0: the full product")
+        if self.calibration_memory_gib is not None:
+            gib = self.calibration_memory_gib
+            if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0:
+                raise ValueError(f"calibration_memory_gib must be a number of GiB > 0 (or None: auto), got {gib!r}")
+            self.calibration_memory_gib = float(gib)
         _int_at_least("covariance_token_stride", self.covariance_token_stride, 1, "1: every token")
         _choice("allocation", self.allocation, ALLOCATIONS)
         if self.allocation != "energy" and (self.rank is not None or self.source != "activations"):

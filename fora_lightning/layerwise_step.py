@@ -106,6 +106,8 @@ class LayerwiseStep:
             def step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
                 return wrapper(closure, **kwargs)
 
+            if hasattr(self._original, "_wrapped_by_lr_sched"):  # an LR scheduler's wrapper is inside ours
+                step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
             self.optimizer.step = types.MethodType(step, self.optimizer)  # bound, as LR schedulers expect
             self._installed = True
         return self

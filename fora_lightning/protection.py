@@ -22,7 +22,7 @@ from fora_lightning.calibration import COVARIANCE_DTYPES, CalibrationSource, cal
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.allocation import allocate_from_covariances
 from fora_lightning.core.capabilities import capability_weights, combine_covariances, union_spectra
-from fora_lightning.core.covariance import Covariances
+from fora_lightning.core.covariance import Covariances, calibration_groups
 from fora_lightning.core.distributed import spread_spectra
 from fora_lightning.core.energy import captured_energy
 from fora_lightning.core.subspace import (
@@ -84,6 +84,7 @@ class Protection:
         self.capability_energy: dict[str, dict[str, float]] = {}  # layer -> capability -> tr(Q^T C_c Q) / tr(C_c)
         self.chain: list[dict[str, Any]] = []
         self._capability_covariances: dict[str, Covariances] = {}
+        self._calibrating: list[str] | None = None  # the group of targets being calibrated (None: all)
         self._restored = False  # subspaces came from a checkpoint in this fit (checked against the settings in prepare)
         self._restored_config: dict[str, Any] | None = None
         self._ended: dict[str, Any] | None = None  # the model and weights the last fit ended with
@@ -160,8 +161,8 @@ class Protection:
             self._load(path, pl_module, *decision["load"])
         else:
             self.subspaces = self.estimate(trainer, pl_module)
-            if path is not None and trainer.is_global_zero:
-                self.save(path, pl_module)
+            if path is not None:
+                self.save(path, pl_module, write=trainer.is_global_zero)  # split bases: gathered on every rank
                 rank_zero_info(f"{self.who}: subspaces saved to {path}")
         self.to(pl_module.device)
         if self.anchors:
@@ -220,10 +221,63 @@ class Protection:
         rank_zero_info(f"{self.who}: loaded {len(self.subspaces)} layer subspaces from {path}")
 
     def estimate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, LayerSubspace]:
-        """Calibrate (for ``source="activations"``) and build every target's subspaces."""
+        """Calibrate (for ``source="activations"``) and build every target's subspaces.
+
+        The covariance sums of all targets at once can exceed a device (``d_in^2`` each: 330 GB for a 70B model):
+        when they would exceed ``calibration_memory_gib`` (auto: a quarter of the device's free memory), the targets
+        are calibrated in consecutive groups that fit, each group's bases built and its sums dropped before the next
+        group's pass (:func:`~fora_lightning.core.covariance.calibration_groups`; the early stop ends each pass after the
+        group's last target). Under FSDP each layer's bases are split over the ranks as soon as they are built.
+        """
         layout = self.bind(trainer)
-        covariances = self.calibrate(trainer, pl_module) if self.config.source == "activations" else None
-        weights = layout.full_weights()  # gathered one layer (FSDP1: one unit) at a time
+        names = list(self.targets)
+        groups = [names]
+        if self.config.source == "activations":
+            groups = calibration_groups(
+                {n: layout.shape_targets()[n].in_features for n in names}, self._calibration_budget(trainer)
+            )
+        if len(groups) > 1:
+            rank_zero_info(
+                f"{self.who}: calibrating in {len(groups)} groups of layers (their covariance sums together exceed "
+                f"calibration_memory_gib): {len(groups)} passes over the calibration data"
+            )
+            if self.config.allocation != "energy":
+                raise ValueError(
+                    f"{self.who}: allocation={self.config.allocation!r} spreads k over all layers at once, but the "
+                    f"covariance sums do not fit calibration_memory_gib together ({len(groups)} groups): raise "
+                    "calibration_memory_gib or use allocation='energy'"
+                )
+        subspaces: dict[str, LayerSubspace] = {}
+        for group in groups:
+            subspaces.update(self._estimate_group(trainer, pl_module, layout, group))
+        per = list(self.capabilities)
+        method = self.config.combine if len(per) > 1 else self.config.source
+        self.chain = [{"step": 1, "capabilities": per, "method": method, "created": now()}]
+        return {n: subspaces[n] for n in names}
+
+    def _calibration_budget(self, trainer: Trainer) -> int | None:
+        """Bytes the covariance sums may take at once: ``calibration_memory_gib``, else a quarter of the free device
+        memory on CUDA (the same on every rank: rank 0's), else no limit."""
+        gib = self.config.calibration_memory_gib
+        if gib is not None:
+            return int(gib * 2**30)
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            return None
+        free = torch.cuda.mem_get_info(device)[0] // 4
+        return int(trainer.strategy.broadcast(free, src=0))
+
+    def _estimate_group(
+        self, trainer: Trainer, pl_module: LightningModule, layout: TargetLayout, names: list[str]
+    ) -> dict[str, LayerSubspace]:
+        """One group's calibration pass and subspaces (all targets when one group)."""
+        self._calibrating = names
+        try:
+            covariances = self.calibrate(trainer, pl_module) if self.config.source == "activations" else None
+        finally:
+            self._calibrating = None
+        every = layout.full_weights()  # gathered one layer (FSDP1: one unit) at a time
+        weights = {n: every[n] for n in names} if len(names) < len(self.targets) else every
         config, spectra, per = self.config, None, self._capability_covariances
         complement = not self.needs_q
         if covariances is not None and config.combine == "union" and len(per) > 1:
@@ -237,22 +291,33 @@ class Protection:
         elif covariances is not None and config.allocation != "energy":
             ks = allocate_from_covariances(covariances, weights, config.energy, config.allocation, config.max_rank)
             config = replace(config, rank=ks, allocation="energy")
+        shards: dict[int, torch.Tensor] = {}
+
+        def keep(built: dict[str, LayerSubspace]) -> dict[str, LayerSubspace]:
+            """Record each capability's kept energy (full bases), then keep only this rank's rows under FSDP."""
+            self.record_energy(built, per)
+            if self.shardable and not self.anchors:
+                for n, sub in built.items():
+                    split = layout.split_for(n)
+                    if split is not None and split.world > 1:
+                        sub.shard(split, shards)
+            return built
+
         if covariances is not None and spectra is None and trainer.world_size > 1:
             # eigh spread over ranks; each owner's layers are built as its spectrum arrives, then it is dropped
-            groups, built = covariances.groups(), {}
+            owners, built = covariances.groups(), {}
             for owner, owner_spectrum in spread_spectra(covariances):
-                layers = {n: weights[n] for n in groups[owner]}
+                layers = {n: weights[n] for n in owners[owner]}
                 built.update(
-                    estimate_subspaces(
-                        layers, config, covariances, {owner: owner_spectrum}, allow_complement=complement
+                    keep(
+                        estimate_subspaces(
+                            layers, config, covariances, {owner: owner_spectrum}, allow_complement=complement
+                        )
                     )
                 )
-            subspaces = {n: built[n] for n in weights}
+            subspaces = {n: built[n] for n in names}
         else:
-            subspaces = estimate_subspaces(weights, config, covariances, spectra, allow_complement=complement)
-        self.record_energy(subspaces, per)
-        method = config.combine if len(per) > 1 else config.source
-        self.chain = [{"step": 1, "capabilities": list(per), "method": method, "created": now()}]
+            subspaces = keep(estimate_subspaces(weights, config, covariances, spectra, allow_complement=complement))
         self._capability_covariances = {}
         return subspaces
 
@@ -268,10 +333,11 @@ class Protection:
             )
             return combined
         c = self.config
+        targets = self.targets if self._calibrating is None else {n: self.targets[n] for n in self._calibrating}
         return calibrate(
             trainer,
             pl_module,
-            self.targets,
+            targets,
             loader,
             COVARIANCE_DTYPES[c.covariance_dtype],
             c.progress,
@@ -316,8 +382,13 @@ class Protection:
                 entry[cap] = captured_energy(sub.basis, cov.covariance(name), sub.complement)
 
     # ------------------------------------------------------------------ files and state
-    def save(self, path: Path, pl_module: LightningModule) -> None:
-        """Write the subspace file: bases, the model's identity, the capabilities, the chain and the settings."""
+    def save(self, path: Path, pl_module: LightningModule, write: bool = True) -> None:
+        """Write the subspace file: bases, the model's identity, the capabilities, the chain and the settings.
+
+        Split bases are gathered whole first (collectives: under FSDP every rank calls this, ``write`` on one)."""
+        subspaces = self.whole_subspaces()
+        if not write:
+            return
         metadata = {
             "model": model_identity(pl_module),
             "capabilities": self.capabilities,
@@ -325,8 +396,25 @@ class Protection:
             "combine": self.config.combine,
             "config": self.config.to_dict(),
         }
-        layer_metadata = {n: {"capability_energy": self.capability_energy.get(n, {})} for n in self.subspaces}
-        save_subspaces(path, self.subspaces, metadata, layer_metadata)
+        layer_metadata = {n: {"capability_energy": self.capability_energy.get(n, {})} for n in subspaces}
+        save_subspaces(path, subspaces, metadata, layer_metadata)
+
+    def whole_subspaces(self) -> dict[str, LayerSubspace]:
+        """Every layer's subspaces with whole tensors (split ones gathered, on the CPU; a shared basis stays shared);
+        the held ones themselves when nothing is split. A collective under FSDP."""
+        if not any(s.split is not None for s in self.subspaces.values()):
+            return self.subspaces
+        out, whole = {}, {}
+        for name, sub in self.subspaces.items():
+            tensors = {}
+            for field in SPLIT_FIELDS:
+                t = getattr(sub, field)
+                if t is not None:
+                    if id(t) not in whole:
+                        whole[id(t)] = sub.full(field).cpu()
+                    tensors[field] = whole[id(t)]
+            out[name] = replace(sub, split=None, **tensors)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Bases (and anchors), full-size on the CPU whatever the world size, so that a checkpoint resumes at another

@@ -244,3 +244,34 @@ def collect_covariances(
             "or rescale the inputs"
         )
     return cov
+
+
+def calibration_groups(d_in: Mapping[str, int], budget: int | None, element_size: int = 4) -> list[list[str]]:
+    """Targets (name -> input width, in model order) in consecutive groups whose covariance sums fit ``budget`` bytes.
+
+    A group's cost is bounded by ``sum d_in^2 * element_size`` over its targets (layers that share an input, q/k/v,
+    share one sum: counted apart here, so the bound holds whatever is shared). Targets with the same parent module
+    stay in one group, so shared inputs are still found. ``None``: one group. A parent whose targets alone exceed the
+    budget forms a group of its own (the smallest the sharing allows).
+    """
+    names = list(d_in)
+    if budget is None:
+        return [names]
+    parents: list[list[str]] = []
+    for n in names:
+        parent = n.rsplit(".", 1)[0] if "." in n else ""
+        if parents and (parents[-1][0].rsplit(".", 1)[0] if "." in parents[-1][0] else "") == parent:
+            parents[-1].append(n)
+        else:
+            parents.append([n])
+    groups: list[list[str]] = []
+    used = 0
+    for members in parents:
+        cost = sum(d_in[n] ** 2 * element_size for n in members)
+        if groups and used + cost <= budget:
+            groups[-1].extend(members)
+            used += cost
+        else:
+            groups.append(list(members))
+            used = cost
+    return groups
