@@ -51,8 +51,8 @@ class FlatUnit:
         """
         local = self._local(which)
         sharded = self.handle.uses_sharded_strategy
-        padded, unpadded = flat_param_sizes(self.handle)
         if sharded:
+            padded, unpadded = flat_param_sizes(self.handle)
             group = self.handle.process_group
             missing = torch.tensor([local is None], dtype=torch.int32, device=self.flat.device)
             dist.all_reduce(missing, group=group)
@@ -66,8 +66,8 @@ class FlatUnit:
         elif local is None:
             yield None
             return
-        else:
-            full = local
+        else:  # NO_SHARD (FSDP1 on one process): the local buffer is the whole, unpadded one
+            full, unpadded = local, local.numel()
         yield flat_param_views(self.handle, full[:unpadded])
         if writeback and sharded:
             n = local.numel()

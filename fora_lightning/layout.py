@@ -302,13 +302,12 @@ class _FlatStep:
         handle = self.unit.handle
         local = flat_param_local(handle)
         step = torch.sub(local, before, out=before)
-        padded, unpadded = flat_param_sizes(handle)
         if handle.uses_sharded_strategy:
-            group = handle.process_group
+            padded, unpadded = flat_param_sizes(handle)
             whole = step.new_empty(padded)
-            dist.all_gather_into_tensor(whole, step.contiguous(), group=group)
-        else:
-            whole = step
+            dist.all_gather_into_tensor(whole, step.contiguous(), group=handle.process_group)
+        else:  # NO_SHARD (one process): the local buffer is the whole, unpadded one
+            whole, unpadded = step, step.numel()
         leak = torch.zeros_like(whole)
         views, leaks = flat_param_views(handle, whole[:unpadded]), flat_param_views(handle, leak[:unpadded])
         for i, name in self.members.items():

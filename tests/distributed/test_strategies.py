@@ -284,3 +284,22 @@ def test_ddp_keeps_foras_state_whole(runs, reference):
     """DDP replicates the model, and FORA's state with it (no gather per step)."""
     single = reference[True, "train"]["state_bytes"][0]
     assert _result(runs, "ddp")["state_bytes"] == [single, single]
+
+
+def test_fsdp1_on_one_process_equals_single_process(tmp_path, reference):
+    """FSDP1 on one process runs NO_SHARD (a flat parameter with no padded sizes; the H200 check found it failing)."""
+    scenarios = [
+        {
+            "name": f"fsdp1_one_{orig}",
+            "strategy": "fsdp1",
+            "use_orig_params": orig,
+            "freeze_other": orig,
+            "steps": STEPS,
+        }
+        for orig in (True, False)
+    ]
+    runs = launch({"world": 1, "scenarios": scenarios}, tmp_path, timeout=300)
+    for sc in scenarios:
+        got = _result(runs, sc["name"])["weights"]
+        for n, want in reference[sc["freeze_other"], "train"]["weights"].items():
+            torch.testing.assert_close(got[n], want, rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f"{sc['name']} {n}: {m}")
