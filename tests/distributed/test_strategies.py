@@ -302,4 +302,6 @@ def test_fsdp1_on_one_process_equals_single_process(tmp_path, reference):
     for sc in scenarios:
         got = _result(runs, sc["name"])["weights"]
         for n, want in reference[sc["freeze_other"], "train"]["weights"].items():
-            torch.testing.assert_close(got[n], want, rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f"{sc['name']} {n}: {m}")
+            torch.testing.assert_close(
+                got[n], want, rtol=1e-4, atol=2e-5, msg=lambda m, n=n, s=sc["name"]: f"{s} {n}: {m}"
+            )
