@@ -41,7 +41,8 @@ def moved_out_message(old: str) -> str:
 
 
 class MovedOutFinder(importlib.abc.MetaPathFinder):
-    """Last on ``sys.meta_path``: asked only for a module no other finder found; refuses a moved one by name."""
+    """First on ``sys.meta_path``, answering only the names in :data:`MOVED_OUT` (an older install of the package,
+    editable or not, must not serve a module that has left it)."""
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None) -> None:
         if fullname in MOVED_OUT:
@@ -50,6 +51,6 @@ class MovedOutFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Append one :class:`MovedOutFinder` to ``sys.meta_path`` (idempotent)."""
+    """Put one :class:`MovedOutFinder` first on ``sys.meta_path`` (idempotent)."""
     if not any(isinstance(f, MovedOutFinder) for f in sys.meta_path):
-        sys.meta_path.append(MovedOutFinder())
+        sys.meta_path.insert(0, MovedOutFinder())
