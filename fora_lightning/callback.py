@@ -250,6 +250,6 @@ def step_work(config: ForaConfig) -> str:
     if not config.project_gradients:
         return (
             "per step: W <- W0 + Pi(W - W0) after the optimizer step only (update-only, project_gradients=False; "
-            "it wants about twice the lr of update mode: docs/comparison.md)"
+            "it wants about twice the lr of update mode: docs/experiments.md)"
         )
     return "per step: grad <- Pi(grad) before the optimizer step and W <- W0 + Pi(W - W0) after it (mode='update')"
