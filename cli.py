@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from typing import Any, NoReturn
 
 from jsonargparse import set_parsing_settings
@@ -68,10 +68,10 @@ def flat_settings_hint(message: str) -> str | None:
     """The error to show when jsonargparse refused a ForaConfig field given to ``ForaModule`` itself, else ``None``."""
     from fora_lightning.config import ForaConfig
 
-    if "fora_lightning.ForaModule" not in message and "ForaModule" not in message:
+    if "ForaModule" not in message:
         return None
     found = re.search(r"Option '(\w+)' is not accepted", message)
-    if found is None or found.group(1) not in {f.name for f in fields(ForaConfig)}:
+    if found is None or found.group(1) not in _setting_names(ForaConfig()):
         return None
     name = found.group(1)
     return (
@@ -79,6 +79,17 @@ def flat_settings_hint(message: str) -> str | None:
         f"'config:' (init_args: {{module: ..., config: {{{name}: ...}}}}); on the command line "
         f"--model.init_args.config.{name} VALUE\n\njsonargparse said:\n{message}"
     )
+
+
+def _setting_names(config: Any) -> set[str]:
+    """The field names of a settings dataclass instance, those of its nested groups included."""
+    names = set()
+    for f in fields(config):
+        names.add(f.name)
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            names |= _setting_names(value)
+    return names
 
 
 @contextmanager
