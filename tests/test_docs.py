@@ -91,7 +91,6 @@ def test_readme_yaml_example_parses(tmp_path, capsys, monkeypatch):
     assert printed["model"]["init_args"]["config"]["target_modules"] == ["fc1", "fc2"]
 
 
-@pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """The README's Python block as written, on a 3-step budget (its 300 steps are the demo's: see below)."""
     (example,) = _blocks(README, "python")
