@@ -22,8 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fora_lightning.eval.compare import compare  # noqa: E402
-from fora_lightning.eval.setting import load_setting  # noqa: E402
+from experiments.compare import compare  # noqa: E402
+from experiments.setting import load_setting  # noqa: E402
 
 COLUMNS = ("preserved", "new_task", "kl", "leakage", "wall_s")
 

@@ -38,9 +38,9 @@ from torch import nn
 from fora_lightning.config import ForaConfig
 from fora_lightning.core.precision import resolve_precision, split_supported
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace, complement_basis
-from fora_lightning.eval.metrics import leakage
 from fora_lightning.layerwise_step import LayerwiseStep
 from fora_lightning.layout import TargetLayout
+from fora_lightning.metrics import leakage
 
 MODELS = {  # Qwen3Config overrides; "cpu-small" keeps Qwen3-1.7B's proportions at 1/4 width
     "qwen3-1.7b": {

@@ -48,7 +48,7 @@ from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces
 from fora_lightning.core.targets import find_targets
-from fora_lightning.eval.metrics import leakage
+from fora_lightning.metrics import leakage
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QWEN3_1_7B = {"q_proj": (2048, 2048), "k_proj": (1024, 2048), "up_proj": (6144, 2048), "down_proj": (2048, 6144)}

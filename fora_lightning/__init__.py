@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fora_lightning import _moved
 from fora_lightning._lazy import lazy_exports
 
 _EXPORTS = {
@@ -24,6 +25,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+_moved.install()  # an old path of a module that left the package names its new place
 
 if TYPE_CHECKING:  # the same names, for IDEs and type checkers
     from fora_lightning.callback import FORA  # noqa: F401

@@ -2,7 +2,8 @@
 
 ``import fora_lightning`` then costs nothing; ``fora_lightning.CausalLMModule`` imports transformers only when
 touched. A submodule is imported when first read as an attribute (``fora_lightning.llm.causal_lm``), as an
-eager ``__init__`` used to make possible. Values are cached in the package namespace.
+eager ``__init__`` used to make possible. Values are cached in the package namespace. A submodule that left the
+package (:data:`fora_lightning._moved.MOVED_OUT`) is refused with its new place.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pkgutil
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from fora_lightning._moved import MOVED_OUT, moved_out_message
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
@@ -23,6 +26,8 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
             value = getattr(importlib.import_module(exports[name]), name)
         elif name in {m.name for m in pkgutil.iter_modules(sys.modules[package].__path__)}:
             value = importlib.import_module(f"{package}.{name}")
+        elif f"{package}.{name}" in MOVED_OUT:  # e.g. a config's class_path naming a module that left the package
+            raise AttributeError(moved_out_message(f"{package}.{name}"))
         else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         setattr(sys.modules[package], name, value)

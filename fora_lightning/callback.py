@@ -278,6 +278,6 @@ def step_work(config: ForaConfig, protection: Protection | None = None) -> str:
     if not config.project_gradients:
         return (
             f"per step: {after}; no gradient projection (update-only, project_gradients=False; "
-            "it wants about twice the lr of update mode: docs/comparison.md)"
+            "it wants about twice the lr of update mode: docs/experiments.md)"
         )
     return f"per step: grad <- Pi(grad) before the optimizer step, and {after}"

@@ -168,7 +168,7 @@ class ProtectionMonitor:
 
     def _model_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """``KL(base || tuned)`` per token, tuned and base perplexity on the stored reference batches."""
-        from fora_lightning.eval.metrics import (  # eval imports the Callbacks
+        from fora_lightning.metrics import (  # torchmetrics, loaded when the report first needs it
             CausalPerplexity,
             TokenKL,
         )

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from fora_lightning import FORA
 from fora_lightning.core.subspace_file import read_metadata
-from fora_lightning.eval.generation import evaluate_exact_match, read_pairs
 from fora_lightning.llm.causal_lm import CausalLMModule
+from fora_lightning.llm.generation import evaluate_exact_match, read_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo"

@@ -20,8 +20,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fora_lightning.eval.compare import Evaluator, run_method  # noqa: E402
-from fora_lightning.eval.setting import load_setting  # noqa: E402
+from experiments.compare import Evaluator, run_method  # noqa: E402
+from experiments.setting import load_setting  # noqa: E402
 from fora_lightning.llm import CausalLMModule, TextDataModule  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fora_lightning.eval.generation import evaluate_exact_match, generate_greedy
+from fora_lightning.llm.generation import evaluate_exact_match, generate_greedy
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TAGS = ["translate", "command", ":", "="]

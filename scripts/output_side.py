@@ -34,11 +34,11 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fora_lightning.eval.methods as methods_mod  # noqa: E402
+import experiments.methods as methods_mod  # noqa: E402
+from experiments.compare import run_method  # noqa: E402
 from fora_lightning import FORA  # noqa: E402
 from fora_lightning.core.energy import energy_rank  # noqa: E402
 from fora_lightning.core.targets import find_targets  # noqa: E402
-from fora_lightning.eval.compare import run_method  # noqa: E402
 from fora_lightning.llm import CausalLMModule, TextDataModule  # noqa: E402
 from scripts.plasticity import experiment, seed_setup, table  # noqa: E402
 

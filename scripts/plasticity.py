@@ -29,12 +29,12 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fora_lightning.eval.methods as methods_mod  # noqa: E402
+import experiments.methods as methods_mod  # noqa: E402
 import fora_lightning.protection as protection_mod  # noqa: E402
+from experiments.compare import Evaluator, run_method  # noqa: E402
+from experiments.setting import Setting, load_setting  # noqa: E402
 from fora_lightning import FORA  # noqa: E402
 from fora_lightning.core.targets import find_targets  # noqa: E402
-from fora_lightning.eval.compare import Evaluator, run_method  # noqa: E402
-from fora_lightning.eval.setting import Setting, load_setting  # noqa: E402
 from fora_lightning.llm import CausalLMModule, TextDataModule  # noqa: E402
 from scripts.demo_variants import parse_variant  # noqa: E402
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fora_lightning.eval.baselines import TrainTargetsOnly
-from fora_lightning.eval.ewc import EWC
-from fora_lightning.eval.l2sp import L2SP
+from fora_lightning.baselines import TrainTargetsOnly
+from fora_lightning.baselines.ewc import EWC
+from fora_lightning.baselines.l2sp import L2SP
 
 V, D, LR, STEPS = 5, 3, 0.1, 4
 

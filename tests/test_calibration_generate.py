@@ -9,9 +9,9 @@ from conftest import tiny_trainer
 from torch.utils.data import DataLoader
 
 from fora_lightning import FORA, ForaConfig
-from fora_lightning.eval.generation import generate_greedy
 from fora_lightning.llm import CausalLMModule
 from fora_lightning.llm.encoding import PadCollator
+from fora_lightning.llm.generation import generate_greedy
 
 DEMO = "assets/demo/model"
 PROMPTS = ["translate : tasu rili niba =", "translate : rili =", "translate : niba tasu rili tasu ="]

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from fora_lightning import FORA
 from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces
 from fora_lightning.core.subspace_file import save_subspaces
-from fora_lightning.eval.metrics import leakage
+from fora_lightning.metrics import leakage
 
 
 def _leak_outside_channel(cb: FORA, name: str, tuned: torch.nn.Linear, base: torch.nn.Linear, x: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fora_lightning import FORA
 from fora_lightning.core.projection import right_project
-from fora_lightning.eval.metrics import leakage
+from fora_lightning.metrics import leakage
 
 VOCAB = 64
 

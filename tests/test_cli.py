@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
+from experiments.examples import Regressor
 from fora_lightning import FORA, ForaModule
-from fora_lightning.examples import Regressor
+from fora_lightning.trainer_progress import StepBudgetProgressBar
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -32,6 +33,51 @@ def print_config(args: list[str], capsys) -> dict:
         load_cli().main(args + ["--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_flat_fora_settings_under_fora_module_name_the_fix(tmp_path, capsys):
+    """A ForaConfig field given to ForaModule itself (not under ``config:``): the error says where it goes."""
+    config = yaml.safe_load((ROOT / "configs/wrap_existing.yaml").read_text())
+    init_args = config["model"]["init_args"]
+    init_args.update(init_args.pop("config"))  # target_modules, energy, ... flat beside `module`
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(yaml.safe_dump(config))
+    for args in (
+        ["--config", str(flat)],
+        ["--config", str(ROOT / "configs/wrap_existing.yaml"), "--model.init_args.energy", "0.9"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            load_cli().main(["fit", *args, "--print_config"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "FORA: '" in err and "is a FORA setting (fora_lightning.ForaConfig)" in err
+        assert "goes inside 'config:'" in err and "--model.init_args.config." in err
+    with pytest.raises(SystemExit):  # any other parse error reads as before
+        load_cli().main(["fit", "--config", str(ROOT / "configs/wrap_existing.yaml"), "--trainer.bogus", "1"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --trainer.bogus 1" in err and "FORA:" not in err
+
+
+def test_the_cli_progress_bar_reads_epoch_not_epoch_minus_two(tmp_path):
+    """Under a max_steps budget the Rich bar is titled 'Epoch n' (Lightning's own: 'Epoch n/-2')."""
+    cli = load_cli().main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/wrap_existing.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_model_summary",
+            "false",
+            "--model.init_args.config.progress",
+            "false",
+        ]
+    )
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepBudgetProgressBar) and cli.trainer.max_epochs == -1
+    assert bar._get_train_description(4).strip() == "Epoch 4"
 
 
 def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):

@@ -14,9 +14,9 @@ from conftest import MLP, calibration_loader, span_inputs, task_loader, tiny_tra
 from torch import nn
 
 from fora_lightning import FORA, ForaLoRA
-from fora_lightning.eval.baselines import TrainTargetsOnly
-from fora_lightning.eval.metrics import leakage
+from fora_lightning.baselines import TrainTargetsOnly
 from fora_lightning.lora.layer import ForaLoraLinear
+from fora_lightning.metrics import leakage
 
 
 class LazyMLP(MLP):

@@ -12,8 +12,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fora_lightning import FORA, ForaModule
-from fora_lightning.eval.generation import evaluate_exact_match, exact_match, read_pairs
-from fora_lightning.eval.report import ExactMatchReport
+from fora_lightning.llm.generation import evaluate_exact_match, exact_match, read_pairs
+from fora_lightning.llm.report import ExactMatchReport
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

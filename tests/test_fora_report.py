@@ -14,9 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
 
 from fora_lightning import FORA, ForaLoRA
-from fora_lightning.eval.metrics import CausalPerplexity, TokenKL
-from fora_lightning.eval.metrics import leakage as relative_leakage
 from fora_lightning.llm import CausalLMModule, TextDataModule, TextSource
+from fora_lightning.metrics import CausalPerplexity, TokenKL
+from fora_lightning.metrics import leakage as relative_leakage
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

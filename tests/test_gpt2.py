@@ -21,8 +21,8 @@ from fora_lightning import FORA, ForaLoRA, merge_lora
 from fora_lightning.core.projection import project, project_weight_, right_project
 from fora_lightning.core.subspace_file import load_subspaces
 from fora_lightning.core.targets import DEFAULT_TARGETS, find_targets, is_transposed, quantization_of, weight_matrix
-from fora_lightning.eval.metrics import leakage
 from fora_lightning.lora import export_lora_adapter, fora_lora_layers
+from fora_lightning.metrics import leakage
 
 VOCAB = 100
 GPT2_LAYERS = {

@@ -120,8 +120,8 @@ def test_callbacks_import_without_the_hf_stack_and_the_llm_names_load_it_on_firs
         after_import = sorted({n.split(".")[0] for n in sys.modules} & {"torch", "lightning", "transformers", "datasets"})
         listed = set(fora_lightning.__all__) <= set(dir(fora_lightning))
         fora_lightning.FORA, fora_lightning.ForaModule, fora_lightning.ForaLoRA, fora_lightning.merge_lora
-        import fora_lightning.lora, fora_lightning.eval
-        fora_lightning.lora.inject_fora_lora, fora_lightning.eval.L2SP, fora_lightning.eval.TrainTargetsOnly
+        import fora_lightning.lora, fora_lightning.baselines
+        fora_lightning.lora.inject_fora_lora, fora_lightning.baselines.L2SP, fora_lightning.baselines.TrainTargetsOnly
         after_callbacks = loaded()
         try:
             fora_lightning.CausalLMModule
@@ -156,7 +156,7 @@ def test_touching_causal_lm_and_text_data_imports_transformers_and_datasets():
     assert out == {"FORA": False, "CausalLMModule": False, "TextDataModule": True, "transformers": True}
 
 
-LAZY_PACKAGES = ("fora_lightning", "fora_lightning.llm", "fora_lightning.lora", "fora_lightning.eval")
+LAZY_PACKAGES = ("fora_lightning", "fora_lightning.llm", "fora_lightning.lora", "fora_lightning.baselines")
 
 
 def _type_checking_imports(package: str) -> dict[str, str]:

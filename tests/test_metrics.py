@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL, leakage
+from fora_lightning.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL, leakage
 
 
 def test_layer_leakage_hand_values_and_mask():

@@ -19,8 +19,8 @@ from fora_lightning import FORA
 from fora_lightning.core.projection import project_weight_
 from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace, complement_basis, spectrum
-from fora_lightning.eval.metrics import leakage
 from fora_lightning.layout import TargetLayout
+from fora_lightning.metrics import leakage
 
 
 def _subspace(w0: torch.Tensor, q: torch.Tensor, r: int, gen: torch.Generator, complement: bool) -> LayerSubspace:

@@ -25,8 +25,8 @@ from fora_lightning.core.subspace import (
     build_subspace,
     spectrum,
 )
-from fora_lightning.eval.metrics import leakage as relative_leakage
 from fora_lightning.layout import TargetLayout
+from fora_lightning.metrics import leakage as relative_leakage
 
 
 def _leak(sub: LayerSubspace, tuned: torch.nn.Linear, w0: torch.Tensor, x: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from reference import orthonormal
 from fora_lightning.core.projection import project, project_weight_
 from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import complement_basis
-from fora_lightning.eval.metrics import leakage
+from fora_lightning.metrics import leakage
 
 shapes = st.tuples(
     st.integers(1, 24),  # d_out

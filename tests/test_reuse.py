@@ -19,7 +19,7 @@ from conftest import (
 from torch.utils.data import DataLoader
 
 from fora_lightning import FORA, ForaLoRA
-from fora_lightning.eval.metrics import leakage as relative_leakage
+from fora_lightning.metrics import leakage as relative_leakage
 
 
 def _other_inputs(n: int = 128) -> torch.Tensor:

@@ -12,9 +12,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from experiments.examples import Regressor as MLP
 from fora_lightning import FORA, ForaLoRA
 from fora_lightning.core.targets import quantization_of
-from fora_lightning.examples import Regressor as MLP
 from fora_lightning.support import is_deepspeed, refuse_quantized_targets, refuse_unsupported_strategy
 
 

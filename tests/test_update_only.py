@@ -19,9 +19,9 @@ from fora_lightning import FORA, ForaConfig, ForaModule
 from fora_lightning.callback import step_work
 from fora_lightning.core.projection import project, right_project
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace, spectrum
-from fora_lightning.eval.metrics import leakage
 from fora_lightning.layout import TargetLayout
 from fora_lightning.lora import ForaLoRA
+from fora_lightning.metrics import leakage
 
 
 def _leak(sub: LayerSubspace, weight: torch.Tensor, w0: torch.Tensor, x: torch.Tensor) -> float:

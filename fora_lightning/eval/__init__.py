@@ -1,34 +1,38 @@
-"""Evaluation: exact-match generation metrics, preservation metrics, baselines and report callbacks (imported on first use)."""
+"""Old home of the metrics, baselines and exact-match report (kept so configs that name it keep working).
+
+New places: :mod:`fora_lightning.metrics`, :mod:`fora_lightning.baselines`, :mod:`fora_lightning.llm.generation`,
+:mod:`fora_lightning.llm.report`. The comparison harness moved to the repository's ``experiments/`` package
+(:mod:`fora_lightning._moved` names it when an old path is imported).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from fora_lightning._lazy import lazy_exports
 
 _EXPORTS = {
-    "CausalPerplexity": "fora_lightning.eval.metrics",
-    "EWC": "fora_lightning.eval.ewc",
-    "ExactMatch": "fora_lightning.eval.metrics",
-    "ExactMatchReport": "fora_lightning.eval.report",
-    "L2SP": "fora_lightning.eval.l2sp",
-    "LayerLeakage": "fora_lightning.eval.metrics",
-    "PreservationMetrics": "fora_lightning.eval.preservation",
-    "TokenKL": "fora_lightning.eval.metrics",
-    "TrainTargetsOnly": "fora_lightning.eval.baselines",
-    "evaluate_exact_match": "fora_lightning.eval.generation",
-    "evaluate_preservation": "fora_lightning.eval.preservation",
-    "exact_match": "fora_lightning.eval.generation",
-    "generate_greedy": "fora_lightning.eval.generation",
+    "CausalPerplexity": "fora_lightning.metrics",
+    "EWC": "fora_lightning.baselines.ewc",
+    "ExactMatch": "fora_lightning.metrics",
+    "ExactMatchReport": "fora_lightning.llm.report",
+    "L2SP": "fora_lightning.baselines.l2sp",
+    "LayerLeakage": "fora_lightning.metrics",
+    "TokenKL": "fora_lightning.metrics",
+    "TrainTargetsOnly": "fora_lightning.baselines.targets_only",
+    "evaluate_exact_match": "fora_lightning.llm.generation",
+    "exact_match": "fora_lightning.llm.generation",
+    "generate_greedy": "fora_lightning.llm.generation",
 }
+_MOVED_OUT = {"PreservationMetrics": "experiments.preservation", "evaluate_preservation": "experiments.preservation"}
 __all__ = list(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+_lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:  # the same names, for IDEs and type checkers
-    from fora_lightning.eval.baselines import TrainTargetsOnly  # noqa: F401
-    from fora_lightning.eval.ewc import EWC  # noqa: F401
-    from fora_lightning.eval.generation import evaluate_exact_match, exact_match, generate_greedy  # noqa: F401
-    from fora_lightning.eval.l2sp import L2SP  # noqa: F401
-    from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch, LayerLeakage, TokenKL  # noqa: F401
-    from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation  # noqa: F401
-    from fora_lightning.eval.report import ExactMatchReport  # noqa: F401
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_OUT:
+        raise AttributeError(
+            f"FORA: fora_lightning.eval.{name} moved to {_MOVED_OUT[name]}.{name} (the repository's experiments/ "
+            "package, not installed with fora_lightning): run from a clone's root"
+        )
+    return _lazy_getattr(name)

@@ -113,9 +113,9 @@ class CausalLMModule(LightningModule):
 
     def generate_continuations(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> dict[str, torch.Tensor]:
         """``batch`` with each row followed by the model's own greedy continuation (label-free; what FORA's
-        ``calibration_generate`` calibrates on): :func:`~fora_lightning.eval.generation.greedy_extend` through
+        ``calibration_generate`` calibrates on): :func:`~fora_lightning.llm.generation.greedy_extend` through
         ``self.model.generate``, ``synced_gpus`` when several processes run."""
-        from fora_lightning.eval.generation import greedy_extend
+        from fora_lightning.llm.generation import greedy_extend
 
         config = self.model.generation_config
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else config.pad_token_id

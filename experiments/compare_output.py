@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fora_lightning.eval.methods import DISPLAY_ORDER, LABELS, MARKERS
-from fora_lightning.eval.setting import METRICS, Setting
+from experiments.methods import DISPLAY_ORDER, LABELS, MARKERS
+from experiments.setting import METRICS, Setting
 
-if TYPE_CHECKING:
-    from fora_lightning.eval.compare import Run
+
+@dataclass
+class Run:
+    """What one method's fit produced."""
+
+    scores: dict[str, Any]
+    trainable_params: int
+    wall_s: float
+    ks: dict[str, int]
 
 
 def run_row(run: Run, base: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fora_lightning.eval.setting import Setting
+from experiments.setting import Setting
 
 
 def setting_fingerprint(setting: Setting) -> str:

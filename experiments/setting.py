@@ -1,7 +1,7 @@
 """A comparison setting: the shared model, data, trainer and evaluation sets, and the methods' own arguments.
 
 Read from a compare YAML (``configs/compare_demo.yaml``) by :func:`load_setting`; run by
-:func:`fora_lightning.eval.compare.compare`.
+:func:`experiments.compare.compare`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fora_lightning.eval.methods import METHODS
+from experiments.methods import METHODS
 
 METRICS = ("exact_match", "perplexity")
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fora_lightning.eval.setting import EvalSet, Setting
-from fora_lightning.eval.sweep import Point, aggregate, expand, pareto_mask, set_knob
-from fora_lightning.eval.sweep_output import pareto_plot, sweep_results, sweep_table, write_csv
+from experiments.setting import EvalSet, Setting
+from experiments.sweep import Point, aggregate, expand, pareto_mask, set_knob
+from experiments.sweep_output import pareto_plot, sweep_results, sweep_table, write_csv
 
 
 def test_set_knob_reaches_nested_model_overrides_and_leaves_the_input_alone():
@@ -125,7 +125,7 @@ def test_sweep_outputs_on_synthetic_rows(tmp_path):
 
 
 def test_compare_runs_own_points_first_then_one_swept_value_of_each_method_per_round():
-    from fora_lightning.eval.compare import _interleave
+    from experiments.compare import _interleave
 
     points = expand(
         {"fora": {"energy": 0.99}, "l2sp": {"lambda_": 0.1}},

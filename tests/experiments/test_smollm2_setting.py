@@ -11,12 +11,12 @@ import random
 from pathlib import Path
 
 import pytest
-from tiny_lm import word_tokenizer
 
-from fora_lightning.eval.methods import METHODS
-from fora_lightning.eval.setting import load_setting
+from experiments.methods import METHODS
+from experiments.setting import load_setting
+from tests.tiny_lm import word_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets" / "smollm2"
 
 

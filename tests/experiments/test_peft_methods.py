@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from fora_lightning.eval.peft_methods import PeftOSF, unpadded_rows
+from experiments.peft_methods import PeftOSF, unpadded_rows
 
 
 class _Inner(nn.Module):

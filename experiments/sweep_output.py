@@ -1,7 +1,7 @@
 """What a sweep (or multi-seed) comparison writes: ``results.json``, ``results.csv``, ``table.md``, ``pareto.png``.
 
-Every point (:class:`~fora_lightning.eval.sweep.Point`) holds its per-seed rows
-(:func:`~fora_lightning.eval.compare_output.run_row`) and their :func:`~fora_lightning.eval.sweep.aggregate`;
+Every point (:class:`~experiments.sweep.Point`) holds its per-seed rows
+(:func:`~experiments.compare_output.run_row`) and their :func:`~experiments.sweep.aggregate`;
 the Pareto front is taken on the seed means of (new task, preserved), each in its own direction.
 """
 
@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fora_lightning.eval.compare_output import FOOTNOTE, _fmt, label_axes, metric_names
-from fora_lightning.eval.methods import DISPLAY_ORDER, LABELS, MARKERS
-from fora_lightning.eval.setting import Setting
-from fora_lightning.eval.sweep import Point, aggregate, pareto_mask
+from experiments.compare_output import FOOTNOTE, _fmt, label_axes, metric_names
+from experiments.methods import DISPLAY_ORDER, LABELS, MARKERS
+from experiments.setting import Setting
+from experiments.sweep import Point, aggregate, pareto_mask
 
 CSV_FIELDS = ("preserved", "new_task", "heldout_loss_delta", "kl", "leakage", "k_mean", "trainable_params", "wall_s")
 

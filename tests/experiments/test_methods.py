@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch import Callback
 
+from experiments.methods import LABELS, METHODS, build_callback, method_of, trainer_method
 from fora_lightning import FORA, ForaLoRA
-from fora_lightning.eval.generation import ExactMatchResult
-from fora_lightning.eval.methods import LABELS, METHODS, build_callback, method_of, trainer_method
-from fora_lightning.eval.report import ExactMatchReport
+from fora_lightning.llm.generation import ExactMatchResult
+from fora_lightning.llm.report import ExactMatchReport
 
 
 @pytest.mark.parametrize("name", METHODS)

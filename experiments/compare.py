@@ -3,10 +3,10 @@
 ``python cli.py compare --config configs/compare_demo.yaml [--max-steps N] [--methods fora,plain_ft] [--output DIR]
 [--seeds 0 1 2] [--sweep]``
 
-Methods (:mod:`~fora_lightning.eval.methods`) run in the order of ``METHODS``; ``fora`` first, since
-``weight_projection``, ``random`` and ``osf`` copy its k per layer. The setting is :mod:`~fora_lightning.eval.setting`,
-the outputs :mod:`~fora_lightning.eval.compare_output` (one seed) and :mod:`~fora_lightning.eval.sweep_output`
-(``--sweep``: each method's own knob over the config's ``sweeps:`` values, :mod:`~fora_lightning.eval.sweep`;
+Methods (:mod:`~experiments.methods`) run in the order of ``METHODS``; ``fora`` first, since
+``weight_projection``, ``random`` and ``osf`` copy its k per layer. The setting is :mod:`~experiments.setting`,
+the outputs :mod:`~experiments.compare_output` (one seed) and :mod:`~experiments.sweep_output`
+(``--sweep``: each method's own knob over the config's ``sweeps:`` values, :mod:`~experiments.sweep`;
 ``--seeds``: every point under each seed, mean and spread).
 
 Each run: ``seed_everything(seed)``, a fresh :class:`~fora_lightning.CausalLMModule` (per-method ``model``
@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +33,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fora_lightning.eval.compare_output import format_table, plot, results_json, run_row
-from fora_lightning.eval.generation import generate_greedy, read_pairs
-from fora_lightning.eval.methods import METHODS, build_callback
-from fora_lightning.eval.metrics import CausalPerplexity, ExactMatch
-from fora_lightning.eval.peft_methods import PeftPeer
-from fora_lightning.eval.preservation import evaluate_preservation, model_target_names
-from fora_lightning.eval.run_log import RunLog
-from fora_lightning.eval.setting import EvalSet, Setting, load_setting
-from fora_lightning.eval.sweep import Point, expand
-from fora_lightning.eval.sweep_output import pareto_plot, sweep_results, sweep_table, write_csv
+from experiments.compare_output import Run, format_table, plot, results_json, run_row
+from experiments.methods import METHODS, build_callback
+from experiments.peft_methods import PeftPeer
+from experiments.preservation import evaluate_preservation, model_target_names
+from experiments.run_log import RunLog
+from experiments.setting import EvalSet, Setting, load_setting
+from experiments.sweep import Point, expand
+from experiments.sweep_output import pareto_plot, sweep_results, sweep_table, write_csv
 from fora_lightning.llm import CausalLMModule, TextDataModule
 from fora_lightning.llm.encoding import PadCollator, encode_pairs
+from fora_lightning.llm.generation import generate_greedy, read_pairs
 from fora_lightning.lora import merge_lora, trainable_parameters
+from fora_lightning.metrics import CausalPerplexity, ExactMatch
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -126,16 +126,6 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------ runs
-@dataclass
-class Run:
-    """What one method's fit produced."""
-
-    scores: dict[str, Any]
-    trainable_params: int
-    wall_s: float
-    ks: dict[str, int]
-
-
 def run_method(
     name: str,
     args: dict[str, Any],
@@ -202,10 +192,10 @@ def compare(
     """Run ``methods`` (default: those in the config) and write the outputs to ``setting.output_dir``.
 
     One seed and no ``sweep``: ``results.json`` (the issue's shape), ``details.json``, ``table.md``, ``plot.png``.
-    Several ``seeds`` or ``sweep`` (the config's ``sweeps:`` points too): :mod:`~fora_lightning.eval.sweep_output`'s
+    Several ``seeds`` or ``sweep`` (the config's ``sweeps:`` points too): :mod:`~experiments.sweep_output`'s
     ``results.json``, ``results.csv``, ``table.md`` and ``pareto.png`` (mean and spread over seeds), ``details.json``.
     The outputs are rewritten after every run; ``runs.jsonl`` logs each finished run, and ``resume`` reuses the
-    runs it holds for this same setting and point (:mod:`~fora_lightning.eval.run_log`) instead of training them again.
+    runs it holds for this same setting and point (:mod:`~experiments.run_log`) instead of training them again.
     """
     chosen = [m for m in METHODS if m in (methods or setting.methods)]
     missing = set(methods or ()) - set(setting.methods)

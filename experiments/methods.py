@@ -2,34 +2,37 @@
 
 ============================  ==============================================================================
 ``fora``                      :class:`~fora_lightning.FORA` (``source="activations"``), full fine-tuning
-``plain_ft``                  :class:`~fora_lightning.eval.baselines.TrainTargetsOnly`: the same weights, unconstrained
+``plain_ft``                  :class:`~fora_lightning.baselines.TrainTargetsOnly`: the same weights, unconstrained
 ``lora``                      plain LoRA = :class:`~fora_lightning.ForaLoRA` with no bases (k = 0, r = 0)
-``l2sp`` / ``ewc``            :class:`~fora_lightning.eval.l2sp.L2SP`, :class:`~fora_lightning.eval.ewc.EWC`
+``l2sp`` / ``ewc``            :class:`~fora_lightning.baselines.l2sp.L2SP`, :class:`~fora_lightning.baselines.ewc.EWC`
 ``weight_projection``         FORA with ``source="weights"`` (top right singular vectors of W0), FORA's k per layer
 ``random``                    FORA with ``source="random"`` (a random k-frame), FORA's k per layer
 ``fora_lora``                 :class:`~fora_lightning.ForaLoRA`
-``peft_lora``                 PEFT's own LoRA (:class:`~fora_lightning.eval.peft_methods.PeftLoRA`)
+``peft_lora``                 PEFT's own LoRA (:class:`~experiments.peft_methods.PeftLoRA`)
 ``osf``                       PEFT's OSF, effective rank = FORA's k per layer by default (``PeftOSF``)
 ``corda_kpm``                 PEFT's CorDA, knowledge-preserved mode, on FORA's calibration data (``PeftCorDA``)
 ============================  ==============================================================================
 
-:func:`build_callback` turns a name into its Callback; :func:`method_of` names the method of a
-Callback (or of a trainer's callbacks), so reports label runs the way the comparison does.
+:func:`build_callback` turns a name into its Callback; :func:`~fora_lightning.llm.report.method_of` (the
+library's, re-exported here) names the method of a Callback, so reports label runs the way the comparison does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import Callback
 
+from experiments.peft_methods import PeftCorDA, PeftLoRA, PeftOSF
+from fora_lightning.baselines.ewc import EWC
+from fora_lightning.baselines.l2sp import L2SP
+from fora_lightning.baselines.targets_only import TrainTargetsOnly
 from fora_lightning.callback import FORA
-from fora_lightning.eval.baselines import TrainTargetsOnly
-from fora_lightning.eval.ewc import EWC
-from fora_lightning.eval.l2sp import L2SP
-from fora_lightning.eval.peft_methods import PeftCorDA, PeftLoRA, PeftOSF
+from fora_lightning.llm.report import PLAIN_LORA, method_of, trainer_method
 from fora_lightning.lora import ForaLoRA
+
+__all__ = ["DISPLAY_ORDER", "LABELS", "MARKERS", "METHODS", "PEERS", "build_callback", "method_of", "trainer_method"]
 
 METHODS = (
     "fora",
@@ -84,8 +87,6 @@ MARKERS = {
     "corda_kpm": ">",
 }
 PEERS = {"peft_lora": PeftLoRA, "osf": PeftOSF, "corda_kpm": PeftCorDA}
-_FORA_SOURCES = {"activations": "fora", "weights": "weight_projection", "random": "random"}
-_PLAIN_LORA = {"source": "none", "weight_rank": 0}  # FORA-LoRA with no protected inputs (k = 0) and no channel
 
 
 def build_callback(
@@ -110,38 +111,8 @@ def build_callback(
     if name in PEERS:
         return PEERS[name](**args)
     if name == "lora":  # plain LoRA: FORA-LoRA with an empty protected input span (k = 0) and no channel (r = 0)
-        return ForaLoRA(**{**args, **_PLAIN_LORA})
+        return ForaLoRA(**{**args, **PLAIN_LORA})
     if fora_ks is None:
         raise ValueError(f"{name} needs FORA's per-layer k: run 'fora' first")
     source = "weights" if name == "weight_projection" else "random"
     return FORA(**{**args, "source": source, "rank": dict(fora_ks)})
-
-
-def method_of(callback: Callback) -> str | None:
-    """The method name (a key of :data:`METHODS`) of ``callback``, ``None`` for a Callback that is no method.
-
-    FORA is told apart by its basis source, FORA-LoRA with no bases is plain ``lora``; subclasses are
-    checked before their parents (EWC is an L2SP, L2SP a TrainTargetsOnly).
-    """
-    if isinstance(callback, ForaLoRA):
-        config = callback.config
-        plain = (config.source, config.weight_rank) == tuple(_PLAIN_LORA.values())
-        return "lora" if plain else "fora_lora"
-    if isinstance(callback, FORA):
-        return _FORA_SOURCES[callback.config.source]
-    for cls, name in (
-        (PeftLoRA, "peft_lora"),
-        (PeftOSF, "osf"),
-        (PeftCorDA, "corda_kpm"),
-        (EWC, "ewc"),
-        (L2SP, "l2sp"),
-        (TrainTargetsOnly, "plain_ft"),
-    ):
-        if isinstance(callback, cls):
-            return name
-    return None
-
-
-def trainer_method(callbacks: Iterable[Callback]) -> str:
-    """The method of a fit from its callbacks: the first that is a method, else ``"plain_ft"`` (no constraint)."""
-    return next((m for cb in callbacks if (m := method_of(cb)) is not None), "plain_ft")

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
+from experiments.preservation import model_target_names
 from fora_lightning.calibration import resolve_calibration
 from fora_lightning.core.targets import DEFAULT_TARGETS, TargetModules
+from fora_lightning.llm.report import find_hf_model
 
 
 class PeftPeer(Callback):
@@ -49,10 +51,6 @@ class PeftPeer(Callback):
             return
         from peft import get_peft_model
 
-        # imported here, not at the top: preservation -> report -> methods -> this module
-        from fora_lightning.eval.preservation import model_target_names
-        from fora_lightning.eval.report import find_hf_model
-
         model = find_hf_model(pl_module)
         layers = model_target_names(pl_module, model, self.target_modules)
         self.peft_model = get_peft_model(model, self.peft_config(trainer, pl_module, model, layers))
@@ -67,6 +65,8 @@ class PeftPeer(Callback):
 
 class PeftLoRA(PeftPeer):
     """PEFT's ``LoraConfig`` on the target layers."""
+
+    method_name: ClassVar[str] = "peft_lora"
 
     def __init__(
         self, target_modules: TargetModules = DEFAULT_TARGETS, lora_rank: int = 8, lora_alpha: float = 16.0
@@ -91,6 +91,8 @@ class PeftOSF(PeftPeer):
     ``"fora"`` needs ``fora_ks`` (FORA's k per layer, keyed by the LightningModule's layer names); each layer
     then freezes ``clip(k, 1, min(out, in) - 1)`` singular triplets (OSF refuses 0 and trains nothing at full rank).
     """
+
+    method_name: ClassVar[str] = "osf"
 
     def __init__(
         self,
@@ -133,6 +135,8 @@ def unpadded_rows(loader: Iterable[Any] | Mapping[str, Iterable[Any]]) -> Iterab
 
 class PeftCorDA(PeftPeer):
     """PEFT's CorDA in knowledge-preserved mode, its covariance from FORA's calibration batches."""
+
+    method_name: ClassVar[str] = "corda_kpm"
 
     def __init__(
         self, target_modules: TargetModules = DEFAULT_TARGETS, lora_rank: int = 8, lora_alpha: float | None = None

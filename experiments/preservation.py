@@ -26,9 +26,9 @@ from fora_lightning.core.targets import (
     resolve_target_modules,
     weight_matrix,
 )
-from fora_lightning.eval.metrics import CausalPerplexity, LayerLeakage, TokenKL
-from fora_lightning.eval.report import find_hf_model
+from fora_lightning.llm.report import find_hf_model
 from fora_lightning.lora.layer import ForaLoraLinear
+from fora_lightning.metrics import CausalPerplexity, LayerLeakage, TokenKL
 
 
 def target_names(model: nn.Module, target_modules: TargetModules) -> list[str]:

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fora_lightning.eval.compare import main
-from fora_lightning.eval.methods import METHODS
+from experiments.compare import main
+from experiments.methods import METHODS
 from tests.tiny_lm import keep_rows, save_tokenizer, task_rows, tiny_llama_config, write_jsonl
 
 
@@ -183,7 +183,7 @@ def test_compare_refuses_matched_k_without_fora(setting_file):
 def test_preservation_metrics_logged_during_validation_match_direct_evaluation(setting_file):
     import lightning.pytorch as pl
 
-    from fora_lightning.eval.preservation import PreservationMetrics, evaluate_preservation, model_target_names
+    from experiments.preservation import PreservationMetrics, evaluate_preservation, model_target_names
     from fora_lightning.llm import CausalLMModule, TextDataModule
 
     config = yaml.safe_load(setting_file[0].read_text())
@@ -215,7 +215,7 @@ def test_preservation_metrics_logged_during_validation_match_direct_evaluation(s
 
 
 def test_an_interrupted_compare_keeps_the_runs_it_finished(setting_file, monkeypatch):
-    import fora_lightning.eval.compare as compare_mod
+    import experiments.compare as compare_mod
 
     path, _ = setting_file
     out = path.parent / "interrupted"
@@ -238,7 +238,7 @@ def test_an_interrupted_compare_keeps_the_runs_it_finished(setting_file, monkeyp
 
 
 def test_resume_reuses_the_runs_of_the_same_setting_and_reruns_the_rest(setting_file, monkeypatch):
-    import fora_lightning.eval.compare as compare_mod
+    import experiments.compare as compare_mod
 
     path, _ = setting_file
     out = path.parent / "resumed"
