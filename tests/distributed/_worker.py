@@ -347,7 +347,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     trainer = None
     if cfg.get("steps"):
-        trainer, fora = fit(cfg, cfg["steps"], calibration_loader())
+        calibration = Forbidden() if cfg.get("forbid_calibration") else calibration_loader()
+        trainer, fora = fit(cfg, cfg["steps"], calibration)
         results["train"] = {
             "weights": full_weights(trainer, fora, cfg),
             "fora": fora.state_dict(),

@@ -67,9 +67,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(tmp_path_factory: pytest.TempPathFactory, reference: dict) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("dist")
-    scenarios = []
+    files = [  # a subspace file written by a sharded run, and one written by one process loaded by a sharded run
+        {"name": "fsdp2_writes_file", "strategy": "fsdp2", "steps": 1, "fora": {"subspaces": str(tmp / "fsdp2.st")}},
+        {"name": "fsdp2_loads_single_file", "strategy": "fsdp2", "steps": 1, "forbid_calibration": True,
+         "fora": {"subspaces": reference["file"]}},
+    ]  # fmt: skip
+    scenarios = list(files)
     for name, s in SCENARIOS.items():
         sc = {k: v for k, v in s.items() if k != "resume"}
         sc.update(name=name, steps=STEPS)
@@ -79,7 +84,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             sc.update(resume_from=sc["save"], resume_steps=RESUMED)
         scenarios.append(sc)
     scenarios.append({"name": "functions", "strategy": "functions"})  # after a fit: the process group exists
-    return launch({"world": 2, "scenarios": scenarios}, tmp, timeout=300)
+    out = launch({"world": 2, "scenarios": scenarios}, tmp, timeout=300)
+    out["fsdp2_file"] = str(tmp / "fsdp2.st")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +109,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[bool, str]
             }
         )
         out[freeze, "train"], out[freeze, "resume"] = r["train"], r["resume"]
+    out["file"] = str(tmp / "single.st")
+    out["file_run"] = W.run({"strategy": "single", "world": 1, "steps": 1, "fora": {"subspaces": out["file"]}})["train"]
     return out
 
 
@@ -305,3 +314,16 @@ def test_fsdp1_on_one_process_equals_single_process(tmp_path, reference):
             torch.testing.assert_close(
                 got[n], want, rtol=1e-4, atol=2e-5, msg=lambda m, n=n, s=sc["name"]: f"{s} {n}: {m}"
             )
+
+
+def test_subspace_files_move_between_sharded_and_single_process_runs(runs, reference, tmp_path):
+    """A file written by an FSDP2 run (split bases gathered whole, rank 0 writes) loads into one process, and one
+    written by one process loads into FSDP2 (each rank keeps its rows): no calibration either way, the same bases."""
+    written = _result(runs, "fsdp2_writes_file")["fora"]
+    loaded = W.run({"strategy": "single", "world": 1, "steps": 1, "forbid_calibration": True,
+                    "fora": {"subspaces": runs["fsdp2_file"]}})["train"]["fora"]  # fmt: skip
+    _assert_same_bases(loaded, written, atol=0.0)
+    _assert_same_bases(_result(runs, "fsdp2_loads_single_file")["fora"], reference["file_run"]["fora"], atol=0.0)
+    assert (
+        max(_result(runs, "fsdp2_loads_single_file")["state_bytes"]) <= 0.55 * reference["file_run"]["state_bytes"][0]
+    )
