@@ -121,10 +121,11 @@ def drop_if_stale(p: Protection, trainer: Trainer, pl_module: LightningModule) -
 
 def check_resume(p: Protection, trainer: Trainer, pl_module: LightningModule) -> None:
     """A checkpoint's bases against this run's settings and data: refuse on a difference (``force``: warn)."""
-    if p.anchors and any(s.anchor_q is None for s in p.subspaces.values()):
+    gradient_ckpt = (p._restored_config or {}).get("mode") == "gradient"
+    if (p.anchors and any(s.anchor_q is None for s in p.subspaces.values())) or (p.reprojects and gradient_ckpt):
         raise ValueError(
             f"the checkpoint's {p.who} state has no anchors W0 Q, U_r^T W0 (it was trained with mode='gradient'), and "
-            "W0 is not in it (its weights are W0 plus the update), so mode='update' cannot re-project to W0: resume with "
+            "W0 is not in it (its weights are W0 plus an update that left S), so mode='update' cannot keep W - W0 in S: resume with "
             "mode='gradient', or start a new fit from the checkpoint's weights without ckpt_path (they become W0)"
         )
     saved = p._restored_config

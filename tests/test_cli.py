@@ -6,6 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -19,6 +20,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 QWEN_CONFIGS = ["qwen3_cogs_keep_translation", "qwen3_gsm8k_keep_translation", "qwen3_translation_keep_math"]
+
+
+class RecordW0(pl.Callback):
+    """Keeps every Linear weight as training starts (W0), for the leakage check: FORA itself keeps no copy of W0."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.w0 = {n: m.weight.detach().clone() for n, m in pl_module.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def load_cli():
@@ -97,6 +105,7 @@ def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):
             "false",
             "--model.init_args.config.progress",
             "false",
+            "--trainer.callbacks+=tests.test_cli.RecordW0",
         ]
     )
     wrapped, data = cli.model, cli.datamodule
@@ -108,12 +117,16 @@ def test_wrap_existing_yaml_fits_protects_and_checkpoints(tmp_path):
     fora = next(c for c in cli.trainer.callbacks if isinstance(c, FORA))
     sub = fora.subspaces["module.fc1"]
     held_out = torch.randn(64, 4, generator=torch.Generator().manual_seed(9)) @ data.keep_basis.T
-    q = sub.basis
-    assert torch.allclose(held_out @ q @ q.T, held_out, atol=1e-5)  # held-out kept inputs lie in span(Q)
+    outside = held_out @ sub.basis @ sub.basis.T if sub.complement else held_out - held_out @ sub.basis @ sub.basis.T
+    assert torch.allclose(outside, torch.zeros_like(outside), atol=1e-5)  # held-out kept inputs lie in span(Q)
     fc1 = wrapped.module.fc1.weight.detach()
-    w0_x = sub.anchor_q @ q.T @ held_out.T  # W0 x = (W0 Q) Q^T x for x in span(Q)
+    w0 = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RecordW0").w0[
+        "module.fc1"
+    ]  # (imported as tests.test_cli)
+    w0_x = w0 @ held_out.T
     delta_x = fc1 @ held_out.T - w0_x
-    channel = torch.diagonal((sub.u.T @ fc1 - sub.anchor_u) @ sub.v)  # diag(U^T (W - W0) V)
+    channel = torch.diagonal(sub.u.T @ (fc1 - w0) @ sub.v)  # diag(U^T (W - W0) V)
+    torch.testing.assert_close(channel, sub.delta, rtol=0, atol=1e-5)  # FORA's running channel coordinate
     channel_x = sub.u @ (channel[:, None] * (sub.v.T @ held_out.T))
     leak = (delta_x - channel_x).norm() / w0_x.norm()
     assert leak < 1e-5

@@ -123,7 +123,7 @@ def test_fora_full_fine_tuning_keeps_gpt2_leakage_below_1e5(tmp_path, caplog):
         sub = cb.subspaces[name]
         assert (sub.d_out, sub.d_in) == tuple(module.weight.T.shape) and 0 < sub.k < sub.d_in
         x = held_out[name].double()
-        x_span = x - right_project(x, sub.basis.double())
+        x_span = x - right_project(x, sub.basis.double(), sub.complement)
         w0 = base_mods[name].weight.detach().T.double()  # d_out x d_in
         d = module.weight.detach().T.double() - w0
         u, v = sub.u.double(), sub.v.double()

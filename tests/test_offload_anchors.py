@@ -117,7 +117,9 @@ def test_resume_with_offload_anchors_protects_the_original_w0(mlp, tmp_path, fir
     with offload_anchors=True (calibration may not run again): anchors W0 Q of the ORIGINAL W0, held on the host, the
     same weights as the same resume with the anchors on the device, and leakage against the original W0 at round-off."""
     w0, start = mlp.fc1.weight.detach().clone(), copy.deepcopy(mlp.state_dict())
-    kw = dict(target_modules=["fc1"], weight_rank=2, rank=12, precision="float32", progress=False)
+    kw = dict(
+        target_modules=["fc1"], weight_rank=2, rank=12, precision="float32", progress=False, reprojection="anchors"
+    )
     trainer = tiny_trainer(max_steps=16, callbacks=[FORA(calibration_loader(), offload_anchors=first_offloaded, **kw)])
     trainer.fit(mlp, task_loader())
     trainer.save_checkpoint(tmp_path / "mid.ckpt")

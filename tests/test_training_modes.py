@@ -65,7 +65,7 @@ def _fit_and_leakage(model: TinyLM, **trainer_kw) -> tuple[float, float]:
     for name, module in cb.protection.targets.items():
         sub = cb.subspaces[name]
         x = held_out[name].double()
-        x_span = x - right_project(x, sub.basis.double())
+        x_span = x - right_project(x, sub.basis.double(), sub.complement)
         w0 = base_mods[name].weight.detach()
         d = (module.weight.detach() - w0).double()
         u, v = sub.u.double(), sub.v.double()

@@ -392,10 +392,15 @@ def format_summary(
         k = f"{s.k}{'c' if s.complement else ''}"
         e = "-" if math.isnan(s.energy) else f"{s.energy:.4f}"
         rows.append(f"{name[-48:]:<48} {f'{s.d_out}x{s.d_in}':>13} {k:>6} {s.r:>4} {e:>8} {s.nbytes() / 2**20:>8.3f}")
-    total = nbytes_summary(subspaces)
-    tail = f"{len(subspaces)} layers protected, {total / 2**20:.2f} MiB of bases and anchors"
+    total = nbytes_summary(subspaces, spectrum=True)
+    world = max((s.split.world for s in subspaces.values() if s.split is not None), default=1)
+    state = 16 * sum(s.d_out * s.d_in for s in subspaces.values()) / world  # float32 W, grad, two AdamW moments
+    where = f" per rank (split over {world} ranks)" if world > 1 else ""
+    tail = f"{len(subspaces)} layers protected; FORA keeps {total / 2**20:.2f} MiB{where}"
+    if state:
+        tail += f": {100 * total / state:.2f}% of their full fine-tuning training state (16 bytes per parameter)"
     if model_param_bytes:
-        tail += f" ({100 * total / model_param_bytes:.2f}% of the model's parameter bytes)"
+        tail += f", {100 * total * world / model_param_bytes:.2f}% of the model's parameter bytes"
     rows.append(tail)
     if any(s.r > 0 for s in subspaces.values()):
         rows.append(channel_line(channel_bound))
