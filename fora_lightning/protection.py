@@ -20,7 +20,6 @@ from torch import nn
 
 from fora_lightning.calibration import COVARIANCE_DTYPES, CalibrationSource, calibrate, resolve_calibration
 from fora_lightning.config import ForaConfig
-from fora_lightning.core.allocation import allocate_from_covariances
 from fora_lightning.core.capabilities import capability_weights, combine_covariances, union_spectra
 from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.distributed import spread_spectra
@@ -173,16 +172,8 @@ class Protection:
         config, spectra, per = self.config, None, self._capability_covariances
         complement = not self.needs_q
         if covariances is not None and config.combine == "union" and len(per) > 1:
-            if config.allocation != "energy":
-                raise ValueError(
-                    f"{self.who}: allocation={config.allocation!r} with combine='union' over {len(per)} capabilities: "
-                    "union picks each capability's k itself; use combine='covariance' or allocation='energy'"
-                )
             spectra, ks = union_spectra(per, config.energy, config.rank, config.capability_weights)
             config = replace(config, rank=ks)
-        elif covariances is not None and config.allocation != "energy":
-            ks = allocate_from_covariances(covariances, weights, config.energy, config.allocation, config.max_rank)
-            config = replace(config, rank=ks, allocation="energy")
         if covariances is not None and spectra is None and trainer.world_size > 1:
             # eigh spread over ranks; each owner's layers are built as its spectrum arrives, then it is dropped
             groups, built = covariances.groups(), {}
@@ -224,7 +215,6 @@ class Protection:
             c.calibration_generate,
             panel=c.covariance_panel,
             product=c.covariance_product,
-            token_stride=c.covariance_token_stride,
             early_stop=c.calibration_early_stop,
         )
 
@@ -269,7 +259,7 @@ class Protection:
             "capabilities": self.capabilities,
             "chain": self.chain,
             "combine": self.config.combine,
-            "config": self.config.to_dict(),
+            "config": self.config.record(),
         }
         layer_metadata = {n: {"capability_energy": self.capability_energy.get(n, {})} for n in self.subspaces}
         save_subspaces(path, self.subspaces, metadata, layer_metadata)
@@ -279,7 +269,7 @@ class Protection:
         Lightning calls this on every rank when it saves a checkpoint)."""
         return {
             "version": 1,
-            "config": self.config.to_dict(),
+            "config": self.config.record(),
             "layers": {
                 name: {
                     "meta": {

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fora_lightning.core.early_stop import EarlyStop
-from fora_lightning.core.gram import Product, gram_, mirror_, token_subset
+from fora_lightning.core.gram import Product, gram_, mirror_
 
 # Wraps the batches (e.g. a progress bar); must yield each one unchanged.
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -73,9 +73,7 @@ class CovarianceCollector:
 
     Use as a context manager (hooks are removed on exit, and with ``panel > 0`` the sums mirrored) and wrap
     each forward pass in :meth:`batch`, passing the batch's ``attention_mask`` so padding positions are skipped.
-    ``panel``/``product``: see :func:`~fora_lightning.core.gram.gram_`. ``token_stride = s > 1``: a *wide*
-    input (its owner's ``d_in > d_out``: there ``2 d_in^2`` covariance flops per token exceed the layer's
-    ``2 d_out d_in``) counts every s-th non-padding token of each batch, from offset ``batch index % s``.
+    ``panel``/``product``: see :func:`~fora_lightning.core.gram.gram_`.
     ``stop_early``: end each forward after its last target call (:mod:`~fora_lightning.core.early_stop`).
     """
 
@@ -86,13 +84,12 @@ class CovarianceCollector:
         *,
         panel: int = 0,
         product: Product = "accumulator",
-        token_stride: int = 1,
         stop_early: bool = False,
     ) -> None:
         self.modules = dict(modules)
         self.early_stop = EarlyStop(self.modules, stop_early)
         self.dtype = dtype
-        self.panel, self.product, self.token_stride = panel, product, token_stride
+        self.panel, self.product = panel, product
         self.result = Covariances()
         self._mask: Tensor | None = None
         self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
@@ -160,8 +157,6 @@ class CovarianceCollector:
             tokens = self._tokens(name, x.detach())
             finite = torch.isfinite(tokens).all()
             self.finite[owner] = finite if owner not in self.finite else self.finite[owner] & finite
-            if self.token_stride > 1 and module.in_features > module.out_features:
-                tokens = token_subset(tokens, self.token_stride, self.batches - 1)
             acc = self.result.sums.get(owner)
             if acc is None:
                 acc = self.result.sums[owner] = torch.zeros(
@@ -201,18 +196,17 @@ def collect_covariances(
     progress: Progress | None = None,
     panel: int = 0,
     product: Product = "accumulator",
-    token_stride: int = 1,
     stop_early: bool = False,
 ) -> Covariances:
     """Run ``forward(batch)`` for every batch under ``no_grad`` and ``eval`` and return the sums.
 
     ``forward`` receives the batch as given (move it to the device there). ``progress`` wraps the
-    batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``, ``token_stride``,
+    batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``,
     ``stop_early``: :class:`CovarianceCollector`. Raises ``ValueError`` for an empty ``batches`` and for non-finite
     inputs (naming the layers).
     """
     collector = CovarianceCollector(
-        modules, dtype, panel=panel, product=product, token_stride=token_stride, stop_early=stop_early
+        modules, dtype, panel=panel, product=product, stop_early=stop_early
     )
     with collector, eval_mode(model), torch.no_grad():
         for batch in progress(batches) if progress is not None else batches:
