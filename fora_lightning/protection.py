@@ -36,8 +36,15 @@ from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
 from fora_lightning.monitor import ProtectionMonitor
 from fora_lightning.reuse import weights_checksum
-from fora_lightning.reuse_decisions import broadcast_decision, check_resume, decide_file, drop_if_stale
-from fora_lightning.safety import warn_extreme_ranks
+from fora_lightning.reuse_decisions import (
+    broadcast_decision,
+    check_resume,
+    decide_file,
+    drop_if_stale,
+    forget,
+    verify_captured,
+)
+from fora_lightning.safety import check_calibration_energy, warn_extreme_ranks
 from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.targeting import select_targets
 
@@ -99,7 +106,9 @@ class Protection:
         """Bases from (in order) this object's restored state, the subspace file, or calibration; then on the device.
 
         Bases held from a previous ``fit`` are dropped (re-estimated, with a warning) when the model, its
-        weights or the calibration data changed; restored ones are checked against the current settings.
+        weights or the calibration data changed; restored ones are checked against the current settings. Bases
+        held, restored or loaded from the file are then verified against the current calibration data
+        (:func:`~fora_lightning.reuse_decisions.verify_captured`).
         """
         layout = self.bind(trainer)
         restored, self._restored = self._restored, False
@@ -109,12 +118,14 @@ class Protection:
             validate_against(self.subspaces, layout.shape_targets(), "the checkpoint")
             if restored:
                 check_resume(self, trainer, pl_module)
-            self.to(pl_module.device)
-            if self.anchors:
-                layout.localize_anchors(self.subspaces)
-            origin = "restored from the checkpoint" if restored else "kept"
-            rank_zero_info(f"{self.who}: {len(self.subspaces)} layer subspaces {origin}")
-            return
+            origin = "the checkpoint" if restored else "a previous fit"
+            if verify_captured(self, trainer, pl_module, origin, can_reestimate=not restored):
+                self.to(pl_module.device)
+                if self.anchors:
+                    layout.localize_anchors(self.subspaces)
+                rank_zero_info(f"{self.who}: {len(self.subspaces)} layer subspaces from {origin}")
+                return
+            forget(self)
         path = self.path
         decision = (
             broadcast_decision(trainer, lambda: decide_file(self, trainer, pl_module, path))
@@ -123,7 +134,9 @@ class Protection:
         )
         if decision is not None and decision["load"] is not None:
             self._load(path, pl_module, *decision["load"])
-        else:
+            if not verify_captured(self, trainer, pl_module, str(path), can_reestimate=True):
+                forget(self)
+        if not self.subspaces:
             self.subspaces = self.estimate(trainer, pl_module)
             if path is not None and trainer.is_global_zero:
                 self.save(path, pl_module)
@@ -203,6 +216,7 @@ class Protection:
             combined, self._capability_covariances, self.capabilities = self.calibrate_capabilities(
                 trainer, pl_module, source, 1
             )
+            check_calibration_energy(combined, self.config, self.who)
             return combined
         c = self.config
         return calibrate(

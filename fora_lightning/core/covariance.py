@@ -170,8 +170,61 @@ class CovarianceCollector:
 
 
 def attention_mask_of(batch: Any) -> Tensor | None:
-    """The ``attention_mask`` of a mapping batch, else ``None``."""
-    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    """The padding mask of a calibration batch (1: a token, 0: padding), else ``None``.
+
+    A mapping: its ``attention_mask``. A tuple or list from a tokenizer's tensors, ``(input_ids, attention_mask, ...)``
+    (e.g. a ``TensorDataset(ids, mask)``, which reaches the model as ``module(input_ids, attention_mask)``): the second
+    element when it looks like a mask of the first (integer ids; a bool or integer tensor of the same shape holding
+    only 0 and 1). A tuple with such a mask elsewhere than second is refused (``ValueError`` saying how to pass it):
+    its padding would otherwise count as data.
+    """
+    if isinstance(batch, Mapping):
+        return batch.get("attention_mask")
+    if not isinstance(batch, list | tuple) or len(batch) < 2 or not _token_ids(batch[0]):
+        return None
+    if _is_mask_of(batch[0], batch[1]):
+        return batch[1]
+    elsewhere = [i for i, t in enumerate(batch[2:], start=2) if _is_mask_of(batch[0], t)]
+    if elsewhere:
+        raise ValueError(
+            f"FORA calibration: a {type(batch).__name__} batch of {len(batch)} tensors whose element {elsewhere[0]} looks "
+            "like the attention mask of the token ids in element 0; FORA reads a tuple's mask from element 1 only, and "
+            "would count padding as data. Give batches as dicts {'input_ids': ..., 'attention_mask': ...}, put the mask "
+            "second, or define calibration_step(self, batch) on the LightningModule"
+        )
+    return None
+
+
+def _token_ids(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.dim() >= 2 and not t.is_floating_point() and not t.is_complex()
+
+
+def _is_mask_of(ids: Tensor, m: Any) -> bool:
+    """``m`` is a 0/1 (bool or integer) tensor of ``ids``' shape."""
+    if not isinstance(m, Tensor) or m.shape != ids.shape or m.is_floating_point() or m.is_complex():
+        return False
+    return m.dtype == torch.bool or bool(((m == 0) | (m == 1)).all())
+
+
+def energy_shortfalls(
+    cov: Covariances, rank_for: Callable[[str], int | None]
+) -> tuple[list[tuple[str, int]], list[tuple[str, int, int]]]:
+    """Layers whose calibration cannot support their bases: ``(zero, short)``.
+
+    ``zero``: ``(layer, tokens)`` where ``tr(C) = 0`` (every input seen was zero: no direction is the capability's);
+    ``short``: ``(layer, tokens, k)`` where a fixed rank ``k = rank_for(layer)`` exceeds the ``N`` tokens counted
+    (``C`` has rank <= N, so at least ``k - N`` of the protected directions carry no energy: arbitrary).
+    """
+    zero, short = [], []
+    for name, owner in cov.owner.items():
+        tokens = int(cov.counts[owner])
+        if float(cov.sums[owner].diagonal().sum()) == 0.0:
+            zero.append((name, tokens))
+            continue
+        k = rank_for(name)
+        if k is not None and tokens < k:
+            short.append((name, tokens, k))
+    return zero, short
 
 
 @contextlib.contextmanager
@@ -205,9 +258,7 @@ def collect_covariances(
     ``stop_early``: :class:`CovarianceCollector`. Raises ``ValueError`` for an empty ``batches`` and for non-finite
     inputs (naming the layers).
     """
-    collector = CovarianceCollector(
-        modules, dtype, panel=panel, product=product, stop_early=stop_early
-    )
+    collector = CovarianceCollector(modules, dtype, panel=panel, product=product, stop_early=stop_early)
     with collector, eval_mode(model), torch.no_grad():
         for batch in progress(batches) if progress is not None else batches:
             with collector.batch(attention_mask_of(batch)):

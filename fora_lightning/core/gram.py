@@ -61,4 +61,3 @@ def mirror_(acc: Tensor, panel: int) -> Tensor:
     for lo, hi in zip(edges[1:-1], edges[2:]):
         acc[lo:hi, :lo].copy_(acc[:lo, lo:hi].T)
     return acc
-
