@@ -202,13 +202,14 @@ def _load_lora_module(
 ) -> LightningModule:
     """The wrapped module of a FORA-LoRA checkpoint: built by Lightning from the saved hparams (its own state
     dict loaded loosely), FORA-LoRA layers injected, then ``state_dict`` loaded (as strictly as Lightning would)."""
-    from fora_lightning.lora import inject_fora_lora
+    from fora_lightning.lora import inject_fora_lora, mark_only_lora_trainable
 
     with warnings.catch_warnings():
         # the missing base weights / unexpected LoRA keys, all loaded below once the layers exist
         warnings.filterwarnings("ignore", message="Found keys that are (not )?in the model state dict")
         inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False)
     inject_fora_lora(inner, **config.lora_layer_kwargs())
+    mark_only_lora_trainable(inner, config.freeze_other)  # requires_grad as trained: what export_lora_adapter writes
     inner.load_state_dict(state_dict, strict=inner.strict_loading if strict is None else strict)
     return inner
 
