@@ -267,6 +267,11 @@ class ForaConfig(SubspaceConfig):
         ]
         if not unused:
             return
+        if user == "ForaLoRA" and not self.project_gradients:
+            raise ValueError(
+                "ForaLoRA has no gradient projection to skip (its layer keeps the update feasible by construction, with no "
+                "post-step re-projection): project_gradients=False applies to FORA only; remove it (or use FORA)"
+            )
         other = "ForaLoRA" if user == "FORA" else "FORA"
         hint = (
             "they configure FORA-LoRA: use ForaLoRA(...) (or ForaModule(..., lora_rank=...)), or remove them"

@@ -70,11 +70,6 @@ class ForaLoRA(Callback):
             raise ValueError(
                 "ForaLoRA does not support extend_to: merge_lora(model) after the fit, then FORA(...).extend on the merged model"
             )
-        if not config.project_gradients:
-            raise ValueError(
-                "ForaLoRA has no gradient projection to skip (its layer keeps the update feasible by construction, with no "
-                "post-step re-projection): project_gradients=False applies to FORA only; remove it (or use FORA)"
-            )
         config.refuse_unused("ForaLoRA")
         self.config = config if config.lora_rank is not None else replace(config, lora_rank=DEFAULT_LORA_RANK)
         self.calibration = calibration
