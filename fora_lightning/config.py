@@ -314,8 +314,8 @@ def _default(f: Field[Any]) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-# checked by their own messages (SubspaceConfig's rank, channel_bound) rather than by type
-_OWN_CHECKS = frozenset({"rank", "channel_bound"})
+# checked by their own messages (SubspaceConfig's rank; ints with a lower bound; channel_bound) rather than by type
+_OWN_CHECKS = frozenset({"rank", "channel_bound", "covariance_panel", "calibration_generate", "lora_rank"})
 
 
 def _describe(hint: Any) -> str:

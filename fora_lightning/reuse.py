@@ -115,9 +115,9 @@ def _short(digest: str) -> str:
 VERIFY_BATCHES = 4  # calibration batches per capability measured against stored bases (one forward each)
 # measured share m against recorded share e: a mismatch when 1 - m > SLACK (1 - e) + FLOOR. A few batches of the data
 # the bases were made on lose about what they lost (in-sample); other data or another model lose far more (the
-# issue's case: 0.30 leak, tests/test_reuse.py). SLACK and FLOOR leave room for a subset's spread and for a resumed
-# fit's drift (its inputs move within the channel bound).
-SLACK, FLOOR = 3.0, 0.02
+# issue's case: 29 % captured instead of 100 %, tests/test_verified_reuse.py). SLACK and FLOOR leave room for a subset's
+# spread and for a resumed fit's drift (deeper layers' inputs move within the channel bound, tau = 0.05 per layer).
+SLACK, FLOOR = 3.0, 0.05
 
 
 def captured_shares(subspaces: Mapping[str, LayerSubspace], covariances: Covariances) -> dict[str, float]:

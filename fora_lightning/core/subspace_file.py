@@ -168,13 +168,14 @@ def sample_digests(batch: Any) -> list[str]:
         columns = [("", [batch])]
     mask = attention_mask_of(batch)
     keep = mask.detach().cpu() != 0 if mask is not None else None
+    columns = [(path, leaf.detach().cpu() if isinstance(leaf, Tensor) else leaf) for path, leaf in columns]
     out = []
     for i in range(size):
         h = hashlib.sha256()
         for path, leaf in columns:
             h.update(f"P{path}".encode())
             if isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == size:
-                row = leaf[i].detach().cpu()
+                row = leaf[i]
                 if keep is not None and tuple(leaf.shape[: keep.dim()]) == tuple(keep.shape):
                     row = row[keep[i]]
                 _hash_into(h, row)
