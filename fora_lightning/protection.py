@@ -119,7 +119,7 @@ class Protection:
             if restored:
                 check_resume(self, trainer, pl_module)
             origin = "the checkpoint" if restored else "a previous fit"
-            if verify_captured(self, trainer, pl_module, origin, can_reestimate=not restored):
+            if verify_captured(self, trainer, pl_module, origin, trained=True):
                 self.to(pl_module.device)
                 if self.anchors:
                     layout.localize_anchors(self.subspaces)
@@ -134,7 +134,7 @@ class Protection:
         )
         if decision is not None and decision["load"] is not None:
             self._load(path, pl_module, *decision["load"])
-            if not verify_captured(self, trainer, pl_module, str(path), can_reestimate=True):
+            if not verify_captured(self, trainer, pl_module, str(path), trained=False):
                 forget(self)
         if not self.subspaces:
             self.subspaces = self.estimate(trainer, pl_module)

@@ -118,6 +118,10 @@ VERIFY_BATCHES = 4  # calibration batches per capability measured against stored
 # issue's case: 29 % captured instead of 100 %, tests/test_verified_reuse.py). SLACK and FLOOR leave room for a subset's
 # spread and for a resumed fit's drift (deeper layers' inputs move within the channel bound, tau = 0.05 per layer).
 SLACK, FLOOR = 3.0, 0.05
+# bases a model has trained under (a checkpoint, a previous fit): its later layers' inputs drift legitimately (trained
+# biases and norms with freeze_other=False, the update outside span(Q) of the energy left out; the distributed resume
+# test measures 92 % against 99.9 % recorded), so only a gross shortfall counts there (other data: ~30 %)
+TRAINED_SLACK, TRAINED_FLOOR = 10.0, 0.25
 
 
 def captured_shares(subspaces: Mapping[str, LayerSubspace], covariances: Covariances) -> dict[str, float]:

@@ -24,6 +24,10 @@ from fora_lightning.core.covariance import Covariances
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.subspace_file import load_subspaces
 from fora_lightning.reuse import (
+    FLOOR,
+    SLACK,
+    TRAINED_FLOOR,
+    TRAINED_SLACK,
     VERIFY_BATCHES,
     captured_shares,
     config_differences,
@@ -93,17 +97,18 @@ def forget(p: HeldBases) -> None:
     p.subspaces, p.capabilities, p.chain, p.capability_energy = {}, {}, [], {}
 
 
-def verify_captured(
-    p: HeldBases, trainer: Trainer, pl_module: LightningModule, origin: str, can_reestimate: bool
-) -> bool:
+def verify_captured(p: HeldBases, trainer: Trainer, pl_module: LightningModule, origin: str, trained: bool) -> bool:
     """Stored bases against the current calibration data: ``True`` keeps them, ``False`` re-estimates (or raises).
 
     For each capability, the share of the current calibration energy the bases capture on its first
     :data:`~fora_lightning.reuse.VERIFY_BATCHES` batches (one forward each, on every rank: a collective) is compared
     with the share recorded when they were made (``capability_energy``, saved in the file and the checkpoint). A clear
     shortfall (:func:`~fora_lightning.reuse.energy_mismatches`) means other data or another model: per
-    ``subspaces_reuse``, 'auto' re-estimates with a ``FORA:`` warning (a checkpoint cannot: refused), 'strict' refuses
-    naming the layer and both shares, 'force' keeps them with a warning. A one-shot iterator passed as calibration
+    ``subspaces_reuse``, 'auto' re-estimates with a ``FORA:`` warning, 'strict' refuses naming the layer and both
+    shares, 'force' keeps them with a warning. ``trained``: bases the model has trained under (a checkpoint, a previous
+    fit): its inputs drift legitimately, so only a gross shortfall counts (:data:`~fora_lightning.reuse.TRAINED_SLACK`)
+    and 'auto' keeps them with a warning (a checkpoint cannot re-estimate: W0 is gone; the data fingerprint still
+    refuses other data). A one-shot iterator passed as calibration
     cannot be read ahead without being used up: it is not checked ('strict' refuses, the others warn).
     """
     if p.config.source != "activations" or not p.capability_energy:
@@ -132,7 +137,8 @@ def verify_captured(
             continue
         batches = list(itertools.islice(loader, VERIFY_BATCHES))
         measured = captured_shares(p.subspaces, p.calibrate(trainer, pl_module, batches))
-        found += [(cap, *m) for m in energy_mismatches(recorded, measured)]
+        rule = (TRAINED_SLACK, TRAINED_FLOOR) if trained else (SLACK, FLOOR)
+        found += [(cap, *m) for m in energy_mismatches(recorded, measured, *rule)]
     if not found:
         return True
     listed = "; ".join(
@@ -148,12 +154,13 @@ def verify_captured(
             f"FORA: {what}: other data or another model. subspaces_reuse='strict' refuses them: give the "
             "calibration data they were made with, set subspaces_reuse='auto' to re-estimate, or 'force' to keep them"
         )
-    if not can_reestimate:
-        raise ValueError(
-            f"FORA: {what}: other data or another model. A resumed fit cannot re-estimate them (W0 is gone): "
-            "resume with the calibration data they were made with, set subspaces_reuse='force' to keep them anyway, "
-            "or start a new fit from the checkpoint's weights without ckpt_path"
+    if trained:
+        rank_zero_warn(
+            f"FORA: {what}: other data, or a model that drifted far since (a resumed fit cannot re-estimate them: W0 "
+            "is gone); keeping them. Resume with the calibration data they were made with; subspaces_reuse='strict' "
+            "refuses instead"
         )
+        return True
     rank_zero_warn(
         f"FORA: {what}: other data or another model; re-estimating them "
         "(subspaces_reuse='strict' refuses instead, 'force' keeps them)"

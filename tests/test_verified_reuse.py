@@ -256,3 +256,21 @@ def test_fewer_tokens_than_the_requested_rank_is_named(mlp):
     few = DataLoader(span_inputs(6, seed=2), batch_size=3)
     with pytest.warns(UserWarning, match=r"fewer tokens than the requested rank at 'fc1' \(6 tokens, rank=10\)"):
         _fit(copy.deepcopy(mlp), _fora(calibration=few, rank=10), steps=1)
+
+
+def test_a_checkpoint_resumed_on_other_data_without_a_comparable_fingerprint_is_reported(tmp_path, mlp):
+    trainer = tiny_trainer(max_steps=4, callbacks=[_fora()], enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(mlp, task_loader())
+    ckpt = trainer.checkpoint_callback.best_model_path
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("FORA")]
+    state["callbacks"][key]["capabilities"]["default"]["fingerprint"] = "sha256:" + "0" * 64  # an older scheme
+    torch.save(state, ckpt)
+    other = DataLoader(_other_inputs(), batch_size=32)
+    named = r"the FORA bases from the checkpoint capture less.*layer 'fc1' \('default'\): \d+\.\d+%"
+    with pytest.raises(ValueError, match=rf"{named}.*subspaces_reuse='strict' refuses them"):
+        tiny_trainer(max_steps=8, callbacks=[_fora(calibration=other, subspaces_reuse="strict")]).fit(
+            MLP(), task_loader(), ckpt_path=ckpt
+        )
+    with pytest.warns(UserWarning, match=rf"{named}.*a resumed fit cannot re-estimate them.*keeping them"):
+        tiny_trainer(max_steps=8, callbacks=[_fora(calibration=other)]).fit(MLP(), task_loader(), ckpt_path=ckpt)
