@@ -1,5 +1,5 @@
 """Calibration cost: FORA's covariance pass against a plain no_grad forward, each cheaper product
-(panelled upper triangle, the activations' own GEMM dtype, token stride on wide inputs) with its
+(panelled upper triangle, the activations' own GEMM dtype) with its
 held-out quality, the analytic flop ratio at Qwen3-1.7B shapes, eigh/SVD time per layer size, and
 (``--corda``) PEFT's CorDA preprocessing, in one process.
 
@@ -11,7 +11,8 @@ held-out quality, the analytic flop ratio at Qwen3-1.7B shapes, eigh/SVD time pe
 Goal (issue 13, goal 3): calibration <= 1.25x one no-grad forward over the same batches. Per token a
 linear ``d_out x d_in`` costs ``2 d_out d_in`` flops in the forward and its input's ``x x^T`` adds
 ``2 d_in^2`` (once per distinct input: q/k/v and gate/up share one), times ``(b + 1) / (2b)`` with
-panels and ``1 / s`` for a wide input under a token stride ``s``. The early stop (``calibration_early_stop``)
+panels. (The token-stride rows of the committed results were measured with ``covariance_token_stride``, a
+setting removed since: not adopted.) The early stop (``calibration_early_stop``)
 drops what runs after the last target's input: the last ``down_proj``, the final norm and the lm_head.
 """
 
@@ -36,7 +37,7 @@ from _bench import (
     write,
 )
 
-from fora_lightning.config import PANEL_DEFAULT, PRODUCT_DEFAULT, STRIDE_DEFAULT
+from fora_lightning.config import PANEL_DEFAULT, PRODUCT_DEFAULT
 from fora_lightning.core.covariance import Covariances, collect_covariances
 from fora_lightning.core.energy import captured_energy, energy_rank
 from fora_lightning.core.gram import flop_fraction, gram_
@@ -45,22 +46,19 @@ from fora_lightning.core.targets import find_targets
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QWEN3_1_7B = {"hidden": 2048, "ff": 6144, "layers": 28, "q": 16 * 128, "kv": 8 * 128, "vocab": 151936}
-DEFAULT = {"panel": PANEL_DEFAULT, "product": PRODUCT_DEFAULT, "token_stride": STRIDE_DEFAULT}
-TODAY = {"panel": 0, "product": "accumulator", "token_stride": 1}
+DEFAULT = {"panel": PANEL_DEFAULT, "product": PRODUCT_DEFAULT}
+TODAY = {"panel": 0, "product": "accumulator"}
 
 
-def analytic_ratio(shapes: dict, seq: int, panel: int = 0, token_stride: int = 1, early_stop: bool = False) -> float:
+def analytic_ratio(shapes: dict, seq: int, panel: int = 0, early_stop: bool = False) -> float:
     """(forward + covariance flops) / forward flops per token: linears, attention scores, lm_head; with
     ``early_stop`` the pass skips the lm_head ``2 d V`` and the last down_proj ``2 f d`` (steady state).
 
-    Inputs (width, owner's d_out): q/k/v (d, q), o (q, d), gate/up (d, f), down (f, d); wide when d_in > d_out.
+    Inputs (width, owner's d_out): q/k/v (d, q), o (q, d), gate/up (d, f), down (f, d); the covariance of width w costs 2 w^2 per token.
     """
     d, f, q, kv = shapes["hidden"], shapes["ff"], shapes["q"], shapes["kv"]
     fwd_block = 2 * (d * q + 2 * d * kv + q * d + 3 * d * f) + 2 * 2 * seq * q  # linears + QK^T, AV (causal avg ~ seq)
-    cov_block = sum(
-        2 * w * w * flop_fraction(w, panel) / (token_stride if w > out else 1)
-        for w, out in ((d, q), (q, d), (d, f), (f, d))
-    )
+    cov_block = sum(2 * w * w * flop_fraction(w, panel) for w in (d, q, d, f))
     fwd = shapes["layers"] * fwd_block + 2 * d * shapes["vocab"]
     skipped = 2 * d * shapes["vocab"] + 2 * f * d if early_stop else 0
     return (fwd - skipped + shapes["layers"] * cov_block) / fwd
@@ -107,9 +105,6 @@ def variants(wide: int) -> dict[str, tuple[str, dict]]:
     for p in (256, 512, 1024):
         if p < wide:
             out[f"panel {p} (upper triangle)"] = ("float32", {**TODAY, "panel": p})
-    for s in (2, 4):
-        out[f"token stride {s} (wide inputs)"] = ("float32", {**TODAY, "token_stride": s})
-    out["panel 512 + stride 2"] = ("float32", {**TODAY, "panel": 512, "token_stride": 2})
     out["default"] = ("float32", DEFAULT)
     out["bf16 model: today's pass (cast to float32)"] = ("bfloat16", TODAY)
     out["bf16 model: product in bf16"] = ("bfloat16", {**TODAY, "product": "input"})
@@ -152,10 +147,7 @@ def pass_benchmark(hidden: int, layers: int, repeats: int, quality_batches: int)
         ),
     }
     out: dict = {"hidden": hidden, "layers": layers, "tokens": int(sum(b["attention_mask"].sum() for b in data))}
-    out["analytic"] = {
-        n: analytic_ratio(shapes_of(models["float32"]), seq, s["panel"], s["token_stride"])
-        for n, (_, s) in cases.items()
-    }
+    out["analytic"] = {n: analytic_ratio(shapes_of(models["float32"]), seq, s["panel"]) for n, (_, s) in cases.items()}
     out["variants"] = {}
     for name, ts in times.items():
         dtype = "bfloat16" if "bf16" in name else "float32"
@@ -205,10 +197,10 @@ def early_stop_benchmark(repeats: int, n_batches: int = 8) -> dict:
     for dt in models:
         for name, s in EARLY_STOP_CASES.items():
             r, noise = ratio_stats(times[f"{dt}: {name}"], times[f"{dt}: no_grad forward"])
-            analytic = analytic_ratio(shapes, 256, s["panel"], 1, s["stop_early"])
+            analytic = analytic_ratio(shapes, 256, s["panel"], s["stop_early"])
             out["rows"].append({"model": dt, "job": name, "ratio": r, "noise": noise, "analytic": analytic})
     out["qwen3_1_7b"] = {
-        n: analytic_ratio(QWEN3_1_7B, 2048, s["panel"], 1, s["stop_early"]) for n, s in EARLY_STOP_CASES.items()
+        n: analytic_ratio(QWEN3_1_7B, 2048, s["panel"], s["stop_early"]) for n, s in EARLY_STOP_CASES.items()
     }
     return out
 
@@ -403,7 +395,7 @@ def main() -> None:
                 [f"h={m['hidden']}", name, v["ratio_to_forward"], v["ratio_noise"], m["analytic"].get(name, "")] + cells
             )
     qwen = {
-        name: analytic_ratio(QWEN3_1_7B, 2048, s["panel"], s["token_stride"])
+        name: analytic_ratio(QWEN3_1_7B, 2048, s["panel"])
         for name, (_, s) in variants(QWEN3_1_7B["ff"]).items()
         if not name.startswith("bf16")
     }

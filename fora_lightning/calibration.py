@@ -56,14 +56,13 @@ def calibrate(
     generate: int = 0,
     panel: int = 0,
     product: Product = "accumulator",
-    token_stride: int = 1,
     early_stop: bool = True,
 ) -> Covariances:
     """Covariances of every target's input over this rank's share of ``loader``, summed over ranks.
 
     ``generate > 0``: each batch is first extended by the model's own greedy continuation of up to that many
     tokens (:func:`_with_continuations`), so the covariances see what the capability reads while it answers.
-    ``panel``, ``product``, ``token_stride``: the cheaper products of
+    ``panel``, ``product``: the cheaper products of
     :class:`~fora_lightning.core.covariance.CovarianceCollector`. ``early_stop``: end each forward after the
     last target's input where :func:`early_stop_safe` allows it (the same sums: nothing after it is summed).
     """
@@ -89,7 +88,6 @@ def calibrate(
         progress=calibration_progress(trainer, progress),
         panel=panel,
         product=product,
-        token_stride=token_stride,
         stop_early=stop_early,
     )
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes

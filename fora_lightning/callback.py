@@ -71,6 +71,7 @@ class FORA(Callback):
         **settings: Any,
     ) -> None:
         self.config = ForaConfig.resolve(config, settings)
+        self.config.refuse_unused("FORA")  # e.g. lora_rank: FORA-LoRA's, not read here
         if self.config.channel_bound is not None and self.config.mode != "update" and self.config.weight_rank > 0:
             warnings.warn(
                 f"FORA: channel_bound={self.config.channel_bound:g} is not enforced in mode={self.config.mode!r} (the bound is "

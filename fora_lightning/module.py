@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from fora_lightning._compat import hparams_name, reset_hparams, sync_trainer_state
 from fora_lightning.callback import FORA
-from fora_lightning.config import ForaConfig
+from fora_lightning.config import LORA_STRUCTURE, ForaConfig
 
 # Every hook and step the Trainer may call; the wrapper exposes exactly those the wrapped module overrides.
 _DELEGATED = tuple(n for cls in (ModelHooks, DataHooks) for n in vars(cls) if not n.startswith("_")) + (
@@ -70,6 +70,7 @@ class ForaModule(LightningModule):
         _restore_own_hparams(module)
         self.module = module
         self.config = ForaConfig.resolve(config, settings)
+        self.config.refuse_unused("ForaLoRA" if self.config.is_lora else "FORA")
         self.save_hyperparameters({"module": _describe(module), "config": self.config.to_dict()})
         for name in _DELEGATED:
             if is_overridden(name, module, LightningModule):
@@ -180,13 +181,9 @@ class ForaModule(LightningModule):
         return cls(inner, config)
 
 
-# FORA-LoRA settings that fix the layers' state-dict shapes or their function: a checkpoint keeps its own.
-_LORA_STRUCTURE = ("target_modules", "lora_rank", "lora_alpha", "weight_rank")
-
-
 def _check_lora_overrides(saved: ForaConfig, config: ForaConfig, checkpoint_path: str | Path) -> None:
     """Refuse overrides that would rebuild a FORA-LoRA checkpoint's layers differently from how they were trained."""
-    changed = {k: getattr(config, k) for k in _LORA_STRUCTURE if getattr(config, k) != getattr(saved, k)}
+    changed = {k: getattr(config, k) for k in LORA_STRUCTURE if getattr(config, k) != getattr(saved, k)}
     if changed:
         kept = {k: getattr(saved, k) for k in changed}
         raise ValueError(
@@ -205,15 +202,14 @@ def _load_lora_module(
 ) -> LightningModule:
     """The wrapped module of a FORA-LoRA checkpoint: built by Lightning from the saved hparams (its own state
     dict loaded loosely), FORA-LoRA layers injected, then ``state_dict`` loaded (as strictly as Lightning would)."""
-    from fora_lightning.lora import inject_fora_lora
+    from fora_lightning.lora import inject_fora_lora, mark_only_lora_trainable
 
     with warnings.catch_warnings():
         # the missing base weights / unexpected LoRA keys, all loaded below once the layers exist
         warnings.filterwarnings("ignore", message="Found keys that are (not )?in the model state dict")
         inner = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False)
-    inject_fora_lora(
-        inner, config.target_modules, config.lora_rank, config.lora_alpha, config.lora_dropout, config.weight_rank
-    )
+    inject_fora_lora(inner, **config.lora_layer_kwargs())
+    mark_only_lora_trainable(inner, config.freeze_other)  # requires_grad as trained: what export_lora_adapter writes
     inner.load_state_dict(state_dict, strict=inner.strict_loading if strict is None else strict)
     return inner
 

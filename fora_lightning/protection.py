@@ -20,7 +20,6 @@ from torch import nn
 
 from fora_lightning.calibration import COVARIANCE_DTYPES, CalibrationSource, calibrate, resolve_calibration
 from fora_lightning.config import ForaConfig
-from fora_lightning.core.allocation import allocate_from_covariances
 from fora_lightning.core.capabilities import capability_weights, combine_covariances, union_spectra
 from fora_lightning.core.covariance import Covariances, calibration_groups
 from fora_lightning.core.distributed import spread_spectra
@@ -43,8 +42,15 @@ from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
 from fora_lightning.monitor import ProtectionMonitor
 from fora_lightning.reuse import weights_checksum
-from fora_lightning.reuse_decisions import broadcast_decision, check_resume, decide_file, drop_if_stale
-from fora_lightning.safety import warn_extreme_ranks
+from fora_lightning.reuse_decisions import (
+    broadcast_decision,
+    check_resume,
+    decide_file,
+    drop_if_stale,
+    forget,
+    verify_captured,
+)
+from fora_lightning.safety import check_calibration_energy, warn_extreme_ranks
 from fora_lightning.support import refuse_quantized_targets
 from fora_lightning.targeting import select_targets
 
@@ -133,7 +139,9 @@ class Protection:
         """Bases from (in order) this object's restored state, the subspace file, or calibration; then on the device.
 
         Bases held from a previous ``fit`` are dropped (re-estimated, with a warning) when the model, its
-        weights or the calibration data changed; restored ones are checked against the current settings.
+        weights or the calibration data changed; restored ones are checked against the current settings. Bases
+        held, restored or loaded from the file are then verified against the current calibration data
+        (:func:`~fora_lightning.reuse_decisions.verify_captured`).
         """
         layout = self.bind(trainer)
         self.resolve_reprojection()
@@ -144,13 +152,16 @@ class Protection:
             validate_against(self.subspaces, layout.shape_targets(), "the checkpoint")
             if restored:
                 check_resume(self, trainer, pl_module)
-            self.to(pl_module.device)
-            if self.anchors:
-                layout.localize_anchors(self.subspaces)
-            self._ready(layout, fresh=False)
-            origin = "restored from the checkpoint" if restored else "kept"
-            rank_zero_info(f"{self.who}: {len(self.subspaces)} layer subspaces {origin}")
-            return
+            origin = "the checkpoint" if restored else "a previous fit"
+            self.unshard()  # bases kept from a sharded fit: whole again to verify them (split again below)
+            if verify_captured(self, trainer, pl_module, origin, trained=True):
+                self.to(pl_module.device)
+                if self.anchors:
+                    layout.localize_anchors(self.subspaces)
+                self._ready(layout, fresh=False)
+                rank_zero_info(f"{self.who}: {len(self.subspaces)} layer subspaces from {origin}")
+                return
+            forget(self)
         path = self.path
         decision = (
             broadcast_decision(trainer, lambda: decide_file(self, trainer, pl_module, path))
@@ -159,7 +170,9 @@ class Protection:
         )
         if decision is not None and decision["load"] is not None:
             self._load(path, pl_module, *decision["load"])
-        else:
+            if not verify_captured(self, trainer, pl_module, str(path), trained=False):
+                forget(self)
+        if not self.subspaces:
             self.subspaces = self.estimate(trainer, pl_module)
             if path is not None:
                 self.save(path, pl_module, write=trainer.is_global_zero)  # split bases: gathered on every rank
@@ -241,12 +254,6 @@ class Protection:
                 f"{self.who}: calibrating in {len(groups)} groups of layers (their covariance sums together exceed "
                 f"calibration_memory_gib): {len(groups)} passes over the calibration data"
             )
-            if self.config.allocation != "energy":
-                raise ValueError(
-                    f"{self.who}: allocation={self.config.allocation!r} spreads k over all layers at once, but the "
-                    f"covariance sums do not fit calibration_memory_gib together ({len(groups)} groups): raise "
-                    "calibration_memory_gib or use allocation='energy'"
-                )
         subspaces: dict[str, LayerSubspace] = {}
         for group in groups:
             subspaces.update(self._estimate_group(trainer, pl_module, layout, group))
@@ -281,16 +288,8 @@ class Protection:
         config, spectra, per = self.config, None, self._capability_covariances
         complement = not self.needs_q
         if covariances is not None and config.combine == "union" and len(per) > 1:
-            if config.allocation != "energy":
-                raise ValueError(
-                    f"{self.who}: allocation={config.allocation!r} with combine='union' over {len(per)} capabilities: "
-                    "union picks each capability's k itself; use combine='covariance' or allocation='energy'"
-                )
             spectra, ks = union_spectra(per, config.energy, config.rank, config.capability_weights)
             config = replace(config, rank=ks)
-        elif covariances is not None and config.allocation != "energy":
-            ks = allocate_from_covariances(covariances, weights, config.energy, config.allocation, config.max_rank)
-            config = replace(config, rank=ks, allocation="energy")
         shards: dict[int, torch.Tensor] = {}
 
         def keep(built: dict[str, LayerSubspace]) -> dict[str, LayerSubspace]:
@@ -331,6 +330,7 @@ class Protection:
             combined, self._capability_covariances, self.capabilities = self.calibrate_capabilities(
                 trainer, pl_module, source, 1
             )
+            check_calibration_energy(combined, self.config, self.who)
             return combined
         c = self.config
         targets = self.targets if self._calibrating is None else {n: self.targets[n] for n in self._calibrating}
@@ -344,7 +344,6 @@ class Protection:
             c.calibration_generate,
             panel=c.covariance_panel,
             product=c.covariance_product,
-            token_stride=c.covariance_token_stride,
             early_stop=c.calibration_early_stop,
         )
 
@@ -394,7 +393,7 @@ class Protection:
             "capabilities": self.capabilities,
             "chain": self.chain,
             "combine": self.config.combine,
-            "config": self.config.to_dict(),
+            "config": self.config.record(),
         }
         layer_metadata = {n: {"capability_energy": self.capability_energy.get(n, {})} for n in subspaces}
         save_subspaces(path, subspaces, metadata, layer_metadata)
@@ -432,7 +431,7 @@ class Protection:
 
         return {
             "version": 1,
-            "config": self.config.to_dict(),
+            "config": self.config.record(),
             "layers": {
                 name: {
                     "meta": {

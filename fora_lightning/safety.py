@@ -3,7 +3,8 @@
 - target weights shared with other parameters (tied embeddings): refused;
 - other FORA / FORA-LoRA callbacks in the same Trainer: FORA instances on disjoint layers compose, the rest is refused;
 - ``freeze_other=False``, and ``mode="gradient"`` under an adaptive optimizer or weight decay: a ``FORA:`` warning;
-- layers that end with k = 0 (nothing protected) or k = d_in (frozen): a ``FORA:`` warning.
+- layers that end with k = 0 (nothing protected) or k = d_in (frozen): a ``FORA:`` warning;
+- calibration inputs with no energy at a layer (refused) or fewer tokens than its fixed ``rank`` (a ``FORA:`` warning).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from fora_lightning.config import ForaConfig
+from fora_lightning.core.covariance import Covariances, energy_shortfalls
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.targets import LORA_PARAMETERS
 
@@ -128,3 +130,26 @@ def warn_extreme_ranks(subspaces: Mapping[str, LayerSubspace], config: ForaConfi
         )
     if empty:
         rank_zero_warn(f"FORA: {who} layers {empty[:5]} have k = 0: nothing of the kept capability is protected there")
+
+
+def check_calibration_energy(cov: Covariances, config: ForaConfig, who: str) -> None:
+    """Refuse layers whose calibration inputs were all zero; warn where a fixed ``rank`` exceeds the tokens counted."""
+
+    def fixed_rank(name: str) -> int | None:
+        return None if isinstance(config.rank, Mapping) and name not in config.rank else config.rank_for(name)
+
+    zero, short = energy_shortfalls(cov, fixed_rank)
+    if zero:
+        listed = ", ".join(f"'{n}' ({t:,} tokens)" for n, t in zero[:5])
+        raise ValueError(
+            f"FORA: {who} calibration gave zero energy (tr C = 0: every input was zero) at {listed}: no direction is the "
+            "kept capability's there, so its basis would be arbitrary. Check that the calibration batches reach these "
+            "layers with real inputs (not only padding or masked positions), or leave them out of target_modules"
+        )
+    if short:
+        listed = ", ".join(f"'{n}' ({t:,} tokens, rank={k})" for n, t, k in short[:5])
+        rank_zero_warn(
+            f"FORA: {who} calibration has fewer tokens than the requested rank at {listed}{' ...' if len(short) > 5 else ''}: "
+            "C has rank <= tokens, so the directions past it carry no energy and are chosen arbitrarily. Give more "
+            "calibration data, or a rank <= the token count (or energy= instead of rank)"
+        )

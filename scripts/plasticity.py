@@ -1,14 +1,14 @@
 """Plasticity experiments (issue 16 item 2): FORA variants on one compare setting over seeds, both axes.
 
     python scripts/plasticity.py --config configs/compare_demo.yaml --output results/plasticity/demo --seeds 0 1 2 \\
-        --variant "fora=fora:" --variant "trace=fora:allocation=trace" --variant "centred=centred:" \\
-        --variant "comp2=compensate:max_scale=2.0"
+        --variant "fora=fora:" --variant "centred=centred:" --variant "comp2=compensate:max_scale=2.0"
 
 A variant is ``label=kind:key=value,...`` (values YAML). ``kind``: ``fora`` (any ForaConfig fields over the config's
 ``fora`` args), ``centred`` (Q from the centred covariance plus the mean direction, :func:`centred_spectra`;
 ``equal_k=true``: the same k per layer as this seed's ``fora`` run) or ``compensate`` (each projected step rescaled
 to the raw optimizer step's norm, at most ``max_scale``; :class:`CompensatedFORA`). The last two are experiments
-(patches of FORA's internals), not options. Writes ``results.json`` (label -> seed -> scores) and ``table.md``.
+(patches of FORA's internals), not options. The ``allocation="trace"/"output"`` rows of results/plasticity were
+measured with the ``allocation`` setting, removed since (not adopted; its README names the last commit that has it). Writes ``results.json`` (label -> seed -> scores) and ``table.md``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def centred_bases(means: Mapping[str, Tensor], ranks: Mapping[str, int] | None):
         owners = {covariances.owner[n] for n in weights}
         spectra = {o: centred_spectrum(covariances.covariance(o), means[o]) for o in owners}
         if ranks is not None:
-            config = replace(config, rank=dict(ranks), allocation="energy")
+            config = replace(config, rank=dict(ranks))
         return original(weights, config, covariances, spectra, allow_complement)
 
     protection_mod.estimate_subspaces = patched

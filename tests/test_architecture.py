@@ -22,9 +22,7 @@ CORE_MAY_IMPORT = {
 }  # + the standard library; bitsandbytes: lazily, to dequantize
 CORE_MUST_NOT_IMPORT = {"lightning", "pytorch_lightning", "lightning_fabric", "transformers", "datasets", "peft"}
 # Cycles another change is removing; the lead empties this list at merge (each entry: the modules of one cycle).
-ALLOWED_CYCLES: list[frozenset[str]] = [
-    frozenset({"fora_lightning.protection", "fora_lightning.reuse_decisions"}),  # h24v (issue 24) removes it
-]
+ALLOWED_CYCLES: list[frozenset[str]] = []  # none: keep it empty
 
 
 def module_name(path: Path) -> str:

@@ -14,6 +14,7 @@ from fora_lightning import FORA
 from fora_lightning.core.subspace import SubspaceConfig, estimate_subspaces
 from fora_lightning.core.subspace_file import save_subspaces
 from fora_lightning.metrics import leakage
+from fora_lightning.reuse import VERIFY_BATCHES
 
 
 def _leak_outside_channel(cb: FORA, name: str, tuned: torch.nn.Linear, base: torch.nn.Linear, x: torch.Tensor) -> float:
@@ -71,8 +72,8 @@ def test_freeze_other_freezes_everything_but_target_weights(mlp):
 class CountingLoader:
     """A calibration loader that counts the batches drawn from it."""
 
-    def __init__(self) -> None:
-        self.loader = calibration_loader()
+    def __init__(self, batch_size: int = 32) -> None:
+        self.loader = calibration_loader(batch_size=batch_size)
         self.drawn = 0
 
     def __iter__(self):
@@ -91,11 +92,12 @@ def test_resume_restores_bases_without_calibration(tmp_path, mlp):
     trainer.fit(mlp, task_loader())
     assert cal.drawn == len(cal)
     ckpt = trainer.checkpoint_callback.best_model_path
-    cal2 = CountingLoader()
+    cal2 = CountingLoader(batch_size=8)  # the same samples, grouped otherwise: the same data
     cb2 = FORA(calibration=cal2, target_modules=["fc1", "fc2"], weight_rank=2, progress=False)
     trainer2 = tiny_trainer(max_steps=12, callbacks=[cb2], default_root_dir=tmp_path)
     trainer2.fit(MLP(), task_loader(), ckpt_path=ckpt)
-    assert cal2.drawn == 0
+    # no calibration pass: one data-only fingerprint pass and the first VERIFY_BATCHES of the captured-energy check
+    assert cal2.drawn == len(cal2) + VERIFY_BATCHES
     assert trainer2.global_step == 12
     for name, sub in cb.subspaces.items():
         for field, t in sub.tensors().items():
@@ -136,10 +138,10 @@ def test_subspace_file_is_saved_then_loaded(tmp_path, mlp):
     cb = FORA(calibration=calibration_loader(), target_modules=["fc1"], subspaces=path, progress=False)
     _fit(copy.deepcopy(mlp), [cb], steps=1)
     assert path.is_file()
-    cal = CountingLoader()
+    cal = CountingLoader(batch_size=8)
     cb2 = FORA(calibration=cal, target_modules=["fc1"], subspaces=path, progress=False)
     _fit(copy.deepcopy(mlp), [cb2], steps=1)
-    assert cal.drawn == 0
+    assert cal.drawn == len(cal) + VERIFY_BATCHES  # loaded: a fingerprint pass and the energy check, no calibration
     torch.testing.assert_close(cb2.subspaces["fc1"].basis, cb.subspaces["fc1"].basis)
 
 

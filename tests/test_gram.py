@@ -92,30 +92,6 @@ def test_flop_fraction_of_equal_blocks():
     assert block_edges(10, 4) == [0, 3, 6, 10]
 
 
-@settings(max_examples=20, deadline=None)
-@given(stride=st.integers(1, 5), seed=st.integers(0, 10_000))
-def test_token_stride_subsamples_only_wide_inputs_deterministically_with_its_counts(stride: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    d, f = 4, 7  # down: 7 -> 4 is wide; q/k (4 -> 4) and up (4 -> 7) are not
-    model = WideAndShared(d, f).double()
-    batches = _batches(gen, 4, 3, 6, d)
-    targets = {"q": model.q, "k": model.k, "up": model.up, "down": model.down}
-
-    def run():
-        return collect_covariances(
-            model, targets, batches, lambda b: model(**b), dtype=torch.float64, token_stride=stride
-        )
-
-    cov, again = run(), run()
-    shared, hidden = _inputs(model, batches)
-    kept = torch.cat([h[i % stride :: stride] for i, h in enumerate(hidden)])
-    all_shared = torch.cat(shared)
-    assert cov.counts == {"q": all_shared.shape[0], "down": kept.shape[0]}
-    torch.testing.assert_close(cov.covariance("down"), kept.T @ kept / kept.shape[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(cov.covariance("up"), all_shared.T @ all_shared / all_shared.shape[0])
-    assert all(torch.equal(cov.sums[o], again.sums[o]) for o in cov.sums) and cov.counts == again.counts
-
-
 def test_bf16_product_in_the_inputs_dtype_stays_within_bf16_rounding_of_the_float64_sum():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 48, generator=gen).bfloat16()

@@ -21,6 +21,7 @@ from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import LayerSubspace, SubspaceConfig, build_subspace, complement_basis, spectrum
 from fora_lightning.layout import TargetLayout
 from fora_lightning.metrics import leakage
+from fora_lightning.protection import Protection
 
 
 def _subspace(w0: torch.Tensor, q: torch.Tensor, r: int, gen: torch.Generator, complement: bool) -> LayerSubspace:
@@ -112,7 +113,7 @@ def test_callback_offloads_anchors_and_uses_complements(mlp):
 
 
 @pytest.mark.parametrize("first_offloaded", [False, True])
-def test_resume_with_offload_anchors_protects_the_original_w0(mlp, tmp_path, first_offloaded):
+def test_resume_with_offload_anchors_protects_the_original_w0(mlp, tmp_path, first_offloaded, monkeypatch):
     """A fit checkpointed at step 16 (anchors on the device: Q; or on the host: a complement basis) and resumed to 32
     with offload_anchors=True (calibration may not run again): anchors W0 Q of the ORIGINAL W0, held on the host, the
     same weights as the same resume with the anchors on the device, and leakage against the original W0 at round-off."""
@@ -125,14 +126,14 @@ def test_resume_with_offload_anchors_protects_the_original_w0(mlp, tmp_path, fir
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     mid = mlp.fc1.weight.detach().clone()
 
-    class Forbidden:
-        def __iter__(self):
-            raise AssertionError("calibration re-ran on resume")
+    def forbidden(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("bases re-estimated on resume")
 
+    monkeypatch.setattr(Protection, "estimate", forbidden)  # calibration data is read to verify the bases, no more
     weights, subs = {}, {}
     for offload in (True, False):
         mlp.load_state_dict(start)  # the checkpoint restores the step-16 weights
-        cb = FORA(Forbidden(), offload_anchors=offload, **kw)
+        cb = FORA(calibration_loader(), offload_anchors=offload, **kw)
         tiny_trainer(max_steps=32, callbacks=[cb]).fit(mlp, task_loader(), ckpt_path=tmp_path / "mid.ckpt")
         weights[offload], subs[offload] = mlp.fc1.weight.detach().clone(), cb.subspaces["fc1"]
     sub = subs[True]

@@ -72,7 +72,6 @@ def test_file_made_on_other_data_is_reestimated_by_default_refused_strict_loaded
         ({"energy": 0.6}, {"energy": 0.999}, "energy=0.6 there, 0.999 here"),
         ({"weight_rank": 2}, {"weight_rank": 0}, "weight_rank=2 there, 0 here"),
         ({"mode": "gradient"}, {"mode": "update"}, "mode='gradient' there, 'update' here"),
-        ({"covariance_token_stride": 1}, {"covariance_token_stride": 3}, "covariance_token_stride=1 there, 3 here"),
         (
             {"covariance_product": "accumulator"},
             {"covariance_product": "input"},

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fora_lightning.core.early_stop import EarlyStop
-from fora_lightning.core.gram import Product, gram_, mirror_, token_subset
+from fora_lightning.core.gram import Product, gram_, mirror_
 
 # Wraps the batches (e.g. a progress bar); must yield each one unchanged.
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -73,9 +73,7 @@ class CovarianceCollector:
 
     Use as a context manager (hooks are removed on exit, and with ``panel > 0`` the sums mirrored) and wrap
     each forward pass in :meth:`batch`, passing the batch's ``attention_mask`` so padding positions are skipped.
-    ``panel``/``product``: see :func:`~fora_lightning.core.gram.gram_`. ``token_stride = s > 1``: a *wide*
-    input (its owner's ``d_in > d_out``: there ``2 d_in^2`` covariance flops per token exceed the layer's
-    ``2 d_out d_in``) counts every s-th non-padding token of each batch, from offset ``batch index % s``.
+    ``panel``/``product``: see :func:`~fora_lightning.core.gram.gram_`.
     ``stop_early``: end each forward after its last target call (:mod:`~fora_lightning.core.early_stop`).
     """
 
@@ -86,13 +84,12 @@ class CovarianceCollector:
         *,
         panel: int = 0,
         product: Product = "accumulator",
-        token_stride: int = 1,
         stop_early: bool = False,
     ) -> None:
         self.modules = dict(modules)
         self.early_stop = EarlyStop(self.modules, stop_early)
         self.dtype = dtype
-        self.panel, self.product, self.token_stride = panel, product, token_stride
+        self.panel, self.product = panel, product
         self.result = Covariances()
         self._mask: Tensor | None = None
         self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
@@ -160,8 +157,6 @@ class CovarianceCollector:
             tokens = self._tokens(name, x.detach())
             finite = torch.isfinite(tokens).all()
             self.finite[owner] = finite if owner not in self.finite else self.finite[owner] & finite
-            if self.token_stride > 1 and module.in_features > module.out_features:
-                tokens = token_subset(tokens, self.token_stride, self.batches - 1)
             acc = self.result.sums.get(owner)
             if acc is None:
                 acc = self.result.sums[owner] = torch.zeros(
@@ -175,8 +170,61 @@ class CovarianceCollector:
 
 
 def attention_mask_of(batch: Any) -> Tensor | None:
-    """The ``attention_mask`` of a mapping batch, else ``None``."""
-    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    """The padding mask of a calibration batch (1: a token, 0: padding), else ``None``.
+
+    A mapping: its ``attention_mask``. A tuple or list from a tokenizer's tensors, ``(input_ids, attention_mask, ...)``
+    (e.g. a ``TensorDataset(ids, mask)``, which reaches the model as ``module(input_ids, attention_mask)``): the second
+    element when it looks like a mask of the first (integer ids; a bool or integer tensor of the same shape holding
+    only 0 and 1). A tuple with such a mask elsewhere than second is refused (``ValueError`` saying how to pass it):
+    its padding would otherwise count as data.
+    """
+    if isinstance(batch, Mapping):
+        return batch.get("attention_mask")
+    if not isinstance(batch, list | tuple) or len(batch) < 2 or not _token_ids(batch[0]):
+        return None
+    if _is_mask_of(batch[0], batch[1]):
+        return batch[1]
+    elsewhere = [i for i, t in enumerate(batch[2:], start=2) if _is_mask_of(batch[0], t)]
+    if elsewhere:
+        raise ValueError(
+            f"FORA calibration: a {type(batch).__name__} batch of {len(batch)} tensors whose element {elsewhere[0]} looks "
+            "like the attention mask of the token ids in element 0; FORA reads a tuple's mask from element 1 only, and "
+            "would count padding as data. Give batches as dicts {'input_ids': ..., 'attention_mask': ...}, put the mask "
+            "second, or define calibration_step(self, batch) on the LightningModule"
+        )
+    return None
+
+
+def _token_ids(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.dim() >= 2 and not t.is_floating_point() and not t.is_complex()
+
+
+def _is_mask_of(ids: Tensor, m: Any) -> bool:
+    """``m`` is a 0/1 (bool or integer) tensor of ``ids``' shape."""
+    if not isinstance(m, Tensor) or m.shape != ids.shape or m.is_floating_point() or m.is_complex():
+        return False
+    return m.dtype == torch.bool or bool(((m == 0) | (m == 1)).all())
+
+
+def energy_shortfalls(
+    cov: Covariances, rank_for: Callable[[str], int | None]
+) -> tuple[list[tuple[str, int]], list[tuple[str, int, int]]]:
+    """Layers whose calibration cannot support their bases: ``(zero, short)``.
+
+    ``zero``: ``(layer, tokens)`` where ``tr(C) = 0`` (every input seen was zero: no direction is the capability's);
+    ``short``: ``(layer, tokens, k)`` where a fixed rank ``k = rank_for(layer)`` exceeds the ``N`` tokens counted
+    (``C`` has rank <= N, so at least ``k - N`` of the protected directions carry no energy: arbitrary).
+    """
+    zero, short = [], []
+    for name, owner in cov.owner.items():
+        tokens = int(cov.counts[owner])
+        if float(cov.sums[owner].diagonal().sum()) == 0.0:
+            zero.append((name, tokens))
+            continue
+        k = rank_for(name)
+        if k is not None and tokens < k:
+            short.append((name, tokens, k))
+    return zero, short
 
 
 @contextlib.contextmanager
@@ -201,19 +249,16 @@ def collect_covariances(
     progress: Progress | None = None,
     panel: int = 0,
     product: Product = "accumulator",
-    token_stride: int = 1,
     stop_early: bool = False,
 ) -> Covariances:
     """Run ``forward(batch)`` for every batch under ``no_grad`` and ``eval`` and return the sums.
 
     ``forward`` receives the batch as given (move it to the device there). ``progress`` wraps the
-    batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``, ``token_stride``,
+    batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``,
     ``stop_early``: :class:`CovarianceCollector`. Raises ``ValueError`` for an empty ``batches`` and for non-finite
     inputs (naming the layers).
     """
-    collector = CovarianceCollector(
-        modules, dtype, panel=panel, product=product, token_stride=token_stride, stop_early=stop_early
-    )
+    collector = CovarianceCollector(modules, dtype, panel=panel, product=product, stop_early=stop_early)
     with collector, eval_mode(model), torch.no_grad():
         for batch in progress(batches) if progress is not None else batches:
             with collector.batch(attention_mask_of(batch)):

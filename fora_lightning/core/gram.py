@@ -7,7 +7,6 @@
   ``torch.mm(..., out_dtype=float32)``, float32 out; CPU has no such kernel: the batch's product is
   rounded to bf16/fp16 before the float32 add). ``"accumulator"``: the inputs are cast to the
   accumulator's dtype first (exact float32 arithmetic).
-- :func:`token_subset`: every ``stride``-th row from a rotating ``phase`` (deterministic: no generator).
 
 Plain torch: no Lightning import.
 """
@@ -62,8 +61,3 @@ def mirror_(acc: Tensor, panel: int) -> Tensor:
     for lo, hi in zip(edges[1:-1], edges[2:]):
         acc[lo:hi, :lo].copy_(acc[:lo, lo:hi].T)
     return acc
-
-
-def token_subset(rows: Tensor, stride: int, phase: int) -> Tensor:
-    """Rows ``phase % stride, phase % stride + stride, ...`` of ``rows`` (all of them for ``stride == 1``)."""
-    return rows if stride == 1 else rows[phase % stride :: stride]

@@ -31,27 +31,40 @@ RankSpec = int | Mapping[str, int] | None
 
 @dataclass
 class SubspaceConfig:
-    """How the bases are chosen (FORA.md, steps 2-3); each field's help says what it does."""
+    """How the bases are chosen (FORA.md, steps 2-3); each field's help says what it does.
+
+    Metadata: ``help``; ``tier`` (``"bases"``: they all shape the bases, see ``fora_lightning.config``);
+    ``lora_layer``: the field also fixes FORA-LoRA's layer shapes.
+    """
 
     energy: float = field(
         default=0.99,
-        metadata={"help": "keep the smallest k whose eigenvalues hold this fraction of the trace (GPM's rule)"},
+        metadata={
+            "help": "keep the smallest k whose eigenvalues hold this fraction of the trace (GPM's rule)",
+            "tier": "bases",
+        },
     )
     rank: RankSpec = field(
-        default=None, metadata={"help": "a fixed k instead of energy (int >= 1, or a per-layer mapping name -> k)"}
+        default=None,
+        metadata={"help": "a fixed k instead of energy (int >= 1, or a per-layer mapping name -> k)", "tier": "bases"},
     )
-    max_rank: int | None = field(default=None, metadata={"help": "cap on k (int >= 1)"})
+    max_rank: int | None = field(default=None, metadata={"help": "cap on k (int >= 1)", "tier": "bases"})
     weight_rank: int = field(
         default=8,
-        metadata={"help": "r, top singular triplets of W0 protected (0 turns off the left projector and the channel)"},
+        metadata={
+            "help": "r, top singular triplets of W0 protected (0 turns off the left projector and the channel)",
+            "tier": "bases",
+            "lora_layer": True,
+        },
     )
     source: Source = field(
         default="activations",
         metadata={
-            "help": "'activations' (FORA), 'weights' (weight-space baseline), 'random' (control), 'none' (k = 0: plain LoRA)"
+            "help": "'activations' (FORA), 'weights' (weight-space baseline), 'random' (control), 'none' (k = 0: plain LoRA)",
+            "tier": "bases",
         },
     )
-    seed: int = field(default=0, metadata={"help": "seed of source='random'"})
+    seed: int = field(default=0, metadata={"help": "seed of source='random'", "tier": "bases"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.energy <= 1.0:

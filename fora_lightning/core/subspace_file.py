@@ -6,7 +6,7 @@ Tensor keys are ``"<layer>::<field>"`` (basis, u, s, v, spectrum). The header's 
     format, version, created (UTC date), writer (fora-lightning version)
     model        {name, config (HF config without run-time keys) or null, architecture_sha256, n_parameters}
     layers       {name: {d_out, d_in, k, r, complement, energy, nbytes, capability_energy {cap: fraction}}}
-    capabilities {name: {tokens, weight, fingerprint, step}}   (token counts, sha256 of the calibration batches)
+    capabilities {name: {tokens, weight, fingerprint, step}}   (token counts, sha256 of the calibration samples)
     chain        [{step, capabilities, method, created}]         (one entry per estimate / extend)
     config, combine, ...                                         (whatever the caller adds)
 
@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from fora_lightning.core.covariance import attention_mask_of
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.core.targets import LORA_PARAMETERS
 
@@ -136,33 +137,86 @@ def _hash_into(h: Any, obj: Any) -> None:
         h.update(f"O{obj!r}".encode())
 
 
-class FingerprintedBatches:
-    """Yields ``batches`` unchanged while hashing them; ``digest`` is sha256 over the sorted per-batch sha256s
-    of the last complete pass.
+FINGERPRINT_SCHEME = "sha256-samples"
 
-    Independent of batch order (not of how samples are grouped into batches). Tensors are hashed
-    by dtype, shape and bytes; mappings by sorted key.
+
+def _columns(obj: Any, path: str = "") -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs of a batch: tensors, and lists of plain values (a column of strings) kept whole."""
+    if isinstance(obj, Mapping):
+        return [c for key in sorted(obj, key=str) for c in _columns(obj[key], f"{path}/{key}")]
+    if isinstance(obj, list | tuple) and any(isinstance(v, Tensor | Mapping | list | tuple) for v in obj):
+        return [c for i, v in enumerate(obj) for c in _columns(v, f"{path}/{i}")]
+    return [(path, obj)]
+
+
+def sample_digests(batch: Any) -> list[str]:
+    """sha256 of each sample of ``batch``, so that a digest over samples ignores how they were grouped into batches.
+
+    A sample is row ``i`` of every tensor whose leading size is the batch size ``B`` (the first tensor's), and item
+    ``i`` of every list of ``B`` plain values; where the batch has a padding mask
+    (:func:`~fora_lightning.core.covariance.attention_mask_of`), each such row keeps only its unmasked positions (a
+    sample padded to another length in another batch hashes the same). Anything else (a scalar, a tensor of
+    another leading size) is hashed into every sample. A batch with no tensor and not a list is one sample.
+    """
+    columns = _columns(batch)
+    sizes = [leaf.shape[0] for _, leaf in columns if isinstance(leaf, Tensor) and leaf.dim() >= 1]
+    if sizes:
+        size = sizes[0]
+    elif isinstance(batch, list | tuple):
+        size = len(batch)
+    else:
+        size = 1
+        columns = [("", [batch])]
+    mask = attention_mask_of(batch)
+    keep = mask.detach().cpu() != 0 if mask is not None else None
+    columns = [(path, leaf.detach().cpu() if isinstance(leaf, Tensor) else leaf) for path, leaf in columns]
+    out = []
+    for i in range(size):
+        h = hashlib.sha256()
+        for path, leaf in columns:
+            h.update(f"P{path}".encode())
+            if isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == size:
+                row = leaf[i]
+                if keep is not None and tuple(leaf.shape[: keep.dim()]) == tuple(keep.shape):
+                    row = row[keep[i]]
+                _hash_into(h, row)
+            elif isinstance(leaf, list | tuple) and len(leaf) == size:
+                _hash_into(h, leaf[i])
+            else:
+                _hash_into(h, leaf)
+        out.append(h.hexdigest())
+    return out
+
+
+def digest_of(samples: Iterable[str]) -> str:
+    """The data fingerprint: ``"sha256-samples:"`` + sha256 over the sorted per-sample digests (a multiset)."""
+    return f"{FINGERPRINT_SCHEME}:" + hashlib.sha256("".join(sorted(samples)).encode()).hexdigest()
+
+
+class FingerprintedBatches:
+    """Yields ``batches`` unchanged while hashing their samples; ``digest`` is :func:`digest_of` the last complete pass.
+
+    Independent of batch order and of how samples are grouped into batches (a ``shuffle=True`` loader, another
+    ``batch_size``, dynamic padding: :func:`sample_digests`). Tensors are hashed by dtype, shape and bytes.
     """
 
     def __init__(self, batches: Iterable[Any]) -> None:
         self.batches = batches
-        self._digests: list[str] = []
+        self._samples: list[str] = []
 
     def __iter__(self) -> Iterator[Any]:
-        digests = []
+        samples = []
         for batch in self.batches:
-            h = hashlib.sha256()
-            _hash_into(h, batch)
-            digests.append(h.hexdigest())
+            samples += sample_digests(batch)
             yield batch
-        self._digests = digests  # only a complete pass counts (a caller may stop early, e.g. to peek one batch)
+        self._samples = samples  # only a complete pass counts (a caller may stop early, e.g. to peek one batch)
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
     @property
     def digest(self) -> str:
-        return "sha256:" + hashlib.sha256("".join(sorted(self._digests)).encode()).hexdigest()
+        return digest_of(self._samples)
 
 
 # ---------------------------------------------------------------------------------------------- write / read

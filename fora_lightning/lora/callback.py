@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from fora_lightning.calibration import CalibrationSource
-from fora_lightning.config import LORA_SETTINGS, ForaConfig
+from fora_lightning.config import LORA_STRUCTURE, ForaConfig
 from fora_lightning.core.subspace import LayerSubspace
 from fora_lightning.lora.layer import ForaLoraLinear
 from fora_lightning.lora.model import fora_lora_layers, inject_fora_lora, mark_only_lora_trainable, trainable_parameters
@@ -70,11 +70,7 @@ class ForaLoRA(Callback):
             raise ValueError(
                 "ForaLoRA does not support extend_to: merge_lora(model) after the fit, then FORA(...).extend on the merged model"
             )
-        if not config.project_gradients:
-            raise ValueError(
-                "ForaLoRA has no gradient projection to skip (its layer keeps the update feasible by construction, with no "
-                "post-step re-projection): project_gradients=False applies to FORA only; remove it (or use FORA)"
-            )
+        config.refuse_unused("ForaLoRA")
         self.config = config if config.lora_rank is not None else replace(config, lora_rank=DEFAULT_LORA_RANK)
         self.calibration = calibration
         # bases only (a complement where smaller), no anchors: the layer keeps the update feasible
@@ -110,9 +106,7 @@ class ForaLoRA(Callback):
 
     def _inject(self, pl_module: LightningModule) -> None:
         c = self.config
-        self._layers = inject_fora_lora(
-            pl_module, c.target_modules, c.lora_rank, c.lora_alpha, c.lora_dropout, c.weight_rank
-        )
+        self._layers = inject_fora_lora(pl_module, **c.lora_layer_kwargs())
         self.protection.targets = {name: layer.base_layer for name, layer in self._layers.items()}
         mark_only_lora_trainable(pl_module, c.freeze_other)
         rank_zero_info(
@@ -190,9 +184,10 @@ class ForaLoRA(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """FORA's bases, after checking the checkpoint's LoRA settings match this callback's."""
+        """FORA's bases, after checking the checkpoint's LoRA layer settings (:data:`~fora_lightning.config.LORA_STRUCTURE`)
+        match this callback's."""
         saved = state_dict.get("config", {})
-        for key in (*LORA_SETTINGS[:2], "weight_rank"):
+        for key in LORA_STRUCTURE:
             mine = getattr(self.config, key)
             if key in saved and saved[key] != mine:
                 raise ValueError(

@@ -8,10 +8,12 @@ writes the full trained weights and the Callback's state to ``out``. The global 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from fora_lightning import FORA
+from fora_lightning.protection import Protection
 from tests.distributed.harness import exit_cleanly
 
 D_IN, D_HID, D_OUT, SPAN, GLOBAL_BATCH, N_TASK = 16, 24, 5, 5, 32, 256  # fc2: 5 rows -> 3 + 2 over 2 ranks
@@ -95,14 +98,20 @@ def calibration_loader() -> DataLoader:
     return DataLoader(span_inputs(80, seed=2), batch_size=16)
 
 
-class Forbidden:
-    """A calibration 'loader' that fails if iterated: a resumed fit must take the bases from the checkpoint."""
+@contextlib.contextmanager
+def no_estimate() -> Iterator[None]:
+    """A resumed fit must take the bases from the checkpoint: estimating them raises (the calibration data is still
+    read, on every rank, to verify them: the captured-energy check of issue 24)."""
+    original = Protection.estimate
 
-    def __len__(self) -> int:
-        return 1
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("FORA re-estimated on resume instead of restoring its bases from the checkpoint")
 
-    def __iter__(self):
-        raise AssertionError("FORA re-ran calibration on resume instead of restoring its bases from the checkpoint")
+    Protection.estimate = forbidden
+    try:
+        yield
+    finally:
+        Protection.estimate = original
 
 
 def initial_net(fsdp2: bool = False, lazy: bool = False) -> Net:
@@ -347,8 +356,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     trainer = None
     if cfg.get("steps"):
-        calibration = Forbidden() if cfg.get("forbid_calibration") else calibration_loader()
-        trainer, fora = fit(cfg, cfg["steps"], calibration)
+        with no_estimate() if cfg.get("forbid_estimate") else contextlib.nullcontext():
+            trainer, fora = fit(cfg, cfg["steps"], calibration_loader())
         results["train"] = {
             "weights": full_weights(trainer, fora, cfg),
             "fora": fora.state_dict(),
@@ -360,7 +369,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             trainer.save_checkpoint(cfg["save"])
             results["checkpoint"] = cfg["save"]
     if cfg.get("resume_steps"):
-        trainer, fora = fit(cfg, cfg["resume_steps"], Forbidden(), ckpt_path=cfg["resume_from"])
+        with no_estimate():
+            trainer, fora = fit(cfg, cfg["resume_steps"], calibration_loader(), ckpt_path=cfg["resume_from"])
         results["resume"] = {
             "weights": full_weights(trainer, fora, cfg),
             "fora": fora.state_dict(),

@@ -71,7 +71,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, reference: dict) -> dict[str,
     tmp = tmp_path_factory.mktemp("dist")
     files = [  # a subspace file written by a sharded run, and one written by one process loaded by a sharded run
         {"name": "fsdp2_writes_file", "strategy": "fsdp2", "steps": 1, "fora": {"subspaces": str(tmp / "fsdp2.st")}},
-        {"name": "fsdp2_loads_single_file", "strategy": "fsdp2", "steps": 1, "forbid_calibration": True,
+        {"name": "fsdp2_loads_single_file", "strategy": "fsdp2", "steps": 1, "forbid_estimate": True,
          "fora": {"subspaces": reference["file"]}},
     ]  # fmt: skip
     scenarios = list(files)
@@ -320,7 +320,7 @@ def test_subspace_files_move_between_sharded_and_single_process_runs(runs, refer
     """A file written by an FSDP2 run (split bases gathered whole, rank 0 writes) loads into one process, and one
     written by one process loads into FSDP2 (each rank keeps its rows): no calibration either way, the same bases."""
     written = _result(runs, "fsdp2_writes_file")["fora"]
-    loaded = W.run({"strategy": "single", "world": 1, "steps": 1, "forbid_calibration": True,
+    loaded = W.run({"strategy": "single", "world": 1, "steps": 1, "forbid_estimate": True,
                     "fora": {"subspaces": runs["fsdp2_file"]}})["train"]["fora"]  # fmt: skip
     _assert_same_bases(loaded, written, atol=0.0)
     _assert_same_bases(_result(runs, "fsdp2_loads_single_file")["fora"], reference["file_run"]["fora"], atol=0.0)
