@@ -33,6 +33,8 @@ BASIS_SETTINGS = (
     "covariance_product",
     "covariance_token_stride",
     "allocation",
+    "calibration_samples",
+    "calibration_sample_tokens",
 )
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout")
 
@@ -178,6 +180,26 @@ class ForaConfig(SubspaceConfig):
     )
     lora_alpha: float = field(default=16.0, metadata=_help("FORA-LoRA scale numerator: the update is (alpha/rank) B A"))
     lora_dropout: float = field(default=0.0, metadata=_help("FORA-LoRA dropout on the adapter's input"))
+    calibration_holdout: int = field(
+        default=8,
+        metadata=_help(
+            "n > 0: every n-th calibration batch of each capability (the 1st, n+1-th, ...) is summed apart to measure "
+            "whether the data describes the capability (held-out energy share, docs/calibration.md; a FORA: warning "
+            "when short), then added back (the bases use all data); costs one more d_in x d_in sum per input during "
+            "the pass and two more eigh per input. 0: no estimate"
+        ),
+    )
+    calibration_samples: int | Literal["auto"] = field(
+        default=0,
+        metadata=_help(
+            "n > 0: add n continuations of each calibration row sampled from the model itself (label-free, "
+            "calibration_sample_tokens long) to the calibration data; 'auto': add 4 only when the held-out estimate "
+            "says the data is short (a second calibration pass); 0: never"
+        ),
+    )
+    calibration_sample_tokens: int = field(
+        default=32, metadata=_help("new tokens per sampled continuation (calibration_samples)")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -218,6 +240,10 @@ class ForaConfig(SubspaceConfig):
         if self.lora_rank is not None:
             _int_at_least("lora_rank", self.lora_rank, 1, "or None for full fine-tuning")
         _int_at_least("calibration_generate", self.calibration_generate, 0, "new tokens per calibration prompt; 0: off")
+        _int_at_least("calibration_holdout", self.calibration_holdout, 0, "every n-th batch held out; 0: no estimate")
+        if self.calibration_samples != "auto":
+            _int_at_least("calibration_samples", self.calibration_samples, 0, "samples per row, or 'auto'; 0: off")
+        _int_at_least("calibration_sample_tokens", self.calibration_sample_tokens, 1, "new tokens per sample")
         if self.channel_bound is not None:
             if isinstance(self.channel_bound, bool) or not isinstance(self.channel_bound, (int, float)):
                 raise TypeError(
