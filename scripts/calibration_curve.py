@@ -21,7 +21,10 @@ from typing import Any
 
 OUT = Path("results/calibration_curve")
 CALIB = "assets/demo/translation/calibration.jsonl"
-PROMPTS_ONLY = ["--data.init_args.preserve", json.dumps({"path": CALIB, "prompt_field": None, "response_field": "prompt"})]
+PROMPTS_ONLY = [
+    "--data.init_args.preserve",
+    json.dumps({"path": CALIB, "prompt_field": None, "response_field": "prompt"}),
+]
 SIZES = [4, 8, 16, 32, 64, 128, 200]
 
 
@@ -35,7 +38,9 @@ def _write(name: str, rows: list[dict[str, Any]], command: str) -> None:
         w.writerows(rows)
 
 
-def _estimate_one(rows: list[dict[str, str]], batch_size: int, samples: int | str = 0) -> dict[str, Any]:
+def _estimate_one(
+    rows: list[dict[str, str]], batch_size: int, samples: int | str = 0, holdout: int = 8
+) -> dict[str, Any]:
     """Calibrate the demo model on ``rows`` (prompt/response dicts), one optimizer step; the estimate's summary."""
     import tempfile
 
@@ -59,7 +64,7 @@ def _estimate_one(rows: list[dict[str, str]], batch_size: int, samples: int | st
             max_length=64,
             cache_dir=tmp,
         )
-        cb = FORA(energy=0.99, weight_rank=0, progress=False, calibration_samples=samples)
+        cb = FORA(energy=0.99, weight_rank=0, progress=False, calibration_samples=samples, calibration_holdout=holdout)
         module = CausalLMModule(model="assets/demo/model", lr=0.0, num_threads=1)
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -74,8 +79,15 @@ def _estimate_one(rows: list[dict[str, str]], batch_size: int, samples: int | st
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         seconds = time.perf_counter() - start
+    if not holdout:
+        return {"fit_s": round(seconds, 1)}
     s = cb.protection.sufficiency["default"].summary()
-    s.pop("before_samples", None)
+    before = s.pop("before_samples", None)
+    if before is not None:  # 'auto' extended the data: what decided it
+        s["auto_extended"] = True
+        s["before_ratio_max"] = before.get("ratio_max")
+        own = before.get("own_continuations") or {}
+        s["own_continuations_ratio_max"] = own.get("ratio_max")
     return {**s, "fit_s": round(seconds, 1)}
 
 
@@ -87,16 +99,24 @@ def estimate() -> None:
     words = data[0]["prompt"].split()  # translate : w1 w2 w3 =
     swaps = [r["prompt"].split()[2] for r in data[1:5]]
     near = [{"text": " ".join([*words[:-2], w, "="])} for w in swaps] * 8  # 4 prompts one word apart, 8 times each
+    distinct = [{"text": " ".join([*words[:-2], r["prompt"].split()[2], "="])} for r in data[1:17]]
     cases = {
-        "near-duplicate prompts (32 rows, 4 distinct)": near,
-        "prompts only, 200 rows": prompts,
-        **{f"prompt + own continuation, {n} rows": full[:n] for n in SIZES if n >= 16},
+        "near-duplicate prompts (32 rows, 4 distinct, each 8 times)": (near, 0),
+        "near-duplicate prompts (16 rows, one source word apart)": (distinct, 0),
+        "prompts only, 256 rows": (prompts, 0),
+        "prompts only, 256 rows, calibration_samples='auto'": (prompts, "auto"),
+        "prompt + own continuation, 200 rows, calibration_samples='auto'": (full[:200], "auto"),
+        **{f"prompt + own continuation, {n} rows": (full[:n], 0) for n in SIZES if n >= 16},
     }
     rows = []
-    for name, rs in cases.items():
-        r = {"data": name, "rows": len(rs), **_estimate_one(rs, 8)}
+    for name, (rs, samples) in cases.items():
+        r = {"data": name, "rows": len(rs), **_estimate_one(rs, 8, samples)}
         print(json.dumps(r), flush=True)
         rows.append(r)
+    for holdout in (0, 8):  # the fit-start cost of the estimate (calibration + one step), 200 rows
+        seconds = min(_estimate_one(full[:200], 8, 0, holdout)["fit_s"] for _ in range(3))
+        rows.append({"data": f"cost: 200 rows, calibration_holdout={holdout} (best of 3)", "fit_s": seconds})
+        print(json.dumps(rows[-1]), flush=True)
     _write("estimate", rows, "python scripts/calibration_curve.py estimate")
 
 
@@ -145,18 +165,28 @@ def curve(seeds: list[int], sizes: list[int]) -> None:
     _write(name, rows, f"python scripts/calibration_curve.py curve --seeds {seeds_arg} --sizes {sizes_arg}")
 
 
-def extend() -> None:
+def extend(seeds: list[int]) -> None:
     rows = []
-    for label, extra in {
+    cases = {
         "prompts only, calibration_samples=0": [],
         "prompts only, calibration_samples='auto'": ["--model.init_args.config.calibration_samples", "auto"],
         "prompt + own continuation (the demo), calibration_samples=0": None,
-    }.items():
-        args = ["--data.init_args.calibration_batch_size", "8"] + (PROMPTS_ONLY + extra if extra is not None else [])
-        r = {"data": label, **_fit(args, Path(f"runs/calibration_curve/extend_{len(rows)}"))}
-        print(json.dumps(r), flush=True)
-        rows.append(r)
-    _write("extend", rows, "python scripts/calibration_curve.py extend")
+    }
+    for seed in seeds:
+        for label, extra in cases.items():
+            if extra is None and seed != 0:
+                continue  # the curve's 200-row runs are the demo's other seeds
+            args = ["--seed_everything", str(seed), "--data.init_args.calibration_batch_size", "8"]
+            args += PROMPTS_ONLY + extra if extra is not None else []
+            r = {"seed": seed, "data": label, **_fit(args, Path(f"runs/calibration_curve/extend_s{seed}_{len(rows)}"))}
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    seeds_arg = " ".join(map(str, seeds))
+    _write(
+        "extend_seed" + "_".join(map(str, seeds)),
+        rows,
+        f"python scripts/calibration_curve.py extend --seeds {seeds_arg}",
+    )
 
 
 def main() -> None:
@@ -170,7 +200,7 @@ def main() -> None:
     elif a.what == "curve":
         curve(a.seeds, a.sizes)
     else:
-        extend()
+        extend(a.seeds)
 
 
 if __name__ == "__main__":

@@ -230,3 +230,14 @@ def test_bad_calibration_samples_fail(bad):
         ForaConfig(calibration_samples=bad)
     with pytest.raises(ValueError, match="calibration_holdout"):
         ForaConfig(calibration_holdout=-1)
+
+
+def test_fora_module_exposes_generate_continuations():
+    """calibration_generate / calibration_samples through ForaModule (the CLI's path) reach the wrapped module's hook."""
+    from fora_lightning import ForaModule
+
+    module = CausalLMModule(model=DEMO)
+    wrapped = ForaModule(module)
+    batch = _rows(["translate : tasu rili niba ="], module, 1)
+    out = wrapped.generate_continuations(next(iter(batch)), 4)
+    assert out["input_ids"].shape[1] > next(iter(batch))["input_ids"].shape[1]

@@ -8,7 +8,8 @@ that of the held-out slice (``fora_lightning.calibration.holdout_batch``), never
     uncaptured ratio  rho = (1 - s) / (1 - t)                        1 when Q_in holds as much of new data as asked
 
 Data that describes the capability gives ``s`` close to ``t`` (``rho`` near 1); narrow data (a few near-duplicate
-texts) gives a basis of its own few directions and ``rho`` of several. ``rho > RATIO_LINE`` is "short".
+texts) gives a basis of its own few directions and ``rho`` of several. ``rho > RATIO_LINE`` is "short" unless the
+fit below expects the final basis, on all ``N_in + N_out`` tokens, to reach the line.
 
 Growth with tokens: the roles are swapped for a second point (the basis from the held-out slice, ``N_out`` tokens,
 measured on ``C_in``). The shortfall ``d(N) = t - s(N)`` is fitted as a power law ``a N^-b`` through the two points,
@@ -36,6 +37,7 @@ from fora_lightning.core.subspace import SubspaceConfig, select_rank, spectrum
 
 # rho above this on a layer: the calibration data is short for it (measured: results/calibration_curve/README.md)
 RATIO_LINE = 3.0
+MIN_SPREAD = 2.0  # the power-law fit needs the two token counts at least this factor apart
 AUTO_SAMPLES = 4  # calibration_samples='auto': sampled continuations per row when the estimate says short
 
 
@@ -108,10 +110,10 @@ def _in_sample(evals: Tensor, k: int) -> float:
 
 def _power_law(p: tuple[int, float], q: tuple[int, float]) -> tuple[int, float, float] | None:
     """``d(N) = d_ref (N / n_ref)^-b`` through two points ``(N, d)``, as ``(n_ref, d_ref, b)`` with ``n_ref`` the larger
-    N; ``b = 0`` (flat) when the shortfall does not fall with N; ``None`` when the token counts are equal or the
-    larger N's shortfall is not positive."""
+    N; ``b = 0`` (flat) when the shortfall does not fall with N; ``None`` when the token counts are less than
+    ``MIN_SPREAD`` apart (two batches: the slope would be noise) or the larger N's shortfall is not positive."""
     (n1, d1), (n2, d2) = sorted([p, q])
-    if n1 == n2 or d2 <= 0:
+    if n2 < MIN_SPREAD * n1 or d2 <= 0:
         return None
     return n2, d2, (math.log(d1 / d2) / math.log(n2 / n1) if d1 > d2 else 0.0)
 
@@ -127,8 +129,10 @@ class Sufficiency:
 
     @property
     def short(self) -> list[LayerSufficiency]:
-        """Layers past the line, worst first."""
-        return sorted((s for s in self.layers.values() if s.ratio > self.line), key=lambda s: -s.ratio)
+        """Layers past the line, worst first; not those whose fit expects the final basis (all tokens) to reach it."""
+        return sorted(
+            (s for s in self.layers.values() if s.ratio > self.line and not _reached(s)), key=lambda s: -s.ratio
+        )
 
     def tokens_needed(self) -> float | None:
         """Capability tokens for every short layer to reach the line: each layer's ``N*`` scaled by the capability's
@@ -185,6 +189,11 @@ class Sufficiency:
             f"short: {len(short)}/{len(self.layers)} layers hold only {short[-1].share:.3f}-{short[0].share:.3f} "
             f"of held-out energy (target {short[0].target:.3f}) with {self.tokens:,} tokens; {more}"
         )
+
+
+def _reached(s: LayerSufficiency) -> bool:
+    """The power-law fit puts ``N*`` within the tokens the final basis uses (kept-in plus held-out)."""
+    return s.tokens_needed is not None and s.tokens_needed <= s.tokens_in + s.tokens_out
 
 
 def sufficiency(
