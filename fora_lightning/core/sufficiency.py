@@ -147,7 +147,7 @@ class Sufficiency:
     def summary(self) -> dict[str, Any]:
         """The report's fields: mean and worst share and ratio, tokens used and needed, the verdict."""
         if not self.layers:
-            return {"verdict": self.verdict()}
+            return {"tokens": self.tokens, "verdict": self.verdict()}
         vals = list(self.layers.values())
         worst = max(vals, key=lambda s: s.ratio)
         needed = self.tokens_needed()
@@ -218,7 +218,7 @@ def sufficiency_warning(estimate: Sufficiency, capability: str, holdout_every: i
         more = f"about {needed:,.0f} tokens of the same kind are estimated to reach the line"
     worst = ", ".join(f"{s.layer} {s.share:.3f} (x{s.ratio:.1f})" for s in short[:3])
     return (
-        f"FORA: {who}: the calibration data of capability '{capability}' does not describe it well: on its hold-out "
+        f"FORA: {who} calibration: the data of capability '{capability}' does not describe it well: on its hold-out "
         f"slice (every {holdout_every}-th batch) {len(short)} of {len(estimate.layers)} layers keep less of the "
         f"energy than the target {short[0].target:.3f}, more than {estimate.line:g}x the uncaptured share asked "
         f"(worst: {worst}). {estimate.tokens:,} calibration tokens were used; {more}. Inputs of the capability "
