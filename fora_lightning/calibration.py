@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from torch import nn
@@ -23,6 +24,14 @@ from fora_lightning.trainer_progress import calibration_progress
 
 CalibrationSource = Iterable[Any] | Mapping[str, Iterable[Any]] | Callable[[], Iterable[Any]] | None
 COVARIANCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def holdout_batch(index: int, every: int) -> bool:
+    """The calibration hold-out slice, per capability: batch ``index`` (0-based, in the loader's order) is held out
+    when ``index % every == 0`` (every=8: the 1st, 9th, 17th, ...), so one batch at least whenever there is one.
+    ``every = 0``: none. A loader of one batch is all hold-out: nothing is left to estimate a basis from, so the
+    sufficiency estimate is skipped (the final bases still use that batch)."""
+    return every > 0 and index % every == 0
 
 
 def materialize(source: CalibrationSource) -> Any:
@@ -54,14 +63,24 @@ def calibrate(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     generate: int = 0,
+    samples: int = 0,
+    sample_tokens: int = 32,
+    originals: bool = True,
     panel: int = 0,
     product: Product = "accumulator",
     early_stop: bool = True,
+    holdout_every: int = 0,
+    holdout: list[Any] | None = None,
 ) -> Covariances:
     """Covariances of every target's input over this rank's share of ``loader``, summed over ranks.
 
     ``generate > 0``: each batch is first extended by the model's own greedy continuation of up to that many
-    tokens (:func:`_with_continuations`), so the covariances see what the capability reads while it answers.
+    tokens (:func:`_with_continuations`), so the covariances see what the capability reads while it answers;
+    ``samples > 0``: each batch is followed by ``samples`` sampled continuations (``sample_tokens`` long) of each
+    of its rows (a batch and its samples are held out together); ``originals=False``: the samples only.
+    ``holdout_every``: the batches :func:`holdout_batch` picks (by their index in the whole loader) are summed apart
+    into the result's ``held_out`` (:meth:`~fora_lightning.core.covariance.Covariances.merge_held_out_` adds them
+    back); ``holdout``: a list this rank's held-out batches are appended to (on the CPU, as calibrated).
     ``panel``, ``product``: the cheaper products of
     :class:`~fora_lightning.core.covariance.CovarianceCollector`. ``early_stop``: end each forward after the
     last target's input where :func:`early_stop_safe` allows it (the same sums: nothing after it is summed).
@@ -77,8 +96,16 @@ def calibrate(
 
     share = RankShare(loader, trainer.global_rank, trainer.world_size)
     batches: Iterable[Any] = share
-    if generate > 0:
-        batches = _with_continuations(trainer, pl_module, share, generate)
+    if generate > 0 or samples > 0:
+        batches = _with_continuations(trainer, pl_module, share, generate, samples, sample_tokens, originals)
+    per = 2 if samples > 0 and originals else 1  # a batch, then its samples
+
+    def held_out(j: int) -> bool:  # this rank's j-th batch is the loader's (rank + j world_size)-th when sharded
+        index = trainer.global_rank + j // per * trainer.world_size if share.sharded else j // per
+        return not share.empty and holdout_batch(index, holdout_every)
+
+    if holdout is not None and holdout_every > 0:
+        batches = _keeping(batches, held_out, holdout)
     covariances = collect_covariances(
         pl_module,
         targets,
@@ -89,11 +116,13 @@ def calibrate(
         panel=panel,
         product=product,
         stop_early=stop_early,
+        held_out=held_out if holdout_every > 0 else None,
     )
     if share.empty:  # fewer batches than ranks: this rank ran one only to learn the shapes
-        for o in covariances.sums:
-            covariances.sums[o].zero_()
-            covariances.counts[o] = 0
+        for cov in (covariances, covariances.held_out):
+            for o in cov.sums if cov is not None else ():
+                cov.sums[o].zero_()
+                cov.counts[o] = 0
     if share.padding:  # FSDP/DDP forwards are collectives: every rank runs ceil(n / world_size) of them
         with eval_mode(trainer.strategy.model), torch.no_grad():
             for _ in range(share.padding):
@@ -101,6 +130,14 @@ def calibrate(
     if share.sharded:
         covariances.all_reduce_()
     return covariances
+
+
+def _keeping(batches: Iterable[Any], held_out: Callable[[int], bool], into: list[Any]) -> Iterable[Any]:
+    """``batches`` unchanged; each held-out one is also appended to ``into`` (moved to the CPU)."""
+    for j, batch in enumerate(batches):
+        if held_out(j):
+            into.append(move_data_to_device(batch, "cpu"))
+        yield batch
 
 
 def early_stop_safe(strategy: Strategy, model: nn.Module) -> bool:
@@ -124,33 +161,50 @@ def early_stop_safe(strategy: Strategy, model: nn.Module) -> bool:
 
 
 def _with_continuations(
-    trainer: Trainer, pl_module: LightningModule, share: RankShare, max_new_tokens: int
+    trainer: Trainer,
+    pl_module: LightningModule,
+    share: RankShare,
+    max_new_tokens: int,
+    samples: int = 0,
+    sample_tokens: int = 0,
+    originals: bool = True,
 ) -> list[Any]:
-    """This rank's batches, each extended by ``pl_module.generate_continuations(batch, max_new_tokens)`` before any
-    covariance is collected (the generation's own forwards are not counted).
+    """This rank's batches, each extended by ``pl_module.generate_continuations(batch, max_new_tokens)`` (greedy;
+    ``max_new_tokens = 0``: as given) before any covariance is collected (the generation's own forwards are not
+    counted). ``samples > 0``: each is followed by ``generate_continuations(batch, sample_tokens, samples)``, its
+    rows repeated ``samples`` times with sampled continuations, drawn under a forked RNG seeded by the batch's
+    index (reproducible; the training RNG is untouched); ``originals=False``: the samples only.
 
     The call goes through the strategy's wrapped model (as ``calibration_step``), and a rank with fewer batches
     generates ``share.padding`` more times (discarded): under FSDP generation is a collective.
     """
     hook = getattr(pl_module, "generate_continuations", None)
     if not callable(hook):
+        setting = f"calibration_generate={max_new_tokens}" if max_new_tokens else f"calibration_samples={samples}"
         raise ValueError(
-            f"calibration_generate={max_new_tokens} needs {type(pl_module).__name__}.generate_continuations(batch, max_new_tokens) "
-            "returning the batch extended by the model's own continuations (CausalLMModule has it); or set calibration_generate=0"
+            f"{setting} needs {type(pl_module).__name__}.generate_continuations(batch, max_new_tokens, samples=0) "
+            "returning the batch extended by the model's own continuations (CausalLMModule has it); or set "
+            "calibration_generate=0 and calibration_samples=0"
         )
     wrapper = trainer.strategy.model
 
-    def extend(batch: Any) -> Any:
+    def extend(batch: Any, seed: int, *args: int) -> Any:
         batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
-        with trainer.precision_plugin.forward_context(), torch.no_grad():
+        devices = [batch["input_ids"].device] if isinstance(batch, Mapping) and batch["input_ids"].is_cuda else []
+        with trainer.precision_plugin.forward_context(), torch.no_grad(), torch.random.fork_rng(devices):
+            torch.manual_seed(seed)
             if wrapper is None or wrapper is pl_module:
-                return hook(batch, max_new_tokens)
-            return forward_redirection(wrapper, pl_module, "generate_continuations", batch, max_new_tokens)
+                return hook(batch, *args)
+            return forward_redirection(wrapper, pl_module, "generate_continuations", batch, *args)
+
+    def run(batch: Any, j: int) -> list[Any]:
+        out = [extend(batch, j, max_new_tokens) if max_new_tokens > 0 else batch] if originals else []
+        return out + [extend(batch, j, sample_tokens, samples)] if samples > 0 else out
 
     with eval_mode(wrapper if wrapper is not None else pl_module):
-        extended = [extend(b) for b in share]
+        extended = [b for j, batch in enumerate(share) for b in run(batch, j)]
         for _ in range(share.padding):
-            extend(share.filler())
+            run(share.filler(), 0)
     return extended
 
 

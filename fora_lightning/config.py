@@ -203,6 +203,24 @@ class ForaConfig(SubspaceConfig):
         "(FSDP, DeepSpeed, foreign forward hooks) and for a target called twice per forward. False: always whole",
     )
     progress: bool = _setting(True, tier="runtime", help="show a progress bar during calibration (rank 0)")
+    calibration_holdout: int = _setting(
+        8,
+        tier="runtime",
+        help="n > 0: every n-th calibration batch of each capability (the 1st, n+1-th, ...) is summed apart to measure "
+        "whether the data describes the capability (held-out energy share, docs/calibration.md; a FORA: warning "
+        "when short), then added back (the bases use all data); costs one more d_in x d_in sum per input during "
+        "the pass and two more eigh per input. 0: no estimate",
+    )
+    calibration_samples: int | Literal["auto"] = _setting(
+        0,
+        tier="bases",
+        help="n > 0: add n continuations of each calibration row sampled from the model itself (label-free, "
+        "calibration_sample_tokens long) to the calibration data; 'auto': add 4 only when the held-out estimate "
+        "says the data is short (a second calibration pass); 0: never",
+    )
+    calibration_sample_tokens: int = _setting(
+        32, tier="bases", help="new tokens per sampled continuation (calibration_samples)"
+    )
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -229,6 +247,10 @@ class ForaConfig(SubspaceConfig):
         if self.lora_rank is not None:
             _int_at_least("lora_rank", self.lora_rank, 1, "or None for full fine-tuning")
         _int_at_least("calibration_generate", self.calibration_generate, 0, "new tokens per calibration prompt; 0: off")
+        _int_at_least("calibration_holdout", self.calibration_holdout, 0, "every n-th batch held out; 0: no estimate")
+        if self.calibration_samples != "auto":
+            _int_at_least("calibration_samples", self.calibration_samples, 0, "samples per row, or 'auto'; 0: off")
+        _int_at_least("calibration_sample_tokens", self.calibration_sample_tokens, 1, "new tokens per sample")
         if self.channel_bound is not None:
             if isinstance(self.channel_bound, bool) or not isinstance(self.channel_bound, int | float):
                 raise TypeError(
@@ -350,7 +372,7 @@ def _describe(hint: Any) -> str:
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
         names = [repr(a) for a in args]
-        return f"{', '.join(names[:-1])} or {names[-1]}"
+        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin in (list, tuple):

@@ -45,6 +45,8 @@ def markdown(summary: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
         if key in summary:
             lines.append(f"- {key}: {_cell(float(summary[key]))}")
     lines.append(f"- probe inputs: {summary.get('probe_inputs')} ({summary.get('probe_rows')} tokens per layer)")
+    for capability, estimate in summary.get("calibration", {}).items():
+        lines.append(f"- calibration '{capability}': {estimate['verdict']}")
     if "kl" not in summary:
         lines.append(
             "- KL / perplexity: no held-out preserved loader with base logits (datamodule.preserve_val_dataloader)"

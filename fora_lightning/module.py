@@ -34,7 +34,7 @@ _DELEGATED = tuple(n for cls in (ModelHooks, DataHooks) for n in vars(cls) if no
     "configure_gradient_clipping",
     "backward",
 )
-_CALIBRATION = ("calibration_step", "calibration_dataloader")
+_CALIBRATION = ("calibration_step", "calibration_dataloader", "generate_continuations")
 CHECKPOINT_KEY = "fora_module"
 
 
@@ -43,7 +43,8 @@ class ForaModule(LightningModule):
 
     Training, validation, test and predict steps, ``configure_optimizers``, ``configure_model``, the data
     hooks and every other hook the wrapped module overrides (and ``calibration_step`` /
-    ``calibration_dataloader`` when it defines them) run on the wrapped module, as if it were fitted itself.
+    ``calibration_dataloader`` / ``generate_continuations`` when it defines them) run on the wrapped module, as if it
+    were fitted itself.
     ``configure_callbacks`` adds :class:`~fora_lightning.FORA` built from this wrapper's arguments (or
     :class:`~fora_lightning.ForaLoRA` when ``lora_rank`` is set); calibration batches come from the
     datamodule's ``calibration_dataloader()``, else the wrapped module's.

@@ -64,6 +64,7 @@ class ProtectionMonitor:
         self._last_step = -1
         self._restored: dict[str, Any] | None = None
         self.source: Any = None  # the Callback's ``probe=`` loader (else the datamodule's preserve_val_dataloader)
+        self.calibration: dict[str, Any] = {}  # capability -> the calibration sufficiency summary (core/sufficiency.py)
 
     # ------------------------------------------------------------------ lifecycle
     def start(
@@ -161,6 +162,7 @@ class ProtectionMonitor:
             "probe_inputs": "held-out preserved batch" if self.held_out else "none (no preserve_val_dataloader)",
             "held_out": self.held_out,
             **model_metrics,
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
         if leakage:
             summary.update(leakage_max=max(leakage.values()), leakage_mean=sum(leakage.values()) / len(leakage))

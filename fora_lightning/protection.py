@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from fora_lightning.calibration import COVARIANCE_DTYPES, CalibrationSource, calibrate, resolve_calibration
@@ -38,6 +38,7 @@ from fora_lightning.core.subspace_file import (
     save_subspaces,
     validate_against,
 )
+from fora_lightning.core.sufficiency import AUTO_SAMPLES, Sufficiency, sufficiency, sufficiency_warning
 from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
 from fora_lightning.monitor import ProtectionMonitor
@@ -91,6 +92,10 @@ class Protection:
         self.chain: list[dict[str, Any]] = []
         self._capability_covariances: dict[str, Covariances] = {}
         self._calibrating: list[str] | None = None  # the group of targets being calibrated (None: all)
+        self._later_group = False  # calibrating a group after the first: no second sufficiency estimate
+        self._group_samples: dict[str, int] = {}  # capability -> sampled continuations per row the first group used
+        self.holdout: list[Any] = []  # the calibration hold-out slice's batches (CPU), all capabilities, this rank
+        self.sufficiency: dict[str, Sufficiency] = {}  # capability -> the held-out estimate of this fit's calibration
         self._restored = False  # subspaces came from a checkpoint in this fit (checked against the settings in prepare)
         self._restored_config: dict[str, Any] | None = None
         self._ended: dict[str, Any] | None = None  # the model and weights the last fit ended with
@@ -246,8 +251,12 @@ class Protection:
         names = list(self.targets)
         groups = [names]
         if self.config.source == "activations":
+            c = self.config
+            # bytes per element of the sums held during a pass: the accumulator, twice with the hold-out slice's own
+            size = COVARIANCE_DTYPES[c.covariance_dtype].itemsize * (2 if c.calibration_holdout > 0 else 1)
+            shapes = layout.shape_targets()
             groups = calibration_groups(
-                {n: layout.shape_targets()[n].in_features for n in names}, self._calibration_budget(trainer)
+                {n: shapes[n].in_features for n in names}, self._calibration_budget(trainer), size
             )
         if len(groups) > 1:
             rank_zero_info(
@@ -255,8 +264,12 @@ class Protection:
                 f"calibration_memory_gib): {len(groups)} passes over the calibration data"
             )
         subspaces: dict[str, LayerSubspace] = {}
-        for group in groups:
-            subspaces.update(self._estimate_group(trainer, pl_module, layout, group))
+        try:
+            for i, group in enumerate(groups):
+                self._later_group = i > 0
+                subspaces.update(self._estimate_group(trainer, pl_module, layout, group))
+        finally:
+            self._later_group = False
         per = list(self.capabilities)
         method = self.config.combine if len(per) > 1 else self.config.source
         self.chain = [{"step": 1, "capabilities": per, "method": method, "created": now()}]
@@ -321,10 +334,19 @@ class Protection:
         return subspaces
 
     def calibrate(
-        self, trainer: Trainer, pl_module: LightningModule, loader: Iterable[Any] | None = None
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        loader: Iterable[Any] | None = None,
+        holdout: list[Any] | None = None,
+        samples: int = 0,
+        originals: bool = True,
     ) -> Covariances:
         """Covariances of every target's input, summed over ranks. ``loader=None``: the configured source;
-        several capabilities are collected one by one and combined (:func:`~fora_lightning.core.capabilities.combine_covariances`)."""
+        several capabilities are collected one by one and combined (:func:`~fora_lightning.core.capabilities.combine_covariances`).
+        ``holdout`` (a list): the hold-out slice (``calibration_holdout``) is summed apart into the result's
+        ``held_out`` and its batches appended there; ``samples``: sampled continuations per row (``originals=False``:
+        those only)."""
         if loader is None:
             source = resolve_calibration(self.calibration, trainer, pl_module)
             combined, self._capability_covariances, self.capabilities = self.calibrate_capabilities(
@@ -342,9 +364,14 @@ class Protection:
             COVARIANCE_DTYPES[c.covariance_dtype],
             c.progress,
             c.calibration_generate,
+            samples,
+            c.calibration_sample_tokens,
+            originals,
             panel=c.covariance_panel,
             product=c.covariance_product,
             early_stop=c.calibration_early_stop,
+            holdout_every=c.calibration_holdout if holdout is not None else 0,
+            holdout=holdout,
         )
 
     def calibrate_capabilities(
@@ -353,7 +380,8 @@ class Protection:
         """Collect each capability of ``source`` (a loader, named ``"default"``, or ``name -> loader``).
 
         Returns the combined covariances (the only one's, unchanged, for a single capability), the
-        per-capability ones, and per capability its token count, weight and data fingerprint.
+        per-capability ones, and per capability its token count, weight and data fingerprint. On the first
+        step (not ``extend``), each capability's sufficiency is estimated on its hold-out slice (:meth:`_collect`).
         """
         loaders = dict(source) if isinstance(source, Mapping) else {"default": source}
         configured = (
@@ -362,9 +390,15 @@ class Protection:
         weights = capability_weights(list(loaders), configured)
         per: dict[str, Covariances] = {}
         info: dict[str, dict[str, Any]] = {}
+        if step == 1 and not self._later_group:
+            self.holdout, self.sufficiency, self.monitor.calibration, self._group_samples = [], {}, {}, {}
         for name, loader in loaders.items():
             batches = FingerprintedBatches(loader)
-            per[name] = self.calibrate(trainer, pl_module, batches)
+            per[name] = (
+                self._collect(trainer, pl_module, batches, name)
+                if step == 1
+                else self.calibrate(trainer, pl_module, batches)
+            )
             tokens = max(per[name].counts.values())
             info[name] = {"tokens": tokens, "weight": weights[name], "fingerprint": batches.digest, "step": step}
             rank_zero_info(
@@ -372,6 +406,64 @@ class Protection:
             )
         combined = combine_covariances(per, weights) if len(per) > 1 else next(iter(per.values()))
         return combined, per, info
+
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, batches: Iterable[Any], name: str) -> Covariances:
+        """One capability's covariances over all its batches, after the held-out sufficiency estimate
+        (``calibration_holdout``; warns when short).
+
+        ``calibration_samples='auto'``: also the share of the model's own sampled continuations of the hold-out
+        rows that the basis holds (:meth:`_own_continuations`); when either is short, the capability is calibrated
+        again with ``AUTO_SAMPLES`` sampled continuations per row added, and estimated again.
+        """
+        c = self.config
+        if self._later_group:  # calibration in groups: the first group's estimate (and 'auto' decision) stands
+            held = [] if c.calibration_holdout > 0 and c.source == "activations" else None  # the same sums, in order
+            cov = self.calibrate(trainer, pl_module, batches, held, self._group_samples[name])
+            return cov.merge_held_out_() if held is not None else cov
+        self._group_samples[name] = _fixed_samples(c.calibration_samples)
+        if c.calibration_holdout == 0 or c.source != "activations":
+            return self.calibrate(trainer, pl_module, batches, samples=self._group_samples[name])
+        holdout: list[Any] = []
+        cov = self.calibrate(trainer, pl_module, batches, holdout, _fixed_samples(c.calibration_samples))
+        estimate = self._estimate(cov)
+        if c.calibration_samples == "auto" and holdout:
+            own = self._own_continuations(trainer, pl_module, cov, holdout)
+            if estimate.short or (own is not None and own.short):
+                reason = estimate.verdict() if estimate.short else f"the model's own continuations: {own.verdict()}"
+                rank_zero_info(
+                    f"{self.who}: capability '{name}': {reason}. calibration_samples='auto': calibrating again with "
+                    f"{AUTO_SAMPLES} sampled continuations of {c.calibration_sample_tokens} tokens per row"
+                )
+                holdout = []
+                self._group_samples[name] = AUTO_SAMPLES
+                cov = self.calibrate(trainer, pl_module, batches, holdout, AUTO_SAMPLES)
+                before, estimate = estimate, self._estimate(cov)
+                estimate.before = {**before.summary(), "own_continuations": own.summary() if own else None}
+        self.sufficiency[name] = estimate
+        self.monitor.calibration[name] = estimate.summary()
+        self.holdout += holdout
+        message = sufficiency_warning(estimate, name, c.calibration_holdout, self.who)
+        if message is not None:
+            rank_zero_warn(message)
+        else:
+            rank_zero_info(f"{self.who}: capability '{name}' calibration: {estimate.verdict()}")
+        return cov.merge_held_out_()
+
+    def _own_continuations(
+        self, trainer: Trainer, pl_module: LightningModule, cov: Covariances, holdout: list[Any]
+    ) -> Sufficiency | None:
+        """How much of what the model reads while it answers the basis holds: the kept-in sums' basis measured on
+        ``AUTO_SAMPLES`` sampled continuations of each hold-out row (generation on the hold-out slice only).
+        One process only (the hold-out batches are per rank): ``None`` under several."""
+        if trainer.world_size > 1:
+            return None
+        generated = self.calibrate(trainer, pl_module, holdout, samples=AUTO_SAMPLES, originals=False)
+        return self._estimate(Covariances(cov.sums, cov.counts, cov.owner, held_out=generated))
+
+    def _estimate(self, cov: Covariances) -> Sufficiency:
+        held = cov.held_out
+        tokens = max(c + (held.counts.get(o, 0) if held is not None else 0) for o, c in cov.counts.items())
+        return sufficiency(cov, self.config, tokens, list(self._calibrating or self.targets))
 
     def record_energy(self, subspaces: Mapping[str, LayerSubspace], per: Mapping[str, Covariances]) -> None:
         """``capability_energy[layer][c] = tr(Q^T C_c Q) / tr(C_c)`` for the capabilities just measured."""
@@ -501,3 +593,8 @@ class Protection:
 
     def _full(self, name: str, field: str, t: torch.Tensor) -> torch.Tensor:
         return self.layout.full(name, field, t) if self.layout is not None else t
+
+
+def _fixed_samples(samples: int | str) -> int:
+    """``calibration_samples`` as a number of samples per row for the first pass ('auto': none)."""
+    return 0 if samples == "auto" else int(samples)

@@ -46,6 +46,7 @@ class HeldBases(Protocol):
     calibration: CalibrationSource
     who: str
     anchors: bool
+    reprojects: bool
     subspaces: dict[str, LayerSubspace]
     targets: dict[str, nn.Linear]
     capabilities: dict[str, dict[str, Any]]
@@ -181,8 +182,6 @@ def decide_file(p: HeldBases, trainer: Trainer, pl_module: LightningModule, path
     if policy == "force":
         return {"load": (subspaces, meta)}
     diffs = config_differences(meta.get("config"), p.config, compare_mode=p.reprojects)
-    if p.needs_q and any(s.complement for s in subspaces.values()) and not any(d.startswith("mode=") for d in diffs):
-        diffs.append("the file stores complement bases (gradient mode or FORA-LoRA), mode='update' needs Q itself")
     diffs += data_differences(meta.get("capabilities"), current_fingerprints(p, trainer, pl_module))
     if not diffs:
         return {"load": (subspaces, meta)}

@@ -37,6 +37,16 @@ class Covariances:
     sums: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
+    held_out: Covariances | None = None  # the hold-out slice's sums (calibration.holdout_batch), kept apart
+
+    def merge_held_out_(self) -> Covariances:
+        """Add the held-out sums and counts back into ``sums`` / ``counts`` (the final bases use all data)."""
+        if self.held_out is not None:
+            for o, s in self.held_out.sums.items():
+                self.sums[o].add_(s)
+                self.counts[o] += self.held_out.counts[o]
+            self.held_out = None
+        return self
 
     def covariance(self, name: str) -> Tensor:
         """``C = sum / N`` for layer ``name`` (through its owner)."""
@@ -61,6 +71,8 @@ class Covariances:
         counts = torch.tensor([self.counts[o] for o in owners], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts, group=group)
         self.counts = {o: int(c) for o, c in zip(owners, counts.tolist())}
+        if self.held_out is not None:
+            self.held_out.all_reduce_(group)
         return self
 
 
@@ -91,6 +103,8 @@ class CovarianceCollector:
         self.dtype = dtype
         self.panel, self.product = panel, product
         self.result = Covariances()
+        self.held_out = Covariances(owner=self.result.owner)  # batches scoped with held_out=True sum here
+        self._held = False
         self._mask: Tensor | None = None
         self._seen: dict[tuple, tuple[weakref.ref, str]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -109,20 +123,21 @@ class CovarianceCollector:
         self._handles.clear()
         self._seen.clear()
         if self.panel > 0:
-            for acc in self.result.sums.values():
+            for acc in [*self.result.sums.values(), *self.held_out.sums.values()]:
                 mirror_(acc, self.panel)
 
     @contextlib.contextmanager
-    def batch(self, attention_mask: Tensor | None = None) -> Iterator[None]:
-        """Scope one forward pass: tokens where ``attention_mask == 0`` are excluded."""
-        self._mask = attention_mask
+    def batch(self, attention_mask: Tensor | None = None, held_out: bool = False) -> Iterator[None]:
+        """Scope one forward pass: tokens where ``attention_mask == 0`` are excluded; ``held_out``: its sums go to
+        :attr:`held_out` instead of :attr:`result`."""
+        self._mask, self._held = attention_mask, held_out
         self._seen.clear()
         self.batches += 1
         try:
             with self.early_stop.batch():
                 yield
         finally:
-            self._mask = None
+            self._mask, self._held = None, False
             self._seen.clear()
 
     def _tokens(self, name: str, x: Tensor) -> Tensor:
@@ -157,16 +172,26 @@ class CovarianceCollector:
             tokens = self._tokens(name, x.detach())
             finite = torch.isfinite(tokens).all()
             self.finite[owner] = finite if owner not in self.finite else self.finite[owner] & finite
-            acc = self.result.sums.get(owner)
+            into = self.held_out if self._held else self.result
+            acc = into.sums.get(owner)
             if acc is None:
-                acc = self.result.sums[owner] = torch.zeros(
+                acc = into.sums[owner] = torch.zeros(
                     tokens.shape[1], tokens.shape[1], dtype=self.dtype, device=tokens.device
                 )
-                self.result.counts[owner] = 0
+                into.counts[owner] = 0
             gram_(acc, tokens, self.panel, self.product)
-            self.result.counts[owner] += tokens.shape[0]
+            into.counts[owner] += tokens.shape[0]
 
         return hook
+
+
+def _pair_owners(rest: Covariances, held: Covariances) -> None:
+    """Give each of ``rest`` and ``held`` a (zero) sum for every owner the other has: the two sets match on every
+    rank (all-reduce) and adding back is a plain sum."""
+    for a, b in ((rest, held), (held, rest)):
+        for o, s in a.sums.items():
+            if o not in b.sums:
+                b.sums[o], b.counts[o] = torch.zeros_like(s), 0
 
 
 def attention_mask_of(batch: Any) -> Tensor | None:
@@ -250,27 +275,33 @@ def collect_covariances(
     panel: int = 0,
     product: Product = "accumulator",
     stop_early: bool = False,
+    held_out: Callable[[int], bool] | None = None,
 ) -> Covariances:
     """Run ``forward(batch)`` for every batch under ``no_grad`` and ``eval`` and return the sums.
 
     ``forward`` receives the batch as given (move it to the device there). ``progress`` wraps the
     batches (the glue passes a progress bar; ``None``: none); ``panel``, ``product``,
-    ``stop_early``: :class:`CovarianceCollector`. Raises ``ValueError`` for an empty ``batches`` and for non-finite
-    inputs (naming the layers).
+    ``stop_early``: :class:`CovarianceCollector`. ``held_out(i)`` true for the i-th batch: its sums go to the
+    result's ``held_out`` (every owner present in both, zeros where no batch fell; ``None``: no hold-out).
+    Raises ``ValueError`` for an empty ``batches`` and for non-finite inputs (naming the layers).
     """
     collector = CovarianceCollector(modules, dtype, panel=panel, product=product, stop_early=stop_early)
     with collector, eval_mode(model), torch.no_grad():
-        for batch in progress(batches) if progress is not None else batches:
-            with collector.batch(attention_mask_of(batch)):
+        for i, batch in enumerate(progress(batches) if progress is not None else batches):
+            with collector.batch(attention_mask_of(batch), held_out is not None and held_out(i)):
                 forward(batch)
     cov = collector.result
+    if held_out is not None:
+        _pair_owners(cov, collector.held_out)
+        cov.held_out = collector.held_out
     if collector.batches and not cov.sums:
         raise ValueError(
             f"FORA calibration ran {collector.batches} batches, but the forward pass never reached target layer(s) "
             f"{list(modules)[:5]}: their forward is never called (e.g. nn.MultiheadAttention.out_proj, whose weight "
             "is read directly by F.multi_head_attention_forward); leave them out of target_modules"
         )
-    if not cov.sums or sum(cov.counts.values()) == 0:
+    held = cov.held_out if cov.held_out is not None else Covariances()
+    if not cov.sums or sum(cov.counts.values()) + sum(held.counts.values()) == 0:
         raise ValueError(
             "FORA calibration saw no tokens: the calibration loader is empty (or every position is padding). "
             "It needs at least one batch with a non-padding position of the capability to keep"
@@ -278,7 +309,9 @@ def collect_covariances(
     missing = [n for n in modules if n not in cov.owner]
     if missing:
         raise ValueError(f"FORA calibration: the forward pass never reached {missing[:5]}; are they used by the model?")
-    bad = [n for n, o in cov.owner.items() if not torch.isfinite(cov.sums[o]).all()]
+    bad = [
+        n for n, o in cov.owner.items() if not all(torch.isfinite(c.sums[o]).all() for c in (cov, held) if o in c.sums)
+    ]
     nonfinite = [n for n in bad if not bool(collector.finite[cov.owner[n]])]
     if nonfinite:
         raise ValueError(f"FORA calibration: non-finite (NaN/inf) inputs reached layer(s) {nonfinite[:5]}")

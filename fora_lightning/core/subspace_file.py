@@ -335,6 +335,7 @@ def load_subspaces(
     flat = load_file(str(path), device=str(device))
     subspaces = {}
     problems = []
+    bases: dict[tuple, list[Tensor]] = {}
     for name, info in meta["layers"].items():
         d_out, d_in, k, r = (int(info[key]) for key in ("d_out", "d_in", "k", "r"))
         t = {f: flat.pop(f"{name}{_SEP}{f}") for f in _SAVED_FIELDS if f"{name}{_SEP}{f}" in flat}
@@ -351,6 +352,7 @@ def load_subspaces(
         problems += _value_problems(name, t)
         if problems:
             continue
+        t["basis"] = _shared(t["basis"], bases)  # q/k/v (gate/up) stored one copy each: held as one again
         energy = info.get("energy")
         subspaces[name] = LayerSubspace(
             d_out=d_out,
@@ -365,6 +367,16 @@ def load_subspaces(
     if problems:
         raise ValueError(f"{path} is inconsistent: " + "; ".join(problems))
     return subspaces, meta
+
+
+def _shared(t: Tensor, seen: dict[tuple, list[Tensor]]) -> Tensor:
+    """``t``, or an equal tensor loaded before it (the file stores a basis shared by layers once per layer)."""
+    key = (tuple(t.shape), t.dtype)
+    for other in seen.setdefault(key, []):
+        if torch.equal(other, t):
+            return other
+    seen[key].append(t)
+    return t
 
 
 def _orthonormality_error(m: Tensor, probes: int = 4) -> float:

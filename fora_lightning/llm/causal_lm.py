@@ -111,10 +111,13 @@ class CausalLMModule(LightningModule):
         """The forward FORA runs on label-free calibration batches."""
         return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
 
-    def generate_continuations(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> dict[str, torch.Tensor]:
+    def generate_continuations(
+        self, batch: dict[str, torch.Tensor], max_new_tokens: int, samples: int = 0
+    ) -> dict[str, torch.Tensor]:
         """``batch`` with each row followed by the model's own greedy continuation (label-free; what FORA's
         ``calibration_generate`` calibrates on): :func:`~fora_lightning.llm.generation.greedy_extend` through
-        ``self.model.generate``, ``synced_gpus`` when several processes run."""
+        ``self.model.generate``, ``synced_gpus`` when several processes run. ``samples > 0``: each row ``samples``
+        times with sampled continuations instead (``calibration_samples``)."""
         from fora_lightning.llm.generation import greedy_extend
 
         config = self.model.generation_config
@@ -129,7 +132,7 @@ class CausalLMModule(LightningModule):
             and torch.distributed.get_world_size() > 1
         )
         ids, mask = greedy_extend(
-            self.model, batch["input_ids"], batch.get("attention_mask"), max_new_tokens, pad, eos, synced
+            self.model, batch["input_ids"], batch.get("attention_mask"), max_new_tokens, pad, eos, synced, samples
         )
         return {"input_ids": ids, "attention_mask": mask}
 

@@ -71,8 +71,11 @@ def greedy_extend(
     pad_token_id: int,
     eos_token_id: int | None,
     synced: bool = False,
+    samples: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row followed by the model's own greedy continuation (up to ``max_new_tokens``, through its first EOS).
+    ``samples > 0``: every row ``samples`` times (consecutive), each followed by a continuation sampled from the
+    model's own distribution (temperature 1, no top-k/top-p; the caller seeds torch's RNG).
 
     Rows come right-padded (``attention_mask`` 1 on real tokens, as :class:`~fora_lightning.llm.encoding.PadCollator`
     makes them); a trailing EOS is dropped first (a prompt that ends the text has nothing to continue). The rows are
@@ -94,13 +97,19 @@ def greedy_extend(
             input_ids=left,
             attention_mask=left_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **(
+                {"do_sample": True, "num_return_sequences": samples, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+                if samples > 0
+                else {"do_sample": False}
+            ),
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
             synced_gpus=synced,
         )
     finally:
         model.train(was_training)
+    if samples > 0:
+        rows = [r for r in rows for _ in range(samples)]
     out = []
     for r, new in zip(rows, generated[:, width:], strict=True):
         stop = (new == eos_token_id).nonzero() if eos_token_id is not None else new[:0]
