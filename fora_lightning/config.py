@@ -178,6 +178,14 @@ class ForaConfig(SubspaceConfig):
     )
     lora_alpha: float = field(default=16.0, metadata=_help("FORA-LoRA scale numerator: the update is (alpha/rank) B A"))
     lora_dropout: float = field(default=0.0, metadata=_help("FORA-LoRA dropout on the adapter's input"))
+    on_violation: Literal["warn", "raise"] = field(
+        default="warn",
+        metadata=_help(
+            "what the leakage sentinel does when a protected layer's output on span(Q) moves past what the settings "
+            "certify (checked every log_every_n_steps and at the end of fit, on a few probe rows): 'warn' once per "
+            "fit naming the layer, the value, the bound and the likely causes; 'raise' stops the fit (ProtectionViolation)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -205,6 +213,7 @@ class ForaConfig(SubspaceConfig):
         _int_at_least("covariance_panel", self.covariance_panel, 0, "panel width in columns; 0: the full product")
         _int_at_least("covariance_token_stride", self.covariance_token_stride, 1, "1: every token")
         _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("on_violation", self.on_violation, ("warn", "raise"))
         if self.allocation != "energy" and (self.rank is not None or self.source != "activations"):
             raise ValueError(
                 f"allocation={self.allocation!r} spreads the energy rule's total k over layers; it needs "
