@@ -5,7 +5,8 @@ once every target has read its input, where the strategy allows it); each target
 non-padding input tokens ``X`` (``n x d_in``, float32; layers that read one input share the tensor) and their
 part in span(Q), ``X_Q = X - X P_Q`` (shared by layers with one basis). The layer's own forward (eval mode,
 autocast off, float32 matmuls at full precision) then gives the base outputs ``f0(X)``, ``f0(X_Q)`` and
-``f0(0)`` (its bias), kept beside them. A reading runs the module found under the layer's name *now* on the
+``f0(0)`` (its bias), kept beside them (for a FORA-LoRA layer its ``base_layer``'s: ``W0`` itself, even when the layer
+holds a trained ``B`` and ``delta``, which the bound on ``delta`` is relative to). A reading runs the module found under the layer's name *now* on the
 same rows, in one call of ``2n + 1`` rows, so anything that moves what the kept capability reads is seen: an
 optimizer step, clipping, a hand-written update, a trained bias, a rebuilt or re-wrapped layer, weights loaded
 later. :mod:`fora_lightning.core.leakage` turns the outputs into the readings and their certified bounds.
@@ -189,7 +190,8 @@ class ProtectionProbe:
                 xq = spans[key]
             shard = row_shard(w)
             dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-            y0, yq0, z0 = self._outputs(m, x, xq, dtype, shard)
+            base = m.base_layer if is_lora(m) else m  # a FORA-LoRA layer's reference is W0 itself, whatever B and delta
+            y0, yq0, z0 = self._outputs(base, x, xq, dtype, shard)
             self.held[name] = Held(x=x, xq=xq, y0=y0, yq0=yq0, z0=z0, dtype=dtype, shard=shard)
         self._norms()
 

@@ -338,6 +338,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "weights": full_weights(trainer, fora, cfg),
             "fora": fora.state_dict(),
             "on_host": on_host(fora),
+            "sentinel": fora.protection.monitor.summary() | {"source": fora.protection.monitor.probe_source},
         }
         results["train"]["no_grad_forwards"] = trainer.lightning_module.no_grad_forwards
         if cfg.get("save"):
@@ -349,6 +350,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "weights": full_weights(trainer, fora, cfg),
             "fora": fora.state_dict(),
             "on_host": on_host(fora),
+            "sentinel": fora.protection.monitor.summary() | {"source": fora.protection.monitor.probe_source},
         }
     return results
 
