@@ -168,7 +168,8 @@ class ProtectionMonitor:
         probe = ProtectionProbe(pl_module, modules, subspaces)
         if self._restored is not None:
             state, self._restored = self._restored, None
-            if probe.load_state_dict(state.get("layers", {})):
+            layers = state.get("layers", {})
+            if set(layers) == set(modules) and probe.load_state_dict(layers):
                 self.probe, self.probe_source = probe, str(state.get("source", "restored from the checkpoint"))
                 self.worst = dict(restored_worst or {})
                 self._set_limits(subspaces)

@@ -16,16 +16,18 @@ computes its output columns ``X W_local^T + b_local`` and the squared norms (and
 coordinates) are summed over the shard group: every rank gets the full-layer value. FSDP1 (flat parameters) and
 FORA-LoRA under FSDP2 have no probe (:mod:`fora_lightning.monitor` says so).
 
-Memory (float32, on the layer's device): ``n d_in`` per distinct input, ``n d_in`` per distinct (input, basis), and
-``(2 n + 1) d_out`` per layer (this rank's columns under FSDP2); :meth:`ProtectionProbe.nbytes`. Cost of a reading:
-one forward of ``2n + 1`` rows per layer, ``2 (2n + 1) d_in d_out`` flops, plus ``O(n (d_in + d_out) r)``.
+Memory (float32): ``n d_in`` per distinct input, ``n d_in`` per distinct (input, basis), and ``(2 n + 1) d_out`` per
+layer (this rank's columns under FSDP2); :meth:`ProtectionProbe.nbytes`. On CUDA it is parked in pinned host memory
+and each reading copies one layer's part to the device at a time (the device holds one layer's worth); elsewhere it
+stays on the layer's device. Cost of a reading: one forward of ``2n + 1`` rows per layer,
+``2 (2n + 1) d_in d_out`` flops, plus ``O(n (d_in + d_out) r)``, and on CUDA the host-to-device copies.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ from fora_lightning.core.covariance import attention_mask_of, eval_mode
 from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
 from fora_lightning.core.early_stop import StopForward
 from fora_lightning.core.leakage import channel_residual, numerical_tolerance, span_part
-from fora_lightning.core.subspace import LayerSubspace
+from fora_lightning.core.subspace import LayerSubspace, to_host
 from fora_lightning.core.targets import weight_matrix
 
 
@@ -62,6 +64,16 @@ class Held:
     z0: Tensor
     dtype: torch.dtype
     shard: RowShard | None
+    device: torch.device
+
+    def on_device(self) -> Held:
+        """This probe with its tensors on the layer's device (copies when they are parked in host memory)."""
+        if self.x.device == self.device:
+            return self
+        move = {f: getattr(self, f) for f in ("x", "xq", "y0", "yq0", "z0")}
+        return replace(
+            self, **{f: t.to(self.device, non_blocking=True) if t is not None else None for f, t in move.items()}
+        )
 
 
 @dataclass
@@ -192,8 +204,21 @@ class ProtectionProbe:
             dtype = w.dtype if w.dtype.is_floating_point else torch.float32
             base = m.base_layer if is_lora(m) else m  # a FORA-LoRA layer's reference is W0 itself, whatever B and delta
             y0, yq0, z0 = self._outputs(base, x, xq, dtype, shard)
-            self.held[name] = Held(x=x, xq=xq, y0=y0, yq0=yq0, z0=z0, dtype=dtype, shard=shard)
+            self.held[name] = Held(x=x, xq=xq, y0=y0, yq0=yq0, z0=z0, dtype=dtype, shard=shard, device=w.device)
         self._norms()
+        self._park()
+
+    def _park(self) -> None:
+        """On CUDA, move the probe to pinned host memory (shared rows stay shared); each reading copies one layer's back."""
+        parked: dict[int, Tensor] = {}
+
+        def host(t: Tensor | None) -> Tensor | None:
+            if t is None or t.device.type != "cuda":
+                return t
+            return parked.setdefault(id(t), to_host(t))
+
+        for name, h in self.held.items():
+            self.held[name] = replace(h, x=host(h.x), xq=host(h.xq), y0=host(h.y0), yq0=host(h.yq0), z0=host(h.z0))
 
     def _outputs(
         self, m: nn.Module, x: Tensor, xq: Tensor | None, dtype: torch.dtype, shard: RowShard | None
@@ -216,7 +241,8 @@ class ProtectionProbe:
 
     def _norms(self) -> None:
         """:class:`Norms` of every layer (summed over row shards: a collective under FSDP2)."""
-        for name, h in self.held.items():
+        for name, held in self.held.items():
+            h = held.on_device()
             yq0 = h.yq0 if h.yq0 is not None else h.z0.expand_as(h.y0)  # k = 0: X_Q = 0, f0(0) = z0
             sq = torch.stack([_sq(h.y0), _sq(yq0), _sq(yq0 - h.z0), _sq(h.y0 - yq0)])
             if h.shard is not None:
@@ -242,8 +268,8 @@ class ProtectionProbe:
 
         A layer that is gone, or whose new module rejects the rows, reads ``inf`` everywhere."""
         out = {}
-        for name, h in self.held.items():
-            m = self.current(name)
+        for name, held in self.held.items():
+            h, m = held.on_device(), self.current(name)
             try:
                 y, yq, z = self._outputs(m, h.x, h.xq, h.dtype, h.shard)
                 if y.shape != h.y0.shape:
@@ -281,7 +307,7 @@ class ProtectionProbe:
         return numerical_tolerance(self.held[name].dtype)
 
     def nbytes(self) -> int:
-        """Bytes the probe holds on the devices (shared rows counted once)."""
+        """Bytes the probe holds (shared rows counted once): on the layers' devices, or in host memory on CUDA."""
         seen: dict[int, int] = {}
         for h in self.held.values():
             for t in (h.x, h.xq, h.y0, h.yq0, h.z0):
@@ -293,7 +319,8 @@ class ProtectionProbe:
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """Layer -> ``x``, ``xq``, the full base outputs (columns gathered under FSDP2: a collective), dtype; on the CPU."""
         out = {}
-        for name, h in self.held.items():
+        for name, held in self.held.items():
+            h = held.on_device()
 
             def full(t: Tensor, h: Held = h) -> Tensor:
                 return (h.shard.gather(t.T.contiguous()).T if h.shard is not None else t).cpu()
@@ -325,6 +352,8 @@ class ProtectionProbe:
                 z0=local(entry["z0"][None])[0],
                 dtype=getattr(torch, str(entry["dtype"]).removeprefix("torch.")),
                 shard=shard,
+                device=dev,
             )
         self._norms()
+        self._park()
         return True
