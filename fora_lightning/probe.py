@@ -197,8 +197,9 @@ class ProtectionProbe:
             xq = None
             if sub.k > 0:
                 key = (id(x), id(sub.basis))
-                if key not in spans:
-                    spans[key] = span_part(x, sub.basis.to(x.device), sub.complement)
+                if key not in spans:  # outside the training forward's autocast: X_Q must lie in span(Q) to float32
+                    with exact_matmul(x.device):
+                        spans[key] = span_part(x, sub.basis.to(x.device), sub.complement)
                 xq = spans[key]
             shard = row_shard(w)
             dtype = w.dtype if w.dtype.is_floating_point else torch.float32

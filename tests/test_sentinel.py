@@ -189,6 +189,8 @@ CLEAN = {
         {},
     ),
     "bf16_true": (BF16MLP, lambda: _fora(), {"precision": "bf16-true"}),
+    # the probe is captured inside the training forward's autocast: X_Q must still be computed in float32
+    "bf16_mixed": (MLP, lambda: _fora(), {"precision": "bf16-mixed"}),
 }
 
 
