@@ -1,5 +1,6 @@
 """The end-of-fit proof table: ``fora_report.json`` and ``fora_report.md`` (per layer k, r, energy kept, the
-channel bound when the subspace carries one, measured leakage; the model's KL(base || tuned) and perplexity)."""
+channel bound when the subspace carries one, the leakage sentinel's last readings and their bounds; the sentinel's
+probe source, worst readings of the fit and verdict; the model's KL(base || tuned) and perplexity)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,29 @@ from typing import Any
 
 from fora_lightning.core.subspace import LayerSubspace
 
-COLUMNS = ("layer", "k", "r", "energy", "channel_bound", "leakage")
+COLUMNS = (
+    "layer",
+    "k",
+    "r",
+    "energy",
+    "channel_bound",
+    "leakage",
+    "span_change",
+    "span_bound",
+    "leakage_heldout",
+    "heldout_tolerance",
+)
+SENTINEL = ("leakage", "span_change", "heldout")  # the summary's worst_<kind> entries, in this order
 
 
-def layer_rows(subspaces: Mapping[str, LayerSubspace], leakage: Mapping[str, float]) -> list[dict[str, Any]]:
-    """One row per layer; ``channel_bound`` is ``None`` where the subspace has none, ``leakage`` where unmeasured."""
+def layer_rows(
+    subspaces: Mapping[str, LayerSubspace],
+    leakage: Mapping[str, float],
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per layer; ``channel_bound`` is ``None`` where the subspace has none, ``leakage`` where unmeasured;
+    ``extra``: layer -> further columns (the sentinel's ``span_change``, ``span_bound``, ``leakage_heldout``,
+    ``heldout_tolerance``)."""
     rows = []
     for name, s in subspaces.items():
         bound = getattr(s, "channel_bound", None)
@@ -27,6 +46,7 @@ def layer_rows(subspaces: Mapping[str, LayerSubspace], leakage: Mapping[str, flo
                 "energy": None if math.isnan(s.energy) else float(s.energy),
                 "channel_bound": None if bound is None else float(bound),
                 "leakage": leakage.get(name),
+                **{c: (extra or {}).get(name, {}).get(c) for c in COLUMNS[6:]},
             }
         )
     return rows
@@ -44,7 +64,27 @@ def markdown(summary: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
     for key in ("kl", "ppl", "ppl_base", "leakage_max", "leakage_mean"):
         if key in summary:
             lines.append(f"- {key}: {_cell(float(summary[key]))}")
-    lines.append(f"- probe inputs: {summary.get('probe_inputs')} ({summary.get('probe_rows')} tokens per layer)")
+    lines.append(
+        f"- probe inputs: {summary.get('probe_inputs')} ({summary.get('probe_rows')} tokens per layer, "
+        f"{summary.get('probe_bytes', 0) / 2**20:.2f} MiB)"
+    )
+    if "verdict" in summary:
+        lines.append(
+            f"- leakage sentinel: {summary['verdict']} after {summary.get('sentinel_checks', 0)} checks "
+            f"(on_violation={summary.get('on_violation')!r})"
+        )
+    for kind in SENTINEL:
+        w = summary.get(f"worst_{kind}")
+        if w:
+            lines.append(
+                f"- worst {kind}: {_cell(w['value'])} (layer {w['layer']}, step {w['step']}; "
+                f"{'tolerance' if kind == 'heldout' else 'bound'} {_cell(w['bound'])})"
+            )
+    if summary.get("violation"):
+        v = summary["violation"]
+        lines.append(
+            f"- first violation: layer {v.get('layer')} at step {v.get('step')}: {'; '.join(v.get('causes', []))}"
+        )
     for capability, estimate in summary.get("calibration", {}).items():
         lines.append(f"- calibration '{capability}': {estimate['verdict']}")
     if "kl" not in summary:
@@ -54,8 +94,11 @@ def markdown(summary: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
     lines += [
         "",
         (
-            "leakage: ||(W - W0) X|| / ||W0 X|| on the probe inputs, spectral channel excluded; "
-            "KL: mean per-token KL(base || tuned) in nats on the held-out preserved batches."
+            "leakage: ||f(X_Q) - f0(X_Q)|| / ||f0(X_Q)|| on the probe rows' span(Q) part X_Q, the spectral channel's "
+            "best fit removed (bound: the numerical tolerance); span_change: the same with the channel (bound: "
+            "channel_bound); leakage_heldout: on the raw probe rows (informational: inputs outside span(Q) are not "
+            "protected; tolerance: their base response changing by 100 %); KL: mean per-token KL(base || tuned) in "
+            "nats on the held-out preserved batches."
         ),
         "",
         "| " + " | ".join(COLUMNS) + " |",

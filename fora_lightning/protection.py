@@ -99,7 +99,7 @@ class Protection:
         self._restored = False  # subspaces came from a checkpoint in this fit (checked against the settings in prepare)
         self._restored_config: dict[str, Any] | None = None
         self._ended: dict[str, Any] | None = None  # the model and weights the last fit ended with
-        self.monitor = ProtectionMonitor(who)  # the leakage probe and fora_report.{json,md}
+        self.monitor = ProtectionMonitor(who, self)  # the leakage sentinel and fora_report.{json,md}
 
     @property
     def path(self) -> Path | None:

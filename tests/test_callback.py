@@ -90,7 +90,7 @@ def test_resume_restores_bases_without_calibration(tmp_path, mlp):
     cb = FORA(calibration=cal, target_modules=["fc1", "fc2"], weight_rank=2, progress=False)
     trainer = tiny_trainer(max_steps=6, callbacks=[cb], enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(mlp, task_loader())
-    assert cal.drawn == len(cal)
+    assert cal.drawn == len(cal)  # the leakage sentinel probes the calibration hold-out slice: no extra batch
     ckpt = trainer.checkpoint_callback.best_model_path
     cal2 = CountingLoader(batch_size=8)  # the same samples, grouped otherwise: the same data
     cb2 = FORA(calibration=cal2, target_modules=["fc1", "fc2"], weight_rank=2, progress=False)
@@ -141,7 +141,9 @@ def test_subspace_file_is_saved_then_loaded(tmp_path, mlp):
     cal = CountingLoader(batch_size=8)
     cb2 = FORA(calibration=cal, target_modules=["fc1"], subspaces=path, progress=False)
     _fit(copy.deepcopy(mlp), [cb2], steps=1)
-    assert cal.drawn == len(cal) + VERIFY_BATCHES  # loaded: a fingerprint pass and the energy check, no calibration
+    assert (
+        cal.drawn == len(cal) + VERIFY_BATCHES + 1
+    )  # loaded: a fingerprint pass, the energy check and the sentinel's probe batch (monitor.calibration_slice), no calibration
     torch.testing.assert_close(cb2.subspaces["fc1"].basis, cb.subspaces["fc1"].basis)
 
 
@@ -204,4 +206,4 @@ def test_calibration_step_and_datamodule_calibration_are_used(mlp):
     model = WithStep()
     cb = FORA(target_modules=["fc1"], progress=False)
     tiny_trainer(max_steps=1, callbacks=[cb]).fit(model, datamodule=DM())
-    assert seen == [torch.Size([32, 16])] * 2
+    assert seen == [torch.Size([32, 16])] * 3  # two calibration batches, then the leakage sentinel's probe batch

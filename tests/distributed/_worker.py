@@ -363,6 +363,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "fora": fora.state_dict(),
             "on_host": on_host(fora),
             "state_bytes": state_bytes(fora),
+            "sentinel": fora.protection.monitor.summary() | {"source": fora.protection.monitor.probe_source},
         }
         results["train"]["no_grad_forwards"] = trainer.lightning_module.no_grad_forwards
         if cfg.get("save"):
@@ -376,6 +377,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "fora": fora.state_dict(),
             "on_host": on_host(fora),
             "state_bytes": state_bytes(fora),
+            "sentinel": fora.protection.monitor.summary() | {"source": fora.protection.monitor.probe_source},
         }
     return results
 
