@@ -110,6 +110,14 @@ def model_rows(name: str, k_frac: float) -> tuple[list[dict[str, Any]], dict[str
     return out, fixed
 
 
+def from_shapes(shapes: dict[str, list[Any]]) -> dict[str, tuple[int, int, int, int, str]]:
+    """``{module name: [d_out, d_in, k, r, complement]}`` of a fit -> :func:`persistent`'s layers (input per block)."""
+    group = {n: key for n, (_, _, key) in block_layers(1, 1, 1, 1, 1).items()}
+    return {
+        n: (o, i, k, r, f"{n.rsplit('.', 1)[0]}.{group[n.rsplit('.', 1)[1]]}") for n, (o, i, k, r, _) in shapes.items()
+    }
+
+
 def check_small() -> tuple[list[list[Any]], list[dict[str, Any]]]:
     """The per-rank formula against ``memory.py`` a)'s measured bytes (same shapes, k, r)."""
     path = RESULTS / "memory.json"
@@ -117,13 +125,14 @@ def check_small() -> tuple[list[list[Any]], list[dict[str, Any]]]:
         return [], []
     rows_, out = [], []
     for label, run in (json.loads(path.read_text()).get("distributed") or {}).items():
-        layers = {n: (o, i, k, r, n.rsplit(".", 1)[0] + "." + block_layers(1, 1, 1, 1, 1)[n.rsplit(".", 1)[1]][2])
-                  for n, (o, i, k, r, _c) in run["shapes"].items()}  # fmt: skip
+        layers = from_shapes(run["shapes"])
         world = run["world"] if run["strategy"] in ("fsdp2", "fsdp1") else 1
         for rank, measured in enumerate(run["state_bytes"]):
             predicted = sum(persistent(layers, rank % world, world).values())
-            out.append({"run": label, "rank": rank, "measured": measured, "predicted": predicted})
-            rows_.append([label, rank, measured, predicted, predicted / measured])
+            copy = max(4 * rows(o, rank % world, world) * i for o, i, *_ in layers.values())  # one layer's rows
+            out.append({"run": label, "rank": rank, "measured": measured, "predicted": predicted,
+                        "copy_measured": run["transient_bytes"][rank], "copy_predicted": copy})  # fmt: skip
+            rows_.append([label, rank, measured, predicted, predicted / measured, run["transient_bytes"][rank], copy])
     return rows_, out
 
 
@@ -185,7 +194,18 @@ def main() -> None:
             "### Per rank, by GPU count (FSDP2, float32 master weights)\n\n" + "\n\n".join(parts),
             "### The formula against the bytes measured by `benchmarks/memory.py` a) (small Llama, 1 and 2 processes)\n\n"
             + (
-                md_table(["run", "rank", "measured bytes", "predicted bytes", "predicted / measured"], check_rows)
+                md_table(
+                    [
+                        "run",
+                        "rank",
+                        "FORA bytes measured",
+                        "predicted",
+                        "predicted / measured",
+                        "step copy bytes measured",
+                        "predicted (one layer's rows)",
+                    ],
+                    check_rows,
+                )  # fmt: skip
                 if check_rows
                 else "(no results/memory.json yet: run benchmarks/memory.py first)"
             ),
