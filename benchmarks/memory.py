@@ -216,7 +216,10 @@ def smollm2_table(res: dict[str, Any]) -> str:
         f"{16 * p / MIB:.0f} MiB); model {first['model_params']:,} parameters. Mean k / d_in by layer: {kd} "
         f"({first['complement']} of {first['layers']} layers store the complement). Step transient: the largest "
         "weight copy the layer-by-layer step takes (`reprojection='step'` only; the anchored re-projection copies the "
-        "host anchors of one layer at a time)."
+        "host anchors of one layer at a time). The rows after the first load the subspace file, which stores and "
+        "loads each layer's basis separately (core/subspace_file.py): the basis q/k/v share and the one gate/up share "
+        "are then held once per layer, not once per input, so their bases column is larger than a run that estimates "
+        "its own (the first row's bases unshared would be 112.8 MiB, not 83.7)."
     )
 
 
