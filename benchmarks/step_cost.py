@@ -144,7 +144,7 @@ class Variant:
             else:  # the Callback's default: the AdamW step taken layer by layer, each layer's step projected
                 for sub in self.subs.values():
                     sub.delta = torch.zeros(sub.r, device=sub.u.device)
-                units, done = self.layout.step_units(self.subs, self.channel_bound, precision, self.split)
+                units, done = self.layout.step_units(self.subs, self.channel_bound)
                 LayerwiseStep(self.opt, units, done).install()
 
     def step(self, xs: dict[str, torch.Tensor], dys: dict[str, torch.Tensor]) -> None:

@@ -181,7 +181,7 @@ class FORA(Callback):
         bound = self.config.channel_bound
         for optimizer in trainer.optimizers:
             check_optimizer(optimizer)
-            units, done = self.protection.layout.step_units(self.subspaces, bound, self.precision, self._split)
+            units, done = self.protection.layout.step_units(self.subspaces, bound)
             self._steps.append(LayerwiseStep(optimizer, units, done).install())
 
     @override

@@ -18,7 +18,6 @@ The math is :mod:`fora_lightning.core.projection`; this module only chooses whic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from fora_lightning._compat import flat_param_local, flat_param_sizes, flat_param_views
 from fora_lightning.core.distributed import RowShard, local_tensor, row_shard
-from fora_lightning.core.precision import project_cheap, project_weight_mixed_, weight_coords
+from fora_lightning.core.precision import project_cheap, project_weight_mixed_
 from fora_lightning.core.projection import leak_part_, project, project_step_, project_weight_
 from fora_lightning.core.sharding import Split
 from fora_lightning.core.subspace import LayerSubspace, to_host
@@ -107,22 +106,19 @@ class TargetLayout:
                 )
 
     def step_units(
-        self, subspaces: Subspaces, channel_bound: float | None = None, precision: str = "float32", split: bool = False
+        self, subspaces: Subspaces, channel_bound: float | None = None
     ) -> tuple[list[Unit], Callable[[], None]]:
         """The :class:`~fora_lightning.layerwise_step.Unit` of every target weight (FSDP1: of every flat unit holding
         targets), in model order: each copies its weight before its step and projects the step after it
         (:func:`~fora_lightning.core.projection.project_step_`), so ``W - W0`` stays in S without anchors. Also the
-        function to call when a step is done (it drops the last gathered basis). With ``split`` (CUDA) the two big
-        products run as error-compensated splits of ``precision`` GEMMs (:func:`~fora_lightning.core.precision.weight_coords`,
-        error ~u^2), else in float32 (FSDP1: float32)."""
+        function to call when a step is done (it drops the last gathered basis)."""
         full = _Gathered()
-        matmul = partial(weight_coords, precision=precision, split=True) if split and precision != "float32" else None
         if self.flat:
             units: list[Unit] = [
                 _FlatStep(unit, members, self.targets, subspaces, full, channel_bound) for unit, members in self.flat
             ]
         else:
-            units = [_LayerStep(self, name, subspaces, full, channel_bound, matmul) for name in self.targets]
+            units = [_LayerStep(self, name, subspaces, full, channel_bound) for name in self.targets]
         return units, full.clear
 
     @torch.no_grad()
@@ -242,15 +238,8 @@ class _LayerStep:
     """One target weight (whole, or its FSDP2 rows) as a :class:`~fora_lightning.layerwise_step.Unit`."""
 
     def __init__(
-        self,
-        layout: TargetLayout,
-        name: str,
-        subspaces: Subspaces,
-        full: _Gathered,
-        channel_bound: float | None,
-        matmul: Callable[[Tensor, Tensor], Tensor] | None = None,
+        self, layout: TargetLayout, name: str, subspaces: Subspaces, full: _Gathered, channel_bound: float | None
     ) -> None:
-        self.matmul = matmul
         self.layout, self.name, self.subspaces, self.full, self.channel_bound = (
             layout,
             name,
@@ -283,7 +272,6 @@ class _LayerStep:
             s=sub.s,
             delta=sub.delta,
             channel_bound=self.channel_bound,
-            matmul=self.matmul,
         )
 
 

@@ -223,7 +223,9 @@ class ProtectionMonitor:
         if loader is not None:
             return "datamodule.preserve_val_dataloader() (held out)", loader, True, True
         holdout = getattr(self.owner, "holdout", None)
-        if holdout:
+        # each rank holds its own share of the hold-out slice: probe it only if every rank has one (the probe's
+        # forwards and readings are collectives), else every rank takes the first calibration batch
+        if trainer.strategy.reduce_boolean_decision(bool(holdout), all=True):
             return (
                 "calibration hold-out slice (every calibration_holdout-th batch; added back into the bases)",
                 holdout,

@@ -111,7 +111,6 @@ def leak_part_(
     s: Tensor | None = None,
     delta: Tensor | None = None,
     channel_bound: float | None = None,
-    matmul: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """In place: ``step <- step - Pi(step)``, the part of an optimizer step that leaves S (float32/float64, 2-D).
 
@@ -119,10 +118,7 @@ def leak_part_(
     ``step (I - P_Q)`` is ``(step Q) Q^T``, or ``step - (step C) C^T`` for a complement basis ``C``.
     ``delta`` (r, updated in place) is the channel's running coordinate ``diag(U^T (W - W0) V)``: it grows by the
     step's ``diag(U^T step V)``; with ``channel_bound = tau`` (and ``s = S_r``) the excess over ``|delta_i| <= tau S_i``
-    is added to the leak (``+ U diag(excess) V^T``), so subtracting the result keeps the bound. ``matmul`` computes
-    the two ``d_out d_in k`` products (default: float32 GEMMs, in place; e.g. an error-compensated split of cheaper
-    GEMMs, :func:`~fora_lightning.core.precision.weight_coords`: nothing re-anchors this leak, so it needs ~float32
-    accuracy). Returns ``step``.
+    is added to the leak (``+ U diag(excess) V^T``), so subtracting the result keeps the bound. Returns ``step``.
     """
     if step.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"leak_part_ needs a float32/float64 step, got {step.dtype}")
@@ -133,11 +129,7 @@ def leak_part_(
         utx = _left_coords(u, step, all_reduce)
         coords = (utx * v.mT).sum(dim=-1)
         m = _channel_free(utx, q, v, complement)
-    if matmul is not None:  # (step Q) Q^T, or step - (step C) C^T
-        inside = matmul(matmul(step, q), q.mT)
-        step.sub_(inside) if complement else step.copy_(inside)
-        del inside
-    elif complement:
+    if complement:
         _sub_mm(step, step @ q, q.mT, inplace=True)  # step - (step C) C^T
     elif step.is_contiguous():
         torch.mm(step @ q, q.mT, out=step)  # (step Q) Q^T

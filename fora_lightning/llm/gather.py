@@ -25,7 +25,8 @@ def unsharded_copy(model: PreTrainedModel, state: dict[str, Tensor]) -> PreTrain
 
     Built on the meta device (no random init), with a :class:`ForaLoraLinear` (same ``lora_rank``, ``lora_alpha``,
     ``weight_rank``) wherever ``model`` has one, then filled by ``load_state_dict(strict=True, assign=True)``;
-    non-persistent buffers (e.g. rotary ``inv_freq``), which no state dict holds, are copied from ``model``.
+    non-persistent buffers (e.g. rotary ``inv_freq``), which no state dict holds, are copied from ``model``, and each
+    parameter's ``requires_grad`` (which ones trained: ``export_lora_adapter`` saves those) too.
     """
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
@@ -38,6 +39,9 @@ def unsharded_copy(model: PreTrainedModel, state: dict[str, Tensor]) -> PreTrain
             )
             setattr(parent, child, layer)
     copy.load_state_dict(state, strict=True, assign=True)
+    trained = {n: p.requires_grad for n, p in model.named_parameters()}  # which parameters trained (for the export)
+    for n, p in copy.named_parameters():
+        p.requires_grad_(trained.get(n, p.requires_grad))
     buffers = dict(model.named_buffers())
     for name, buf in list(copy.named_buffers()):
         if buf.is_meta:
