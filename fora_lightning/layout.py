@@ -69,7 +69,7 @@ class TargetLayout:
 
     def shard(self, subspaces: Subspaces) -> None:
         """Keep only this rank's rows of each layer's ``basis``, ``u``, ``v`` wherever the weights are sharded."""
-        cache: dict[int, Tensor] = {}
+        cache: dict[int, tuple[Tensor, Tensor]] = {}
         for name, sub in subspaces.items():
             split = self.split_for(name)
             if split is not None and split.world > 1:

@@ -228,7 +228,7 @@ class ProtectionMonitor:
         if trainer.strategy.reduce_boolean_decision(bool(holdout), all=True):
             return (
                 "calibration hold-out slice (every calibration_holdout-th batch; added back into the bases)",
-                holdout,
+                holdout[:1] if trainer.world_size > 1 else holdout,  # the ranks' shares differ: the same forwards
                 True,
                 False,
             )

@@ -303,7 +303,7 @@ class Protection:
         if covariances is not None and config.combine == "union" and len(per) > 1:
             spectra, ks = union_spectra(per, config.energy, config.rank, config.capability_weights)
             config = replace(config, rank=ks)
-        shards: dict[int, torch.Tensor] = {}
+        shards: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def keep(built: dict[str, LayerSubspace]) -> dict[str, LayerSubspace]:
             """Record each capability's kept energy (full bases), then keep only this rank's rows under FSDP."""
@@ -570,23 +570,24 @@ class Protection:
         return self.anchors and not self.anchors_on_host
 
     def to(self, device: torch.device) -> None:
-        moved: dict[int, torch.Tensor] = {}  # layers sharing a basis tensor still share it on the device
+        # layers sharing a basis tensor still share it on the device (the originals are kept: ids are not reused)
+        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for sub in self.subspaces.values():
             basis = sub.basis
             sub.to(device, anchors_on_host=self.anchors_on_host)
-            sub.basis = moved.setdefault(id(basis), sub.basis)
+            sub.basis = moved.setdefault(id(basis), (basis, sub.basis))[1]
 
     def unshard(self) -> None:
         """Every layer's bases whole again (collectives on every rank): before extending or reading them after a
         sharded fit."""
-        cache: dict[int, torch.Tensor] = {}
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (local rows kept alive, whole)
         for sub in self.subspaces.values():
             if sub.split is None:
                 continue
             key = id(sub.basis)
             if key not in cache:
-                cache[key] = sub.full("basis")
-            sub.basis, sub.u, sub.v = cache[key], sub.full("u"), sub.full("v")
+                cache[key] = (sub.basis, sub.full("basis"))
+            sub.basis, sub.u, sub.v = cache[key][1], sub.full("u"), sub.full("v")
             if sub.spectrum is not None:
                 sub.spectrum = sub.full("spectrum")
             sub.split = None

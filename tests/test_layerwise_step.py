@@ -20,15 +20,9 @@ from torch.utils.data import DataLoader
 from fora_lightning import FORA
 from fora_lightning.core.covariance import calibration_groups
 from fora_lightning.core.projection import bound_channel, project_step_
+from fora_lightning.core.reference import dense_pi
 from fora_lightning.core.subspace import complement_basis, nbytes_summary
 from fora_lightning.layerwise_step import LayerwiseStep, check_optimizer
-
-
-def dense_pi(g: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Pi(G) = P_U G P_Q + U diag(diag(U^T G V)) V^T`` with explicit d x d projectors (float64)."""
-    p_q = torch.eye(q.shape[0], dtype=g.dtype) - q @ q.T
-    p_u = torch.eye(u.shape[0], dtype=g.dtype) - u @ u.T
-    return p_u @ g @ p_q + u @ torch.diag(torch.diagonal(u.T @ g @ v)) @ v.T
 
 
 @settings(max_examples=25, deadline=None)

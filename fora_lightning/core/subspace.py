@@ -140,15 +140,16 @@ class LayerSubspace:
             return t
         return self.split.gather(t, self.d_out if name == "u" else self.d_in)
 
-    def shard(self, split: Split, local: dict[int, Tensor] | None = None) -> None:
+    def shard(self, split: Split, local: dict[int, tuple[Tensor, Tensor]] | None = None) -> None:
         """Keep only this rank's rows of ``basis``, ``u``, ``v`` and ``spectrum`` (``local``: a cache ``id(full basis) -> rows``,
-        so that q/k/v sharing one basis tensor keep sharing its rows)."""
+        so that q/k/v sharing one basis tensor keep sharing its rows; it keeps the full tensor alive, so an id is never reused)."""
         if self.split is not None:
             return
         cache = {} if local is None else local
-        if id(self.basis) not in cache:
-            cache[id(self.basis)] = split.local(self.basis)
-        self.basis, self.u, self.v = cache[id(self.basis)], split.local(self.u), split.local(self.v)
+        entry = cache.get(id(self.basis))
+        if entry is None or entry[0] is not self.basis:  # the cache holds the full tensor: its id cannot be reused
+            entry = cache[id(self.basis)] = (self.basis, split.local(self.basis))
+        self.basis, self.u, self.v = entry[1], split.local(self.u), split.local(self.v)
         if self.spectrum is not None:
             self.spectrum = split.local(self.spectrum)
         self.split = split

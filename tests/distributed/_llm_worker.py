@@ -120,6 +120,7 @@ def main() -> None:
             out[scenario["name"]] = run({"world": cfg["world"], **scenario})
         except Exception:  # noqa: BLE001 - reported to the test, which fails on it
             out[scenario["name"]] = {"error": traceback.format_exc()}
+            print(f"scenario {scenario['name']} raised:\n{out[scenario['name']]['error']}", file=sys.stderr, flush=True)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(out, cfg["out"])
     exit_cleanly()

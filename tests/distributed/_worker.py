@@ -332,12 +332,22 @@ def counted_work(cfg: dict[str, Any]) -> list[dict[str, int]]:
 
         return wrapped
 
-    saved = layout.project, layout.project_weight_
+    def counting_step(fn: Any) -> Any:  # project_step_(weight, before, basis, u, v, ...): the default post-step path
+        def wrapped(w: torch.Tensor, before: torch.Tensor, basis: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            u = args[0] if args else kwargs.get("u")
+            work["weight_rows"] += w.shape[0]
+            work["flops"] += 4 * w.shape[0] * w.shape[1] * (basis.shape[1] + (0 if u is None else u.shape[1]))
+            return fn(w, before, basis, *args, **kwargs)
+
+        return wrapped
+
+    saved = layout.project, layout.project_weight_, layout.project_step_
     layout.project, layout.project_weight_ = counting(saved[0], "grad"), counting(saved[1], "weight")
+    layout.project_step_ = counting_step(saved[2])
     try:
         fit(cfg, cfg["steps"], calibration_loader())
     finally:
-        layout.project, layout.project_weight_ = saved
+        layout.project, layout.project_weight_, layout.project_step_ = saved
     if not (dist.is_available() and dist.is_initialized()):
         return [work]
     every: list[Any] = [None] * dist.get_world_size()

@@ -61,9 +61,21 @@ class _CountingFORA(W.FORA):
         )
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:  # reprojection='anchors'
         self.reprojections += 1
         super()._after_optimizer_step(optimizer, args, kwargs)
+
+    def _install(self, trainer) -> None:  # reprojection='step' (the default): count the layer-by-layer steps
+        super()._install(trainer)
+        for step in self._steps:
+            done = step.done
+
+            def counted(done=done) -> None:
+                self.reprojections += 1
+                if done is not None:
+                    done()
+
+            step.done = counted
 
 
 def _counting_fora() -> _CountingFORA:
