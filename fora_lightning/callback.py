@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class FORA(Callback):
         self.protection.monitor.source = probe
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._steps: list[LayerwiseStep] = []  # reprojection='step': each optimizer's step taken layer by layer
+        self._project_grads: Callable[[Mapping[str, LayerSubspace]], None] | None = None  # resolved at train start
+        self._reproject: Callable[[Mapping[str, LayerSubspace]], None] | None = None  # reprojection='anchors' only
         self.precision = "float32"  # resolved from config.precision at fit start (core.precision.resolve_precision)
         self._split = False
 
@@ -167,6 +169,9 @@ class FORA(Callback):
         flat = bool(self.protection.layout is not None and self.protection.layout.flat)
         self.precision = resolve_precision(self.config.precision, pl_module.device, self.config.mode, flat=flat)
         self._split = split_supported(self.precision, pl_module.device)
+        layout, bound = self.protection.layout, self.config.channel_bound
+        self._project_grads = layout.gradient_projector(self.precision)  # the per-step path, chosen once per fit
+        self._reproject = layout.reprojector(self.precision, self._split, bound) if self.protection.anchors else None
         self.protection.monitor.start(trainer, pl_module, self.protection.targets, self.subspaces)
         self._install(trainer)
 
@@ -202,14 +207,14 @@ class FORA(Callback):
     ) -> None:
         """``grad <- Pi(grad)`` for every target weight (local rows + one ``r x d_in`` all-reduce under FSDP2;
         one FSDP1 unit gathered at a time); skipped with ``project_gradients=False`` (update-only)."""
-        if self.config.project_gradients:
-            self.protection.layout.project_grads(self.subspaces, self.precision)
+        if self.config.project_gradients and self._project_grads is not None:
+            self._project_grads(self.subspaces)
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """``W <- W0 + Pi(W - W0)`` from the anchors (fires only for steps the optimizer really took)."""
-        if self.protection.layout is not None:
-            self.protection.layout.reproject(self.subspaces, self.precision, self._split, self.config.channel_bound)
+        if self._reproject is not None:
+            self._reproject(self.subspaces)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -18,6 +18,7 @@ The math is :mod:`fora_lightning.core.projection`; this module only chooses whic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -75,35 +76,41 @@ class TargetLayout:
             if split is not None and split.world > 1:
                 sub.shard(split, cache)
 
-    def project_grads(self, subspaces: Subspaces, precision: str = "float32") -> None:
-        """``grad <- Pi(grad)`` for every target weight that has a gradient (GEMMs in ``precision``; FSDP1: float32)."""
-        full = _Gathered()
+    def gradient_projector(self, precision: str = "float32") -> Callable[[Subspaces], None]:
+        """``grad <- Pi(grad)`` for every target weight that has a gradient, as one callable chosen once per fit: the
+        layout (FSDP1 units, else whole weights or FSDP2 rows) and the GEMM arithmetic (``precision``; FSDP1: float32)."""
         if self.flat:
-            for unit, members in self.flat:
-                with unit.gathered("grad", writeback=True) as views:
-                    for i, name in members.items():
-                        sub = subspaces[name]
-                        basis, u, v = full.basis(sub), sub.full("u"), sub.full("v")  # collectives: every rank
-                        if views is not None:
-                            g = weight_matrix(self.targets[name], views[i])
-                            g.copy_(project(g, basis, u, v, complement=sub.complement))
-            return
+            return self._project_unit_grads
+        fn = project if precision == "float32" else partial(project_cheap, precision=precision)
+        return partial(self._project_row_grads, fn)
+
+    def project_grads(self, subspaces: Subspaces, precision: str = "float32") -> None:
+        """:meth:`gradient_projector` resolved and called once (benchmarks and tests)."""
+        self.gradient_projector(precision)(subspaces)
+
+    def _project_unit_grads(self, subspaces: Subspaces) -> None:
+        full = _Gathered()
+        for unit, members in self.flat:
+            with unit.gathered("grad", writeback=True) as views:
+                for i, name in members.items():
+                    sub = subspaces[name]
+                    basis, u, v = full.basis(sub), sub.full("u"), sub.full("v")  # collectives: every rank
+                    if views is not None:
+                        g = weight_matrix(self.targets[name], views[i])
+                        g.copy_(project(g, basis, u, v, complement=sub.complement))
+
+    def _project_row_grads(self, fn: Callable[..., Tensor], subspaces: Subspaces) -> None:
+        full = _Gathered()
         for name, module in self.targets.items():
             sub = subspaces[name]
-            sharded = sub.split is not None
-            if module.weight.grad is None and not sharded:
+            if module.weight.grad is None and sub.split is None:
                 continue
-            basis, v = full.basis(sub), sub.full("v")
+            basis, v = full.basis(sub), sub.full("v")  # a split basis is gathered on every rank, grad or not
             if module.weight.grad is None:
                 continue
             grad = weight_matrix(module, local_tensor(module.weight.grad))
             u, reduce = self._rows_of_u(name, sub)
-            if precision == "float32":
-                grad.copy_(project(grad, basis, u, v, complement=sub.complement, all_reduce=reduce))
-            else:
-                grad.copy_(
-                    project_cheap(grad, basis, u, v, precision=precision, complement=sub.complement, all_reduce=reduce)
-                )
+            grad.copy_(fn(grad, basis, u, v, complement=sub.complement, all_reduce=reduce))
 
     def step_units(
         self, subspaces: Subspaces, channel_bound: float | None = None
@@ -121,25 +128,43 @@ class TargetLayout:
             units = [_LayerStep(self, name, subspaces, full, channel_bound) for name in self.targets]
         return units, full.clear
 
-    @torch.no_grad()
-    def reproject(
-        self, subspaces: Subspaces, precision: str = "float32", split: bool = False, channel_bound: float | None = None
-    ) -> None:
-        """``W <- W0 + Pi(W - W0)`` from the anchors, for every target whose anchors are set
+    def reprojector(
+        self, precision: str = "float32", split: bool = False, channel_bound: float | None = None
+    ) -> Callable[[Subspaces], None]:
+        """``W <- W0 + Pi(W - W0)`` from the anchors (``reprojection='anchors'``), for every target whose anchors are
+        set, as one callable chosen once per fit: the layout and the arithmetic
         (:func:`~fora_lightning.core.precision.project_weight_mixed_` unless ``precision="float32"``; FSDP1: float32);
         with ``channel_bound = tau`` the channel is clamped to ``|delta_i| <= tau S_i`` in the same pass."""
         if self.flat:
-            for unit, members in self.flat:
-                with unit.gathered("data", writeback=True) as views:
-                    for i, name in members.items():
-                        sub = subspaces.get(name)
-                        if sub is not None and sub.anchor_q is not None:
-                            w = weight_matrix(self.targets[name], views[i])
-                            q, anchor_q = _on(w.device, sub.reprojection_basis, sub.anchor_q)
-                            project_weight_(
-                                w, q, anchor_q, sub.u, sub.v, sub.anchor_u, s=sub.s, channel_bound=channel_bound
-                            )
-            return
+            return partial(self._reproject_units, channel_bound)
+        fn = (
+            project_weight_
+            if precision == "float32"
+            else partial(project_weight_mixed_, precision=precision, split=split)
+        )
+        return partial(self._reproject_rows, fn, channel_bound)
+
+    def reproject(
+        self, subspaces: Subspaces, precision: str = "float32", split: bool = False, channel_bound: float | None = None
+    ) -> None:
+        """:meth:`reprojector` resolved and called once (benchmarks and tests)."""
+        self.reprojector(precision, split, channel_bound)(subspaces)
+
+    @torch.no_grad()
+    def _reproject_units(self, channel_bound: float | None, subspaces: Subspaces) -> None:
+        for unit, members in self.flat:
+            with unit.gathered("data", writeback=True) as views:
+                for i, name in members.items():
+                    sub = subspaces.get(name)
+                    if sub is not None and sub.anchor_q is not None:
+                        w = weight_matrix(self.targets[name], views[i])
+                        q, anchor_q = _on(w.device, sub.reprojection_basis, sub.anchor_q)
+                        project_weight_(
+                            w, q, anchor_q, sub.u, sub.v, sub.anchor_u, s=sub.s, channel_bound=channel_bound
+                        )
+
+    @torch.no_grad()
+    def _reproject_rows(self, fn: Callable[..., Tensor], channel_bound: float | None, subspaces: Subspaces) -> None:
         for name, module in self.targets.items():
             sub = subspaces.get(name)
             if sub is None or sub.anchor_q is None:
@@ -147,13 +172,7 @@ class TargetLayout:
             u, reduce = self._rows_of_u(name, sub)
             w = weight_matrix(module, local_tensor(module.weight.data))
             q, anchor_q = _on(w.device, sub.reprojection_basis, sub.anchor_q)  # host-resident anchors: copied per layer
-            bound = {"s": sub.s, "channel_bound": channel_bound}
-            if precision == "float32":
-                project_weight_(w, q, anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce, **bound)
-            else:
-                project_weight_mixed_(
-                    w, q, anchor_q, u, sub.v, sub.anchor_u, precision=precision, split=split, all_reduce=reduce, **bound
-                )
+            fn(w, q, anchor_q, u, sub.v, sub.anchor_u, all_reduce=reduce, s=sub.s, channel_bound=channel_bound)
 
     def attach_anchors(self, subspaces: Subspaces, on_host: bool = False) -> None:
         """``A0 = W0 Q`` (this rank's rows under FSDP2) and ``B0 = U^T W0`` (rows summed over shards), float32;
