@@ -19,13 +19,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from fora_lightning import FORA, CausalLMModule, layerwise_step
 from fora_lightning.core.subspace import nbytes_summary
 from tests.distributed._worker import make_strategy
-from tests.distributed.harness import exit_cleanly
+from tests.distributed.harness import every_rank, exit_cleanly
 
 LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 688,
          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}  # fmt: skip
@@ -74,14 +73,6 @@ def record_transients(sizes: list[int]) -> Iterator[None]:
         layerwise_step.LayerwiseStep.__init__ = original
 
 
-def gather(x: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [x]
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, x)
-    return every
-
-
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     world = cfg["world"]
@@ -108,10 +99,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         trainer.fit(module, DataLoader(data, batch_size=GLOBAL_BATCH // world))
     subs = fora.subspaces
     return {
-        "state_bytes": gather(nbytes_summary(subs, host=True, spectrum=True)),
-        "device_bytes": gather(nbytes_summary(subs, host=False, spectrum=True)),
-        "by_field": gather(by_field(subs)),
-        "transient_bytes": gather(max(sizes, default=0)),
+        "state_bytes": every_rank(nbytes_summary(subs, host=True, spectrum=True)),
+        "device_bytes": every_rank(nbytes_summary(subs, host=False, spectrum=True)),
+        "by_field": every_rank(by_field(subs)),
+        "transient_bytes": every_rank(max(sizes, default=0)),
         "layers": len(subs),
         "shapes": {n: [s.d_out, s.d_in, s.k, s.r, bool(s.complement)] for n, s in subs.items()},
         "protected_params": sum(s.d_out * s.d_in for s in subs.values()),

@@ -511,15 +511,13 @@ class Protection:
         """Bases (and anchors), full-size on the CPU whatever the world size, so that a checkpoint resumes at another
         one: split bases and the FSDP2 row-sharded ``anchor_q`` are gathered (collectives; Lightning calls this on
         every rank when it saves). A basis shared by several layers (q/k/v) is stored once."""
-        full: dict[tuple[int, str], torch.Tensor] = {}
+        whole = self.whole_subspaces()  # split bases gathered (collectives), a shared basis still one tensor
+        cpu: dict[int, torch.Tensor] = {}
 
-        def whole(name: str, field: str, t: torch.Tensor) -> torch.Tensor:
-            key = (id(t), field)
-            if key not in full:
-                sub = self.subspaces[name]
-                split = sub.split is not None and field in SPLIT_FIELDS
-                full[key] = (sub.full(field) if split else self._full(name, field, t)).detach().cpu()
-            return full[key]
+        def on_cpu(name: str, field: str, t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in cpu:  # ``whole`` keeps every t alive: ids are not reused
+                cpu[id(t)] = self._full(name, field, t).detach().cpu()
+            return cpu[id(t)]
 
         return {
             "version": 1,
@@ -533,9 +531,9 @@ class Protection:
                         "complement": s.complement,
                         "energy": s.energy,
                     },
-                    "tensors": {k: whole(name, k, t) for k, t in s.tensors().items()},
+                    "tensors": {k: on_cpu(name, k, t) for k, t in s.tensors().items()},
                 }
-                for name, s in self.subspaces.items()
+                for name, s in whole.items()
             },
             "capabilities": self.capabilities,
             "chain": self.chain,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from fora_lightning import FORA
 from fora_lightning.protection import Protection
-from tests.distributed.harness import exit_cleanly
+from tests.distributed.harness import every_rank, exit_cleanly
 
 D_IN, D_HID, D_OUT, SPAN, GLOBAL_BATCH, N_TASK = 16, 24, 5, 5, 32, 256  # fc2: 5 rows -> 3 + 2 over 2 ranks
 
@@ -252,16 +252,10 @@ def fit(cfg: dict[str, Any], steps: int, calibration: Any, ckpt_path: str | None
 
 def state_bytes(fora: FORA) -> list[int]:
     """Every rank's persistent FORA bytes (bases, U, S, V, spectra, anchors: each tensor once), by rank."""
-    import torch.distributed as dist
 
     from fora_lightning.core.subspace import nbytes_summary
 
-    mine = nbytes_summary(fora.subspaces, spectrum=True)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [mine]
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    return every
+    return every_rank(nbytes_summary(fora.subspaces, spectrum=True))
 
 
 def on_host(fora: FORA) -> bool:
@@ -315,7 +309,6 @@ def sharded_functions(world: int) -> dict[str, Any]:
 def counted_work(cfg: dict[str, Any]) -> list[dict[str, int]]:
     """Fit ``cfg["steps"]`` steps counting, per rank, the rows and flops FORA's layout projects (from the shapes
     it hands ``project`` / ``project_weight_``: ``4 rows d_in (k + r)`` each); every rank's counts, by rank."""
-    import torch.distributed as dist
 
     from fora_lightning import layout
 
@@ -348,11 +341,7 @@ def counted_work(cfg: dict[str, Any]) -> list[dict[str, int]]:
         fit(cfg, cfg["steps"], calibration_loader())
     finally:
         layout.project, layout.project_weight_, layout.project_step_ = saved
-    if not (dist.is_available() and dist.is_initialized()):
-        return [work]
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, work)
-    return every
+    return every_rank(work)
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:

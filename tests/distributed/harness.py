@@ -28,6 +28,17 @@ def exit_cleanly() -> None:
     os._exit(0)
 
 
+def every_rank(x: Any) -> list[Any]:
+    """``x`` from every rank, by rank (``[x]`` without a process group or on one rank): a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [x]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, x)
+    return every
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
