@@ -168,7 +168,9 @@ def run_method(
         with torch.no_grad():
             merge_lora(module.model)
     layers = model_target_names(module, module.model, setting.target_modules)
-    return Run(evaluator.evaluate(module.model, layers), trainable, wall, ks)
+    protection = getattr(callback, "protection", None)
+    calibration = dict(protection.monitor.calibration) if protection is not None else {}
+    return Run(evaluator.evaluate(module.model, layers), trainable, wall, ks, calibration)
 
 
 def needs_fora_ks(methods: Mapping[str, Mapping[str, Any]], chosen: Sequence[str]) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ class Run:
     trainable_params: int
     wall_s: float
     ks: dict[str, int]
+    calibration: dict[str, Any] = field(default_factory=dict)  # FORA's fit-start sufficiency summary per capability
 
 
 def run_row(run: Run, base: Mapping[str, Any]) -> dict[str, Any]:

@@ -86,7 +86,8 @@ def markdown(summary: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
             f"- first violation: layer {v.get('layer')} at step {v.get('step')}: {'; '.join(v.get('causes', []))}"
         )
     for capability, estimate in summary.get("calibration", {}).items():
-        lines.append(f"- calibration '{capability}': {estimate['verdict']}")
+        counted = f" ({estimate['distinct_rows']:,} distinct of {estimate['rows']:,} rows)" if "rows" in estimate else ""
+        lines.append(f"- calibration '{capability}': {estimate.get('verdict', 'not estimated')}{counted}")
     if "kl" not in summary:
         lines.append(
             "- KL / perplexity: no held-out preserved loader with base logits (datamodule.preserve_val_dataloader)"

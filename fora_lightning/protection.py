@@ -38,7 +38,13 @@ from fora_lightning.core.subspace_file import (
     save_subspaces,
     validate_against,
 )
-from fora_lightning.core.sufficiency import AUTO_SAMPLES, Sufficiency, sufficiency, sufficiency_warning
+from fora_lightning.core.sufficiency import (
+    AUTO_SAMPLES,
+    Sufficiency,
+    duplicate_warning,
+    sufficiency,
+    sufficiency_warning,
+)
 from fora_lightning.core.targets import find_targets
 from fora_lightning.layout import TargetLayout
 from fora_lightning.monitor import ProtectionMonitor
@@ -400,6 +406,8 @@ class Protection:
                 else self.calibrate(trainer, pl_module, batches)
             )
             tokens = max(per[name].counts.values())
+            if step == 1 and not self._later_group:
+                self._check_repeats(name, *batches.rows)
             info[name] = {"tokens": tokens, "weight": weights[name], "fingerprint": batches.digest, "step": step}
             rank_zero_info(
                 f"{self.who}: capability '{name}': {tokens:,} calibration tokens, weight {weights[name]:.3g}"
@@ -448,6 +456,13 @@ class Protection:
         else:
             rank_zero_info(f"{self.who}: capability '{name}' calibration: {estimate.verdict()}")
         return cov.merge_held_out_()
+
+    def _check_repeats(self, name: str, rows: int, distinct: int) -> None:
+        """Record the capability's rows and distinct rows in the report; warn when most repeat another exactly."""
+        self.monitor.calibration.setdefault(name, {}).update(rows=rows, distinct_rows=distinct)
+        message = duplicate_warning(rows, distinct, name, self.who)
+        if message is not None:
+            rank_zero_warn(message)
 
     def _own_continuations(
         self, trainer: Trainer, pl_module: LightningModule, cov: Covariances, holdout: list[Any]

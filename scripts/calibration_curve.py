@@ -1,9 +1,11 @@
-"""Calibration sufficiency on the offline demo: the held-out estimate alone, and the curve of kept / learned / KL
-against calibration tokens (results/calibration_curve/, docs/calibration.md).
+"""Calibration sufficiency on the offline demo and the SmolLM2 setting: the held-out estimate alone, and the curve of
+kept / learned / KL against calibration tokens (results/calibration_curve/, docs/calibration.md).
 
     python scripts/calibration_curve.py estimate     # the estimate only (calibration + 1 step) on narrow .. adequate data
     python scripts/calibration_curve.py curve --seeds 0   # full demo fits (python cli.py fit --config configs/demo.yaml)
     python scripts/calibration_curve.py extend       # prompts-only calibration, calibration_samples 0 vs 'auto'
+    python scripts/calibration_curve.py smollm2 --seeds 0 1   # FORA on configs/compare_smollm2.yaml, 64 .. 28k tokens
+    python scripts/calibration_curve.py smollm2-extend --seeds 0 1   # its own data, calibration_samples 0 vs 'auto'
 
 Every run is seeded; rows go to results/calibration_curve/{estimate,curve,extend}.{json,csv}.
 """
@@ -18,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ (smollm2: the compare harness)
 
 OUT = Path("results/calibration_curve")
 CALIB = "assets/demo/translation/calibration.jsonl"
@@ -189,16 +193,159 @@ def extend(seeds: list[int]) -> None:
     )
 
 
+SMOLLM2_POOL = Path("runs/smollm2/calibration_pool")
+SMOLLM2_SIZES = [2, 8, 32, 128, 512, 912]  # rows of the 912-row pool: about 60 .. 28k tokens
+FORMS_EXTRA = [
+    "What should I know before I {}?",
+    "What mistakes do people make when they {}?",
+    "How do I {} on a budget?",
+]
+TOPICS_EXTRA = [
+    "learn to swim",
+    "grow tomatoes",
+    "write a short story",
+    "wake up earlier",
+    "cook rice",
+    "knit a scarf",
+    "start a podcast",
+    "learn to draw",
+    "meditate",
+    "build a birdhouse",
+    "sew a button",
+    "learn chess",
+]
+
+
+def smollm2_pool() -> None:
+    """A larger calibration pool of the SmolLM2 setting's two capabilities, built as scripts/smollm2_setting.py builds
+    the committed one (which it contains): 768 two-shot addition prompts (the committed 128, then 640 drawn with
+    seed 1) and 144 chat questions (3 more question forms, 12 more topics, none of the test's) with the base model's
+    own greedy answers. Written to runs/smollm2/calibration_pool/ (not committed: rebuilt in about 2 minutes)."""
+    import random
+
+    import smollm2_setting as s  # scripts/ is on sys.path when this file runs as a script
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fora_lightning.llm.generation import generate_greedy
+
+    assert not set(TOPICS_EXTRA) & set(s.TOPICS_TEST) and not set(FORMS_EXTRA) & set(s.FORMS_TEST)
+    torch.set_num_threads(2)
+    committed = Path("assets/smollm2/arithmetic/calibration.jsonl").read_text().splitlines()
+    rng = random.Random(1)
+    extra = [json.dumps({"prompt": s.addition_prompt(rng)[0]}) for _ in range(640)]
+    SMOLLM2_POOL.mkdir(parents=True, exist_ok=True)
+    (SMOLLM2_POOL / "arithmetic.jsonl").write_text("\n".join(committed + extra) + "\n")
+    model = AutoModelForCausalLM.from_pretrained("runs/smollm2/model").eval()
+    tok = AutoTokenizer.from_pretrained("runs/smollm2/model")
+    forms, topics = s.FORMS_CALIB + FORMS_EXTRA, s.TOPICS_CALIB + TOPICS_EXTRA
+    questions = [f.format(t) for f in forms for t in topics]
+    prompts = [
+        tok.apply_chat_template(s.chat_messages(q), tokenize=False, add_generation_prompt=True) for q in questions
+    ]
+    answers = generate_greedy(model, tok, prompts, batch_size=12, max_new_tokens=32)
+    rows = [json.dumps({"messages": s.chat_messages(q, a)}) for q, a in zip(questions, answers)]
+    (SMOLLM2_POOL / "dialogue.jsonl").write_text("\n".join(rows) + "\n")
+    print(f"{len(committed) + len(extra)} addition prompts, {len(rows)} chat rows in {SMOLLM2_POOL}", flush=True)
+
+
+def _smollm2_fora(setting: Any, seeds: list[int], **row: Any) -> list[dict[str, Any]]:
+    """FORA alone on ``setting`` (a compare of the SmolLM2 config) under ``seeds``; one row per seed from the
+    compare's runs.jsonl, the fit-start estimate included."""
+    from experiments.compare import compare
+
+    compare(setting, ["fora"], progress=False, seeds=seeds)
+    lines = [json.loads(x) for x in (Path(setting.output_dir) / "runs.jsonl").read_text().splitlines()]
+    base = next(x["numbers"] for x in lines if x["key"] is None)
+    rows = []
+    for line in (x for x in lines if x["key"] == "fora"):
+        run = line["numbers"]
+        c = run["calibration"].get("default", {})
+        before = c.get("before_samples") or {}
+        r = {
+            "seed": line["seed"],
+            **row,
+            "tokens": c.get("tokens"),
+            "kept": run["scores"]["preserved"],
+            "kept_base": base["preserved"],
+            "learned": run["scores"]["new_task"],
+            "kl": run["scores"]["preservation"]["kl"],
+            "dialogue_perplexity": run["scores"].get("extra/dialogue"),
+            "dialogue_perplexity_base": base.get("extra/dialogue"),
+            "leakage_mean": run["scores"]["preservation"]["leakage_mean"],
+            "k_mean": sum(run["ks"].values()) / max(len(run["ks"]), 1),
+            "held_out_share_min": c.get("held_out_share_min"),
+            "ratio_max": c.get("ratio_max"),
+            "short_layers": c.get("short_layers"),
+            "tokens_needed": c.get("tokens_needed"),
+            "verdict": c.get("verdict"),
+            **({"before_ratio_max": before.get("ratio_max"), "before_tokens": before.get("tokens")} if before else {}),
+            "wall_s": run["wall_s"],
+        }
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    return rows
+
+
+def smollm2(seeds: list[int], sizes: list[int]) -> None:
+    """FORA alone (the config's own arguments) through the compare harness, on the first N rows of the shuffled pool
+    (shuffled with the seed); one compare per size (output runs/calibration_curve/smollm2_nN/)."""
+    from experiments.setting import load_setting
+
+    if not (SMOLLM2_POOL / "dialogue.jsonl").is_file():
+        smollm2_pool()
+    rows = []
+    for n in sizes:
+        setting = load_setting("configs/compare_smollm2.yaml")
+        setting.data = {
+            **setting.data,
+            "preserve": [
+                {"path": str(SMOLLM2_POOL / "arithmetic.jsonl"), "prompt_field": None, "response_field": "prompt"},
+                {"path": str(SMOLLM2_POOL / "dialogue.jsonl"), "messages_field": "messages"},
+            ],
+            "calibration_size": n,
+        }
+        setting.output_dir = f"runs/calibration_curve/smollm2_n{n}"
+        rows += _smollm2_fora(setting, seeds, calibration_rows=n)
+    _write(
+        "smollm2_seed" + "_".join(map(str, seeds)),
+        rows,
+        f"python scripts/calibration_curve.py smollm2 --seeds {' '.join(map(str, seeds))} "
+        f"--sizes {' '.join(map(str, sizes))}",
+    )
+
+
+def smollm2_extend(seeds: list[int]) -> None:
+    """The committed SmolLM2 setting (its 164 calibration rows), FORA with calibration_samples 0 and 'auto'."""
+    from experiments.setting import load_setting
+
+    rows = []
+    for samples in (0, "auto"):
+        setting = load_setting("configs/compare_smollm2.yaml")
+        setting.methods = {"fora": {**setting.methods["fora"], "calibration_samples": samples}}
+        setting.output_dir = f"runs/calibration_curve/smollm2_samples_{samples}"
+        rows += _smollm2_fora(setting, seeds, calibration_samples=samples)
+    _write(
+        "smollm2_extend_seed" + "_".join(map(str, seeds)),
+        rows,
+        f"python scripts/calibration_curve.py smollm2-extend --seeds {' '.join(map(str, seeds))}",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["estimate", "curve", "extend"])
+    parser.add_argument("what", choices=["estimate", "curve", "extend", "smollm2", "smollm2-extend"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
     a = parser.parse_args()
     if a.what == "estimate":
         estimate()
     elif a.what == "curve":
-        curve(a.seeds, a.sizes)
+        curve(a.seeds, a.sizes or SIZES)
+    elif a.what == "smollm2":
+        smollm2(a.seeds, a.sizes or SMOLLM2_SIZES)
+    elif a.what == "smollm2-extend":
+        smollm2_extend(a.seeds)
     else:
         extend(a.seeds)
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from fora_lightning import FORA, ForaConfig
 from fora_lightning.calibration import holdout_batch
 from fora_lightning.core.covariance import Covariances, collect_covariances
-from fora_lightning.core.subspace import SubspaceConfig
+from fora_lightning.core.subspace import SubspaceConfig, spectrum
 from fora_lightning.core.sufficiency import RATIO_LINE, held_out_shares, sufficiency, sufficiency_warning
 from fora_lightning.llm import CausalLMModule
 from fora_lightning.llm.encoding import PadCollator
@@ -62,7 +62,7 @@ def test_held_out_share_matches_dense_float64(d, n_in, n_out, energy, fixed, see
     rank = max(1, d // 2) if fixed else None
     held = Covariances({"a": x_out.T @ x_out}, {"a": n_out}, {"a": "a"})
     cov = Covariances({"a": x_in.T @ x_in}, {"a": n_in}, {"a": "a", "b": "a"}, held_out=held)
-    out = held_out_shares(cov, ["a", "b"], SubspaceConfig(energy=energy, rank=rank))
+    out = held_out_shares(cov, ["a", "b"], SubspaceConfig(energy=energy, rank=rank), line=-1.0)  # all past it
     share, k = _dense_share(x_in, x_out, energy, rank)
     small, _ = _dense_share(x_out, x_in, energy, rank)
     for name in ("a", "b"):  # b reads a's input
@@ -73,6 +73,25 @@ def test_held_out_share_matches_dense_float64(d, n_in, n_out, energy, fixed, see
         assert s.ratio == pytest.approx((1 - s.share) / max(1 - s.target, 1e-12))
         if rank is None:
             assert s.target == energy
+
+
+def test_swapped_point_only_for_inputs_past_the_line(monkeypatch):
+    """Adequate data: one eigh per input (C_in), no swapped point; a layer past the line adds the C_out eigh."""
+    import fora_lightning.core.sufficiency as suff
+
+    calls = []
+    monkeypatch.setattr(suff, "spectrum", lambda c: calls.append(c.shape[0]) or spectrum(c))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 12, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.05, 12, dtype=torch.float64)
+    held = Covariances({"a": x[1800:].T @ x[1800:]}, {"a": 200}, {"a": "a"})
+    cov = Covariances({"a": x[:1800].T @ x[:1800]}, {"a": 1800}, {"a": "a", "b": "a"}, held_out=held)
+    adequate = held_out_shares(cov, ["a", "b"], SubspaceConfig(energy=0.99))
+    assert len(calls) == 1 and all(s.ratio <= RATIO_LINE and s.share_small is None for s in adequate.values())
+    assert adequate["a"].tokens_needed is None and adequate["a"].expected_share is None
+    calls.clear()
+    narrow = held_out_shares(cov, ["a", "b"], SubspaceConfig(energy=0.99), line=-1.0)
+    assert len(calls) == 2 and all(s.share_small is not None for s in narrow.values())
+    assert narrow["a"].share == adequate["a"].share
 
 
 def test_tokens_needed_solves_the_power_law_at_the_line():
@@ -147,7 +166,9 @@ def _demo_texts() -> list[dict[str, str]]:
     return [json.loads(line) for line in open("assets/demo/translation/calibration.jsonl")]
 
 
-def _calibrate(texts: list[str], tmp_path, **settings) -> tuple[FORA, list[warnings.WarningMessage]]:
+def _calibrate(
+    texts: list[str], tmp_path, match: str = "does not describe it well", **settings
+) -> tuple[FORA, list[warnings.WarningMessage]]:
     module = CausalLMModule(model=DEMO, lr=0.0)
     calibration = _rows(texts, module, 8)
     cb = FORA(calibration=calibration, energy=0.99, weight_rank=0, progress=False, **settings)
@@ -155,7 +176,7 @@ def _calibrate(texts: list[str], tmp_path, **settings) -> tuple[FORA, list[warni
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tiny_trainer(callbacks=[cb], max_steps=1, logger=CSVLogger(tmp_path)).fit(module, train)
-    return cb, [w for w in caught if "does not describe it well" in str(w.message)]
+    return cb, [w for w in caught if match in str(w.message)]
 
 
 def test_warning_fires_on_near_duplicate_prompts(tmp_path):
@@ -174,10 +195,25 @@ def test_warning_fires_on_near_duplicate_prompts(tmp_path):
     assert "calibration 'default': short" in next(tmp_path.rglob("fora_report.md")).read_text()
 
 
+def test_repeated_rows_are_named_though_the_estimate_passes_them(tmp_path):
+    """4 prompts, each 8 times: every hold-out batch repeats the rest, so the held-out estimate says enough; the
+    per-row digests count 4 distinct rows of 32 and warn."""
+    texts = [r["prompt"] for r in _demo_texts()[:4]] * 8
+    cb, fired = _calibrate(texts, tmp_path, match="repeat another row exactly")
+    assert cb.protection.sufficiency["default"].short == []  # the blind spot the row count covers
+    assert len(fired) == 1
+    message = str(fired[0].message)
+    assert message.startswith("FORA:") and "28 of the 32 calibration rows" in message and "(4 distinct)" in message
+    report = json.loads(next(tmp_path.rglob("fora_report.json")).read_text())["summary"]["calibration"]["default"]
+    assert report["rows"] == 32 and report["distinct_rows"] == 4
+    assert "(4 distinct of 32 rows)" in next(tmp_path.rglob("fora_report.md")).read_text()
+
+
 def test_warning_silent_on_the_demo_calibration(tmp_path):
     texts = [f"{r['prompt']} {r['response']}" for r in _demo_texts()[:200]]
-    cb, fired = _calibrate(texts, tmp_path)
-    assert fired == []
+    cb, fired = _calibrate(texts, tmp_path, match="FORA: FORA calibration")
+    assert fired == []  # neither short nor repeated
+    assert cb.protection.monitor.calibration["default"]["distinct_rows"] == 200
     estimate = cb.protection.sufficiency["default"]
     assert estimate.short == [] and max(s.ratio for s in estimate.layers.values()) < RATIO_LINE
     assert estimate.summary()["verdict"].startswith("enough")

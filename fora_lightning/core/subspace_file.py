@@ -218,6 +218,11 @@ class FingerprintedBatches:
     def digest(self) -> str:
         return digest_of(self._samples)
 
+    @property
+    def rows(self) -> tuple[int, int]:
+        """``(samples, distinct samples)`` of the last complete pass."""
+        return len(self._samples), len(set(self._samples))
+
 
 # ---------------------------------------------------------------------------------------------- write / read
 def save_subspaces(

@@ -17,8 +17,9 @@ which gives the expected share of the final basis (all ``N_in + N_out`` tokens) 
 shortfall reaches the line, ``d(N*) = (RATIO_LINE - 1)(1 - t)``. No growth (``b <= 0``): ``N* = inf`` (more of the
 same data does not help: it is narrow in kind, not in amount).
 
-Cost: two more ``d_in x d_in`` float64 eigendecompositions per distinct input (``C_in`` and ``C_out``) on top of the
-one of the final basis, and the held-out sums (one more ``d_in x d_in`` accumulator per input) during the pass.
+Cost: one more ``d_in x d_in`` float64 eigendecomposition per distinct input (``C_in``) on top of the one of the
+final basis, a second (``C_out``, the swapped point) only for inputs with a layer past the line, spread over ranks
+under a process group; and the held-out sums (one more ``d_in x d_in`` accumulator per input) during the pass.
 Plain torch: no Lightning import.
 """
 
@@ -29,9 +30,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor
 
 from fora_lightning.core.covariance import Covariances
+from fora_lightning.core.distributed import assign_owners
 from fora_lightning.core.energy import captured_energy, cumulative_energy
 from fora_lightning.core.subspace import SubspaceConfig, select_rank, spectrum
 
@@ -39,6 +42,7 @@ from fora_lightning.core.subspace import SubspaceConfig, select_rank, spectrum
 RATIO_LINE = 3.0
 MIN_SPREAD = 2.0  # the power-law fit needs the two token counts at least this factor apart
 AUTO_SAMPLES = 4  # calibration_samples='auto': sampled continuations per row when the estimate says short
+DUPLICATE_LINE = 0.5  # more than this share of the calibration rows repeating another row exactly: warned
 
 
 @dataclass
@@ -58,50 +62,97 @@ class LayerSufficiency:
     @property
     def ratio(self) -> float:
         """``rho = (1 - s) / (1 - t)``."""
-        return (1.0 - self.share) / max(1.0 - self.target, 1e-12)
+        return _ratio(self.share, self.target)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio}
 
 
 def held_out_shares(
-    covariances: Covariances, names: Iterable[str], config: SubspaceConfig, line: float = RATIO_LINE
+    covariances: Covariances,
+    names: Iterable[str],
+    config: SubspaceConfig,
+    line: float = RATIO_LINE,
+    group: Any = None,
 ) -> dict[str, LayerSufficiency]:
     """:class:`LayerSufficiency` of each layer in ``names`` from ``covariances`` (the kept-in sums) and its
-    ``held_out`` sums. Layers whose input has no held-out or no kept-in token are left out."""
+    ``held_out`` sums. Layers whose input has no held-out or no kept-in token are left out.
+
+    The swapped point (``share_small``) and the power-law fit are computed only for inputs with a layer past
+    ``line`` (adequate data: one extra eigh per input, not two). Under an initialised process group every rank
+    must call this with the same (all-reduced) sums: each input is measured on one rank
+    (:func:`~fora_lightning.core.distributed.assign_owners`) and the results are gathered to all."""
     held = covariances.held_out
     if held is None:
         return {}
-    cache: dict[str, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] = {}
-    out: dict[str, LayerSufficiency] = {}
+    by_owner: dict[str, list[str]] = {}
     for name in names:
         o = covariances.owner[name]
-        n_in, n_out = covariances.counts.get(o, 0), held.counts.get(o, 0)
-        if n_in == 0 or n_out == 0:
-            continue
-        if o not in cache:
-            cache[o] = (spectrum(covariances.covariance(o)), spectrum(held.covariance(o)))
-        (ev_in, q_in), (ev_out, q_out) = cache[o]
+        if covariances.counts.get(o, 0) and held.counts.get(o, 0):
+            by_owner.setdefault(o, []).append(name)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if not distributed:
+        return {n: s for o, layers in by_owner.items() for n, s in _input_shares(covariances, o, layers, config, line)}
+    plan = assign_owners({o: covariances.sums[o].shape[0] for o in by_owner}, dist.get_world_size(group))
+    me = dist.get_rank(group)
+    mine = [
+        pair
+        for o, layers in by_owner.items()
+        if plan[o] == me
+        for pair in _input_shares(covariances, o, layers, config, line)
+    ]
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    gathered = dict(pair for part in every for pair in part)
+    return {n: gathered[n] for layers in by_owner.values() for n in layers}
+
+
+def _input_shares(
+    covariances: Covariances, owner: str, layers: list[str], config: SubspaceConfig, line: float
+) -> list[tuple[str, LayerSufficiency]]:
+    """The layers reading input ``owner``: held-out share on the kept-in basis; the swapped point and the fit
+    only when one of them is past ``line``."""
+    held = covariances.held_out
+    assert held is not None
+    c_in, c_out = covariances.covariance(owner), held.covariance(owner)
+    n_in, n_out = covariances.counts[owner], held.counts[owner]
+    ev_in, q_in = spectrum(c_in)
+    first, share_at, small_at = [], {}, {}  # by k: the layers of one input with the same k share their shares
+    for name in layers:
         rank = config.rank_for(name)
         k = select_rank(ev_in, config.energy, rank, config.max_rank, name)
-        k_small = select_rank(ev_out, config.energy, rank, config.max_rank, name)
         target = config.energy if rank is None else _in_sample(ev_in, k)
-        target_small = config.energy if rank is None else _in_sample(ev_out, k_small)
-        share = captured_energy(q_in[:, :k], held.covariance(o))
-        small = captured_energy(q_out[:, :k_small], covariances.covariance(o))
-        fit = _power_law((n_out, target_small - small), (n_in, target - share))
-        expected = needed = None
-        if fit is not None:
-            n_ref, d_ref, b = fit
-            expected = target - d_ref * ((n_in + n_out) / n_ref) ** -b
-            goal = (line - 1.0) * (1.0 - target)
-            if target - share <= goal:
-                needed = float(n_in)
-            else:
-                log_n = math.log(n_ref) + math.log(d_ref / goal) / b if b > 0 and goal > 0 else math.inf
-                needed = math.exp(log_n) if log_n < 700 else math.inf
-        out[name] = LayerSufficiency(name, k, target, share, small, n_in, n_out, expected, needed)
+        if k not in share_at:
+            share_at[k] = captured_energy(q_in[:, :k], c_out)
+        first.append((name, rank, k, target, share_at[k]))
+    del q_in
+    small_spectrum = spectrum(c_out) if any(_ratio(share, target) > line for *_, target, share in first) else None
+    out = []
+    for name, rank, k, target, share in first:
+        small = expected = needed = None
+        if small_spectrum is not None:
+            ev_out, q_out = small_spectrum
+            k_small = select_rank(ev_out, config.energy, rank, config.max_rank, name)
+            target_small = config.energy if rank is None else _in_sample(ev_out, k_small)
+            if k_small not in small_at:
+                small_at[k_small] = captured_energy(q_out[:, :k_small], c_in)
+            small = small_at[k_small]
+            fit = _power_law((n_out, target_small - small), (n_in, target - share))
+            if fit is not None:
+                n_ref, d_ref, b = fit
+                expected = target - d_ref * ((n_in + n_out) / n_ref) ** -b
+                goal = (line - 1.0) * (1.0 - target)
+                if target - share <= goal:
+                    needed = float(n_in)
+                else:
+                    log_n = math.log(n_ref) + math.log(d_ref / goal) / b if b > 0 and goal > 0 else math.inf
+                    needed = math.exp(log_n) if log_n < 700 else math.inf
+        out.append((name, LayerSufficiency(name, k, target, share, small, n_in, n_out, expected, needed)))
     return out
+
+
+def _ratio(share: float, target: float) -> float:
+    return (1.0 - share) / max(1.0 - target, 1e-12)
 
 
 def _in_sample(evals: Tensor, k: int) -> float:
@@ -226,4 +277,18 @@ def sufficiency_warning(estimate: Sufficiency, capability: str, holdout_every: i
         "calibration_samples='auto' or N (adds the model's own sampled continuations of each row); "
         "calibration_generate=N when the rows are prompts only; a lower energy protects fewer directions but "
         "states it honestly. calibration_holdout=0 turns the estimate off (docs/calibration.md)"
+    )
+
+
+def duplicate_warning(rows: int, distinct: int, capability: str, who: str = "FORA") -> str | None:
+    """The ``FORA:`` warning when more than ``DUPLICATE_LINE`` of the calibration rows repeat another row exactly
+    (the held-out estimate compares the data with itself: repeats spread over the slice pass it), else ``None``."""
+    if rows == 0 or rows - distinct <= DUPLICATE_LINE * rows:
+        return None
+    return (
+        f"FORA: {who} calibration: {rows - distinct:,} of the {rows:,} calibration rows of capability '{capability}' "
+        f"repeat another row exactly ({distinct:,} distinct). The held-out estimate compares the data with itself, so "
+        "it cannot tell repeated data from data that describes the capability: the bases hold the directions of "
+        f"{distinct:,} texts. Remedies: more distinct calibration rows of the capability; calibration_samples=N "
+        "(sampled continuations differ between repeats) (docs/calibration.md)"
     )

@@ -303,6 +303,17 @@ def sharded_functions(world: int) -> dict[str, Any]:
         x = torch.randn(50, d, generator=gen, dtype=torch.float64)
         cov.sums[f"l{i}"], cov.counts[f"l{i}"], cov.owner[f"l{i}"] = x.T @ x, 50, f"l{i}"
     out["spectra"] = {"covariances": cov, "spectra": dict(spread_spectra(cov))}
+    from fora_lightning.core.subspace import SubspaceConfig
+    from fora_lightning.core.sufficiency import held_out_shares
+
+    held = Covariances()
+    for o, d in (("l0", 6), ("l1", 9), ("l2", 4)):
+        x = torch.randn(12, d, generator=gen, dtype=torch.float64)
+        held.sums[o], held.counts[o], held.owner[o] = x.T @ x, 12, o
+    cov.held_out = held  # l1 (6 -> 9 rows): a layer reading l1's input too
+    cov.owner["l1_b"] = "l1"
+    names = ["l0", "l1", "l1_b", "l2"]
+    out["sufficiency"] = {"covariances": cov, "names": names, "shares": held_out_shares(cov, names, SubspaceConfig())}
     return out
 
 

@@ -16,7 +16,8 @@ import torch
 
 from fora_lightning.core.distributed import assign_owners
 from fora_lightning.core.projection import project, project_weight_
-from fora_lightning.core.subspace import spectrum
+from fora_lightning.core.subspace import SubspaceConfig, spectrum
+from fora_lightning.core.sufficiency import held_out_shares
 from tests.distributed import _worker as W
 from tests.distributed.harness import launch
 
@@ -267,6 +268,10 @@ def test_sharded_projection_functions_on_two_ranks_equal_the_full_ones(runs):
     for o in cov.groups():
         evals, evecs = spectrum(cov.covariance(o))
         assert torch.equal(spectra[o][0], evals) and torch.equal(spectra[o][1], evecs), o
+    suff = f["sufficiency"]  # each input measured on one rank, gathered: the single-process result, layer order kept
+    single = held_out_shares(suff["covariances"], suff["names"], SubspaceConfig())
+    assert list(suff["shares"]) == list(single) == suff["names"]
+    assert {n: s.as_dict() for n, s in suff["shares"].items()} == {n: s.as_dict() for n, s in single.items()}
 
 
 def test_eigendecompositions_are_spread_over_ranks():
