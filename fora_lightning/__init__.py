@@ -21,6 +21,7 @@ _EXPORTS = {
     "ForaLoRA": "fora_lightning.lora.callback",
     "export_lora_adapter": "fora_lightning.lora.export",
     "merge_lora": "fora_lightning.lora.merge",
+    "ProtectionViolation": "fora_lightning.monitor",
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
@@ -37,3 +38,4 @@ if TYPE_CHECKING:  # the same names, for IDEs and type checkers
     from fora_lightning.lora.export import export_lora_adapter  # noqa: F401
     from fora_lightning.lora.merge import merge_lora  # noqa: F401
     from fora_lightning.module import ForaModule  # noqa: F401
+    from fora_lightning.monitor import ProtectionViolation  # noqa: F401

@@ -221,12 +221,13 @@ class ForaConfig(SubspaceConfig):
     calibration_sample_tokens: int = _setting(
         32, tier="bases", help="new tokens per sampled continuation (calibration_samples)"
     )
-    on_violation: Literal["warn", "raise"] = _setting(
+    on_violation: Literal["warn", "raise", "off"] = _setting(
         "warn",
         tier="runtime",
         help="what the leakage sentinel does when a protected layer's output on span(Q) moves past what the settings "
         "certify (checked every log_every_n_steps and at the end of fit, on a few probe rows): 'warn' once per "
-        "fit naming the layer, the value, the bound and the likely causes; 'raise' stops the fit (ProtectionViolation)",
+        "fit naming the layer, the value, the bound and the likely causes; 'raise' stops the fit (ProtectionViolation); "
+        "'off': no sentinel (no probe rows kept, nothing checked; the report says so)",
     )
 
     def __post_init__(self) -> None:

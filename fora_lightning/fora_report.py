@@ -86,7 +86,9 @@ def markdown(summary: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
             f"- first violation: layer {v.get('layer')} at step {v.get('step')}: {'; '.join(v.get('causes', []))}"
         )
     for capability, estimate in summary.get("calibration", {}).items():
-        counted = f" ({estimate['distinct_rows']:,} distinct of {estimate['rows']:,} rows)" if "rows" in estimate else ""
+        counted = (
+            f" ({estimate['distinct_rows']:,} distinct of {estimate['rows']:,} rows)" if "rows" in estimate else ""
+        )
         lines.append(f"- calibration '{capability}': {estimate.get('verdict', 'not estimated')}{counted}")
     if "kl" not in summary:
         lines.append(

@@ -148,7 +148,7 @@ class ProtectionMonitor:
         if not kept:
             self.probe, self._reference, self.limits = None, [], {}
             self.probe_source, self.held_out = "none", False
-        if self.rows <= 0:
+        if self.rows <= 0 or getattr(self.config, "on_violation", "warn") == "off":
             self.probe, self.probe_source = None, "off"
             return
         if any(is_lora(m) and row_shard(base_weight(m)) is not None for m in modules.values()):

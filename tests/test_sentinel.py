@@ -14,10 +14,9 @@ from lightning.pytorch import Callback
 from reference import orthonormal
 from torch import nn
 
-from fora_lightning import FORA, ForaConfig, ForaLoRA
+from fora_lightning import FORA, ForaConfig, ForaLoRA, ProtectionViolation
 from fora_lightning.core.leakage import channel_residual, heldout_tolerance, span_bound, span_part
 from fora_lightning.core.subspace import complement_basis
-from fora_lightning.monitor import ProtectionViolation
 
 TARGETS = ["fc1", "fc2"]
 
@@ -162,8 +161,19 @@ def test_a_trained_bias_is_named(mlp):
     assert len(fired) == 1 and "its bias moved" in fired[0] and "freeze_other=True" in fired[0]
 
 
+def test_on_violation_off_keeps_no_probe_and_checks_nothing(mlp):
+    """The same violating run as above, sentinel off: no probe rows, no reading, the report says not checked."""
+    torch.manual_seed(0)
+    fora = _fora(mode="gradient", channel_bound=None, on_violation="off")
+    fired = _sentinel(_fit(SGDMLP(), fora, gradient_clip_val=0.01, gradient_clip_algorithm="value"))
+    monitor = fora.protection.monitor
+    assert fired == [] and monitor.probe is None and monitor.checks == 0
+    summary = monitor.summary()
+    assert summary["verdict"] == "not checked" and monitor.probe_source == "off" and summary["on_violation"] == "off"
+
+
 def test_on_violation_is_checked():
-    with pytest.raises(ValueError, match="on_violation must be 'warn' or 'raise'"):
+    with pytest.raises(ValueError, match="on_violation must be 'warn', 'raise' or 'off'"):
         ForaConfig(on_violation="ignore")
 
 
