@@ -38,14 +38,16 @@ def _setting(
     factory: Any = MISSING,
     used_by: tuple[str, ...] = BOTH,
     lora_layer: bool = False,
+    calibration: bool = False,
 ) -> Any:
     """A field whose metadata says what it shapes (``tier``), who reads it (``used_by``) and its one help text.
 
     ``tier``: ``"bases"`` (compared when stored bases are reused, saved), ``"step"`` (how training uses the bases:
     saved, compared where it matters) or ``"runtime"`` (how this run computes or reports: neither saved with the
-    bases nor compared). ``lora_layer``: it fixes the shapes or function of FORA-LoRA's layers.
+    bases nor compared). ``lora_layer``: it fixes the shapes or function of FORA-LoRA's layers. ``calibration``: read
+    only by the calibration pass (``source="activations"``): set away from its default with another source, refused.
     """
-    metadata = {"help": help, "tier": tier, "used_by": used_by, "lora_layer": lora_layer}
+    metadata = {"help": help, "tier": tier, "used_by": used_by, "lora_layer": lora_layer, "calibration": calibration}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -163,20 +165,26 @@ class ForaConfig(SubspaceConfig):
         help="most GiB the covariance sums (d_in^2 per distinct input) may take at once; beyond it the targets are "
         "calibrated in consecutive groups (one pass over the calibration data each, the same bases). None: a quarter "
         "of the device's free memory on CUDA, no limit on CPU",
+        calibration=True,
     )
     calibration_generate: int = _setting(
         0,
         tier="bases",
         help="N > 0: extend each calibration prompt by the base model's own greedy continuation of up to N tokens "
         "(label-free, batched; the module's generate_continuations) before collecting covariances; 0: prompts as given",
+        calibration=True,
     )
     capability_weights: dict[str, float] | None = _setting(
-        None, tier="bases", help="name -> weight of each kept capability (default: equal)"
+        None,
+        tier="bases",
+        help="name -> weight of each kept capability (default: equal)",
+        calibration=True,
     )
     combine: Literal["covariance", "union"] = _setting(
         "covariance",
         tier="bases",
         help="several capabilities: 'covariance' (basis of the combined C) or 'union' (of per-capability bases)",
+        calibration=True,
     )
     covariance_product: Literal["accumulator", "input"] = _setting(
         PRODUCT_DEFAULT,
@@ -184,9 +192,13 @@ class ForaConfig(SubspaceConfig):
         help="'input': each batch's X^T X runs in the activations' own dtype when they are bf16/fp16 (CUDA: float32 "
         "output; CPU: the batch's product is rounded to bf16/fp16 before the float32 sum); 'accumulator': the "
         "inputs are cast to covariance_dtype first",
+        calibration=True,
     )
     covariance_dtype: Literal["float32", "float64"] = _setting(
-        "float32", tier="runtime", help="dtype of the covariance accumulators (the same sums up to rounding)"
+        "float32",
+        tier="runtime",
+        help="dtype of the covariance accumulators (the same sums up to rounding)",
+        calibration=True,
     )
     covariance_panel: int = _setting(
         PANEL_DEFAULT,
@@ -194,6 +206,7 @@ class ForaConfig(SubspaceConfig):
         help="p > 0: accumulate only the upper block triangle of each batch's X^T X, in row panels p columns wide "
         "((b + 1)/(2b) of the flops for b = ceil(d_in/p) blocks), mirrored when the pass ends: the same sums up "
         "to float rounding; 0: the full product",
+        calibration=True,
     )
     calibration_early_stop: bool = _setting(
         True,
@@ -201,6 +214,7 @@ class ForaConfig(SubspaceConfig):
         help="end each calibration forward once every target has read its input (the later blocks and the lm_head "
         "feed no covariance: the same sums, less compute); one device and DDP only, full forward elsewhere "
         "(FSDP, DeepSpeed, foreign forward hooks) and for a target called twice per forward. False: always whole",
+        calibration=True,
     )
     progress: bool = _setting(True, tier="runtime", help="show a progress bar during calibration (rank 0)")
     calibration_holdout: int = _setting(
@@ -209,7 +223,8 @@ class ForaConfig(SubspaceConfig):
         help="n > 0: every n-th calibration batch of each capability (the 1st, n+1-th, ...) is summed apart to measure "
         "whether the data describes the capability (held-out energy share, docs/calibration.md; a FORA: warning "
         "when short), then added back (the bases use all data); costs one more d_in x d_in sum per input during "
-        "the pass and two more eigh per input. 0: no estimate",
+        "the pass and one more eigh per input (two where the data is short). 0: no estimate",
+        calibration=True,
     )
     calibration_samples: int | Literal["auto"] = _setting(
         0,
@@ -217,9 +232,13 @@ class ForaConfig(SubspaceConfig):
         help="n > 0: add n continuations of each calibration row sampled from the model itself (label-free, "
         "calibration_sample_tokens long) to the calibration data; 'auto': add 4 only when the held-out estimate "
         "says the data is short (a second calibration pass); 0: never",
+        calibration=True,
     )
     calibration_sample_tokens: int = _setting(
-        32, tier="bases", help="new tokens per sampled continuation (calibration_samples)"
+        32,
+        tier="bases",
+        help="new tokens per sampled continuation (calibration_samples)",
+        calibration=True,
     )
     on_violation: Literal["warn", "raise", "off"] = _setting(
         "warn",
@@ -247,6 +266,15 @@ class ForaConfig(SubspaceConfig):
                 "offload_anchors=True keeps anchors in host memory, but reprojection='step' keeps no anchors: "
                 "use reprojection='anchors' (or 'auto') with offload_anchors, or drop offload_anchors"
             )
+        if self.source != "activations":
+            unread = [
+                f.name for f in fields(self) if f.metadata.get("calibration") and getattr(self, f.name) != f.default
+            ]
+            if unread:
+                raise ValueError(
+                    f"FORA: {', '.join(unread)} only shape the calibration pass, but source={self.source!r} builds the "
+                    "bases without calibration data: drop them, or use source='activations'"
+                )
         _int_at_least("covariance_panel", self.covariance_panel, 0, "panel width in columns; 0: the full product")
         if self.calibration_memory_gib is not None and not self.calibration_memory_gib > 0:
             raise ValueError(

@@ -165,3 +165,17 @@ def test_a_mapping_config_is_checked_like_keywords():
 def test_a_setting_the_receiving_callback_does_not_read_is_refused_by_name(build, named):
     with pytest.raises(ValueError, match=named):
         build()
+
+
+def test_calibration_settings_with_another_source_are_refused():
+    """source='weights' / 'random' build bases without calibration data: a calibration-only setting moved from its
+    default would be ignored, so it is refused by name; every default is accepted."""
+    with pytest.raises(ValueError, match=r"calibration_holdout, calibration_samples only shape the calibration pass, "
+                       r"but source='weights'"):  # fmt: skip
+        ForaConfig(source="weights", calibration_holdout=0, calibration_samples=2)
+    with pytest.raises(ValueError, match="covariance_dtype only shape"):
+        FORA(source="random", covariance_dtype="float64")
+    calibration = [f.name for f in fields(ForaConfig) if f.metadata.get("calibration")]
+    assert "calibration_holdout" in calibration and "energy" not in calibration and "target_modules" not in calibration
+    ForaConfig(source="random")
+    ForaConfig(source="weights", energy=0.9, weight_rank=4)
