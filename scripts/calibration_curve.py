@@ -6,6 +6,7 @@ kept / learned / KL against calibration tokens (results/calibration_curve/, docs
     python scripts/calibration_curve.py extend       # prompts-only calibration, calibration_samples 0 vs 'auto'
     python scripts/calibration_curve.py smollm2 --seeds 0 1   # FORA on configs/compare_smollm2.yaml, 64 .. 28k tokens
     python scripts/calibration_curve.py smollm2-extend --seeds 0 1   # its own data, calibration_samples 0 vs 'auto'
+    python scripts/calibration_curve.py smollm2-cost   # its fit start (calibration + one step), estimate off vs on
 
 Every run is seeded; rows go to results/calibration_curve/{estimate,curve,extend}.{json,csv}.
 """
@@ -42,6 +43,25 @@ def _write(name: str, rows: list[dict[str, Any]], command: str) -> None:
         w.writerows(rows)
 
 
+def _one_step_fit(module: Any, dm: Any, cb: Any) -> float:
+    """Seconds of a one-step CPU fit with ``cb``, nothing logged: calibration, bases, sentinel capture, one step."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[cb],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return time.perf_counter() - start
+
+
 def _estimate_one(
     rows: list[dict[str, str]], batch_size: int, samples: int | str = 0, holdout: int = 8
 ) -> dict[str, Any]:
@@ -70,19 +90,7 @@ def _estimate_one(
         )
         cb = FORA(energy=0.99, weight_rank=0, progress=False, calibration_samples=samples, calibration_holdout=holdout)
         module = CausalLMModule(model="assets/demo/model", lr=0.0, num_threads=1)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            callbacks=[cb],
-        )
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
-        seconds = time.perf_counter() - start
+        seconds = _one_step_fit(module, dm, cb)
     if not holdout:
         return {"fit_s": round(seconds, 1)}
     s = cb.protection.sufficiency["default"].summary()
@@ -332,9 +340,45 @@ def smollm2_extend(seeds: list[int]) -> None:
     )
 
 
+def smollm2_cost(repeats: int = 3) -> None:
+    """Fit start (calibration, bases, sentinel capture and one optimizer step) on the SmolLM2 setting with its own
+    data, the estimate off (calibration_holdout=0) and on (8), alternated, best of ``repeats``."""
+    import lightning.pytorch as pl
+    import torch
+
+    from experiments.setting import load_setting
+    from fora_lightning import FORA
+    from fora_lightning.llm import CausalLMModule, TextDataModule
+
+    setting = load_setting("configs/compare_smollm2.yaml")
+    torch.set_num_threads(setting.threads or 2)
+    dm = TextDataModule(**setting.data)
+    dm.setup("fit")
+    seconds: dict[int, list[float]] = {0: [], 8: []}
+    for _ in range(repeats):
+        for holdout in seconds:
+            pl.seed_everything(0, verbose=False)
+            module = CausalLMModule(**setting.model)
+            cb = FORA(
+                **setting.methods["fora"],
+                target_modules=setting.target_modules,
+                calibration_holdout=holdout,
+                progress=False,
+            )
+            seconds[holdout].append(_one_step_fit(module, dm, cb))
+            print(
+                json.dumps({"calibration_holdout": holdout, "fit_start_s": round(seconds[holdout][-1], 2)}), flush=True
+            )
+    rows = [
+        {"calibration_holdout": h, "best_s": round(min(t), 2), "all_s": [round(x, 2) for x in t]}
+        for h, t in seconds.items()
+    ]
+    _write("smollm2_cost", rows, f"python scripts/calibration_curve.py smollm2-cost  # {repeats} alternated repeats")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["estimate", "curve", "extend", "smollm2", "smollm2-extend"])
+    parser.add_argument("what", choices=["estimate", "curve", "extend", "smollm2", "smollm2-extend", "smollm2-cost"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     a = parser.parse_args()
@@ -346,6 +390,8 @@ def main() -> None:
         smollm2(a.seeds, a.sizes or SMOLLM2_SIZES)
     elif a.what == "smollm2-extend":
         smollm2_extend(a.seeds)
+    elif a.what == "smollm2-cost":
+        smollm2_cost()
     else:
         extend(a.seeds)
 
