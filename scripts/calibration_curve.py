@@ -5,6 +5,7 @@ kept / learned / KL against calibration tokens (results/calibration_curve/, docs
     python scripts/calibration_curve.py curve --seeds 0   # full demo fits (python cli.py fit --config configs/demo.yaml)
     python scripts/calibration_curve.py extend       # prompts-only calibration, calibration_samples 0 vs 'auto'
     python scripts/calibration_curve.py smollm2 --seeds 0 1   # FORA on configs/compare_smollm2.yaml, 64 .. 28k tokens
+    python scripts/calibration_curve.py smollm2-estimate --seeds 0 1   # the estimate alone at those sizes, batches of 4
     python scripts/calibration_curve.py smollm2-extend --seeds 0 1   # its own data, calibration_samples 0 vs 'auto'
     python scripts/calibration_curve.py smollm2-cost   # its fit start (calibration + one step), estimate off vs on
 
@@ -295,6 +296,17 @@ def _smollm2_fora(setting: Any, seeds: list[int], **row: Any) -> list[dict[str, 
     return rows
 
 
+def _pool_data(n: int) -> dict[str, Any]:
+    """TextDataModule arguments: the pool's two capabilities as the setting's preserve sources, the first ``n`` rows."""
+    return {
+        "preserve": [
+            {"path": str(SMOLLM2_POOL / "arithmetic.jsonl"), "prompt_field": None, "response_field": "prompt"},
+            {"path": str(SMOLLM2_POOL / "dialogue.jsonl"), "messages_field": "messages"},
+        ],
+        "calibration_size": n,
+    }
+
+
 def smollm2(seeds: list[int], sizes: list[int]) -> None:
     """FORA alone (the config's own arguments) through the compare harness, on the first N rows of the shuffled pool
     (shuffled with the seed); one compare per size (output runs/calibration_curve/smollm2_nN/)."""
@@ -305,20 +317,42 @@ def smollm2(seeds: list[int], sizes: list[int]) -> None:
     rows = []
     for n in sizes:
         setting = load_setting("configs/compare_smollm2.yaml")
-        setting.data = {
-            **setting.data,
-            "preserve": [
-                {"path": str(SMOLLM2_POOL / "arithmetic.jsonl"), "prompt_field": None, "response_field": "prompt"},
-                {"path": str(SMOLLM2_POOL / "dialogue.jsonl"), "messages_field": "messages"},
-            ],
-            "calibration_size": n,
-        }
+        setting.data = {**setting.data, **_pool_data(n)}
         setting.output_dir = f"runs/calibration_curve/smollm2_n{n}"
         rows += _smollm2_fora(setting, seeds, calibration_rows=n)
     _write(
         "smollm2_seed" + "_".join(map(str, seeds)),
         rows,
         f"python scripts/calibration_curve.py smollm2 --seeds {' '.join(map(str, seeds))} "
+        f"--sizes {' '.join(map(str, sizes))}",
+    )
+
+
+def smollm2_estimate(seeds: list[int], sizes: list[int]) -> None:
+    """The fit-start estimate alone (calibration + one step) on the curve's calibration sets, in batches of 4 rows so
+    that small sets have a hold-out slice (the curve's compare calibrates in batches of 32: one batch below 64 rows)."""
+    import lightning.pytorch as pl
+
+    from experiments.setting import load_setting
+    from fora_lightning import FORA
+    from fora_lightning.llm import CausalLMModule, TextDataModule
+
+    setting = load_setting("configs/compare_smollm2.yaml")
+    rows = []
+    for seed in seeds:
+        for n in sizes:
+            dm = TextDataModule(**{**setting.data, **_pool_data(n), "calibration_batch_size": 4, "seed": seed})
+            pl.seed_everything(seed, verbose=False)
+            cb = FORA(**setting.methods["fora"], target_modules=setting.target_modules, progress=False)
+            seconds = _one_step_fit(CausalLMModule(**{**setting.model, "lr": 0.0}), dm, cb)
+            s = cb.protection.sufficiency["default"].summary()
+            r = {"seed": seed, "calibration_rows": n, **s, "fit_s": round(seconds, 1)}
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    _write(
+        "smollm2_estimate",
+        rows,
+        f"python scripts/calibration_curve.py smollm2-estimate --seeds {' '.join(map(str, seeds))} "
         f"--sizes {' '.join(map(str, sizes))}",
     )
 
@@ -378,7 +412,9 @@ def smollm2_cost(repeats: int = 3) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["estimate", "curve", "extend", "smollm2", "smollm2-extend", "smollm2-cost"])
+    parser.add_argument(
+        "what", choices=["estimate", "curve", "extend", "smollm2", "smollm2-estimate", "smollm2-extend", "smollm2-cost"]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     a = parser.parse_args()
@@ -388,6 +424,8 @@ def main() -> None:
         curve(a.seeds, a.sizes or SIZES)
     elif a.what == "smollm2":
         smollm2(a.seeds, a.sizes or SMOLLM2_SIZES)
+    elif a.what == "smollm2-estimate":
+        smollm2_estimate(a.seeds, a.sizes or SMOLLM2_SIZES)
     elif a.what == "smollm2-extend":
         smollm2_extend(a.seeds)
     elif a.what == "smollm2-cost":
