@@ -132,6 +132,11 @@ class ProtectionMonitor:
     def config(self) -> Any:
         return getattr(self.owner, "config", None)
 
+    @property
+    def on_violation(self) -> str:
+        """The owner's ``on_violation`` ('warn' without an owner)."""
+        return getattr(self.config, "on_violation", "warn")
+
     # ------------------------------------------------------------------ lifecycle
     def start(
         self,
@@ -148,7 +153,7 @@ class ProtectionMonitor:
         if not kept:
             self.probe, self._reference, self.limits = None, [], {}
             self.probe_source, self.held_out = "none", False
-        if self.rows <= 0 or getattr(self.config, "on_violation", "warn") == "off":
+        if self.rows <= 0 or self.on_violation == "off":
             self.probe, self.probe_source = None, "off"
             return
         if any(is_lora(m) and row_shard(base_weight(m)) is not None for m in modules.values()):
@@ -316,7 +321,7 @@ class ProtectionMonitor:
                 "causes": causes,
             }
             message = self._message(trainer, name, kind, value, bound, causes)
-        if getattr(self.config, "on_violation", "warn") == "raise":
+        if self.on_violation == "raise":
             raise ProtectionViolation(message)
         rank_zero_warn(message)
 
@@ -348,7 +353,7 @@ class ProtectionMonitor:
         listed = " ".join(f"({i}) {c}." for i, c in enumerate(causes, 1))
         action = (
             "(on_violation='raise' stopped the fit)"
-            if getattr(self.config, "on_violation", "warn") == "raise"
+            if self.on_violation == "raise"
             else "Reported once per fit (every reading: fora/leakage_max and fora_report); on_violation='raise' stops "
             "the fit instead"
         )
@@ -479,7 +484,7 @@ class ProtectionMonitor:
         out: dict[str, Any] = {
             "sentinel_checks": self.checks,
             "probe_bytes": self.probe.nbytes() if self.probe is not None else 0,
-            "on_violation": getattr(self.config, "on_violation", "warn"),
+            "on_violation": self.on_violation,
             "verdict": "not checked" if not self.checks else "violated" if self.violation else "ok",
         }
         for kind in ("leakage", "span_change", "heldout"):
