@@ -31,6 +31,11 @@ Spectrum = tuple[Tensor, Tensor]
 
 
 # ---------------------------------------------------------------------------- eigendecompositions
+def several_ranks(group: Any = None) -> bool:
+    """An initialised process group of more than one rank (``group``, default the world)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
 def assign_owners(dims: Mapping[str, int], world_size: int) -> dict[str, int]:
     """Owner name -> rank, balancing the ``d^3`` eigh cost greedily (largest first, ties by name)."""
     load = [0.0] * world_size
@@ -53,7 +58,7 @@ def spread_spectra(covariances: Covariances, group: Any = None) -> Iterator[tupl
     Each equals ``spectrum(covariances.covariance(owner))`` exactly: only the rank that computes differs.
     """
     owners = sorted(covariances.groups())
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    if not several_ranks(group):
         for o in owners:
             yield o, spectrum(covariances.covariance(o))
         return

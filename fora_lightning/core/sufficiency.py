@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fora_lightning.core.covariance import Covariances
-from fora_lightning.core.distributed import assign_owners
+from fora_lightning.core.distributed import assign_owners, several_ranks
 from fora_lightning.core.energy import captured_energy, cumulative_energy
 from fora_lightning.core.subspace import SubspaceConfig, select_rank, spectrum
 
@@ -90,8 +90,7 @@ def held_out_shares(
         o = covariances.owner[name]
         if covariances.counts.get(o, 0) and held.counts.get(o, 0):
             by_owner.setdefault(o, []).append(name)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-    if not distributed:
+    if not several_ranks(group):
         return {n: s for o, layers in by_owner.items() for n, s in _input_shares(covariances, o, layers, config, line)}
     plan = assign_owners({o: covariances.sums[o].shape[0] for o in by_owner}, dist.get_world_size(group))
     me = dist.get_rank(group)
